@@ -1,0 +1,47 @@
+"""coursekit: the helper library of the course "How CNNs see the world".
+
+The lecture notebooks call it; the exercise checks compare students' code with it.
+"""
+
+from .data import FASHION_CLASSES, fashion_mnist
+from .hooks import UnknownLayerError, get_layer, list_layers, preserved, record
+from .images import SAMPLE_IMAGES, load_image, sample_image, to_numpy_image, to_pil
+from .models import (
+    MODEL_NAMES,
+    CourseModel,
+    WeightsNotAvailableError,
+    fetch_weights,
+    imagenet_classes,
+    load_model,
+    predict,
+    target_scores,
+)
+from .plotting import overlay, show_images, show_overlays
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FASHION_CLASSES",
+    "fashion_mnist",
+    "UnknownLayerError",
+    "get_layer",
+    "list_layers",
+    "preserved",
+    "record",
+    "SAMPLE_IMAGES",
+    "load_image",
+    "sample_image",
+    "to_numpy_image",
+    "to_pil",
+    "MODEL_NAMES",
+    "CourseModel",
+    "WeightsNotAvailableError",
+    "fetch_weights",
+    "imagenet_classes",
+    "load_model",
+    "predict",
+    "target_scores",
+    "overlay",
+    "show_images",
+    "show_overlays",
+]

@@ -1,0 +1,205 @@
+"""Looking inside a model: find layers by name, record activations and gradients with hooks.
+
+Every hook owner here is a context manager whose handles are removed in ``finally``, and
+:func:`preserved` puts the model back exactly as it was (train/eval mode of every module,
+``requires_grad`` of every parameter, ``inplace`` flags), even when the body raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["UnknownLayerError", "get_layer", "list_layers", "LayerInfo", "preserved", "Recorder", "record"]
+
+
+class UnknownLayerError(ValueError):
+    """A layer name that the model does not have."""
+
+
+def get_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
+    """Resolve ``layer`` (a name such as ``"features.28"`` or a module of ``model``) to ``(name, module)``.
+
+    Names are those of ``model.named_modules()``; for a coursekit model the ``net.`` prefix may
+    be left out (``"features.28"`` finds ``"net.features.28"``).
+    """
+    modules = dict(model.named_modules())
+    if isinstance(layer, nn.Module):
+        for name, m in modules.items():
+            if m is layer:
+                return name, m
+        raise UnknownLayerError(f"the module {type(layer).__name__} given as layer is not part of this model")
+    if not isinstance(layer, str):
+        raise TypeError(f"a layer is given by name (str) or as a module of the model, got {type(layer).__name__}")
+    for candidate in (layer, "net." + layer):
+        if candidate in modules and candidate != "":
+            return candidate, modules[candidate]
+    names = [n for n in modules if n]
+    short = [n[4:] if n.startswith("net.") else n for n in names]
+    close = difflib.get_close_matches(layer, names + short, n=5, cutoff=0.6)
+    hint = f" Close matches: {', '.join(dict.fromkeys(close))}." if close else ""
+    raise UnknownLayerError(
+        f"{type(model).__name__} has no layer named {layer!r}.{hint} "
+        "List the layers with coursekit.list_layers(model) (or print(model))."
+    )
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    kind: str
+    output_shape: tuple[int, ...] | None
+    params: int
+
+    def __str__(self) -> str:
+        shape = "" if self.output_shape is None else str(self.output_shape)
+        return f"{self.name:28s} {self.kind:20s} {shape:22s} {self.params:>10,d}"
+
+
+def list_layers(
+    model: nn.Module, input_size: tuple[int, ...] | None = None, leaves_only: bool = True
+) -> list[LayerInfo]:
+    """Every (leaf) layer with its type, output shape for one input and its own parameter count.
+
+    ``input_size`` is ``(C, H, W)``; by default the model's ``input_size`` attribute, if any.
+    Output shapes come from one forward pass on zeros (no gradients).
+    """
+    size = input_size or getattr(model, "input_size", None)
+    named = [(n, m) for n, m in model.named_modules() if n and (not leaves_only or not list(m.children()))]
+    shapes: dict[str, tuple[int, ...]] = {}
+    if size is not None:
+        hooks = []
+
+        def hook_for(name):
+            def hook(module, inputs, output):
+                if isinstance(output, torch.Tensor):
+                    shapes[name] = tuple(output.shape)
+
+            return hook
+
+        with preserved(model):
+            try:
+                for n, m in named:
+                    hooks.append(m.register_forward_hook(hook_for(n)))
+                model.eval()
+                p = next(model.parameters(), None)
+                device = p.device if p is not None else "cpu"
+                with torch.no_grad():
+                    model(torch.zeros(1, *size, device=device))
+            finally:
+                for h in hooks:
+                    h.remove()
+    return [
+        LayerInfo(n, type(m).__name__, shapes.get(n), sum(p.numel() for p in m.parameters(recurse=False)))
+        for n, m in named
+    ]
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every module's mode and ``inplace`` flag and every parameter's ``requires_grad`` on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    inplace = [(m, m.inplace) for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield model
+    finally:
+        for m, t in modes:
+            m.training = t
+        for m, f in inplace:
+            m.inplace = f
+        for p, g in grads:
+            p.requires_grad_(g)
+
+
+class Recorder:
+    """Records the outputs (and their gradients) of named layers; use through :func:`record`.
+
+    Attributes
+    ----------
+    activations : dict[str, Tensor]
+        Detached output of each layer from the latest forward pass.
+    outputs : dict[str, Tensor]
+        The same outputs still attached to the graph (for ``torch.autograd.grad``).
+    gradients : dict[str, Tensor]
+        d(what you backpropagated)/d(output), filled by ``backward()``, when ``gradients=True``.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str | nn.Module], gradients: bool = False):
+        if isinstance(layers, (str, nn.Module)):
+            layers = [layers]
+        self.model = model
+        self.layers = {}
+        for layer in layers:
+            name, module = get_layer(model, layer)
+            self.layers[layer if isinstance(layer, str) else name] = module
+        if not self.layers:
+            raise ValueError("record() needs at least one layer")
+        self.want_gradients = gradients
+        self.activations: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.gradients: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+
+    def _hook(self, key: str):
+        def hook(module, inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"layer {key!r} returns {type(output).__name__}, not a tensor; record a sub-layer instead")
+            replaced = None
+            if self.want_gradients and not output.requires_grad and torch.is_grad_enabled():
+                # Frozen model and an input without grad: nothing upstream needs gradients, so the
+                # output can become a leaf; backward then stops here (one cheap partial pass).
+                output = replaced = output.detach().requires_grad_(True)
+            self.outputs[key] = output
+            self.activations[key] = output.detach()
+            if self.want_gradients and output.requires_grad:
+                output.register_hook(lambda g: self.gradients.__setitem__(key, g.detach()))
+            return replaced
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+@contextlib.contextmanager
+def record(model: nn.Module, layers, gradients: bool = False) -> Iterator[Recorder]:
+    """Record activations (and gradients) of ``layers`` while the block runs.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layers : str, module, or a list of them
+        Layer names as in ``model.named_modules()`` (``net.`` prefix optional for coursekit models).
+    gradients : bool
+        Also record the gradient flowing into each layer's output during ``backward()``. Works on
+        frozen models: when nothing before the layer needs gradients, the output is made a leaf.
+
+    Examples
+    --------
+    >>> with record(model, "net.bn2", gradients=True) as rec:       # doctest: +SKIP
+    ...     model(x)[0, 967].backward()
+    >>> rec.activations["net.bn2"].shape, rec.gradients["net.bn2"].shape   # doctest: +SKIP
+
+    In-place activations are switched off while recording (they would overwrite recorded outputs)
+    and switched back afterwards. Activations applied functionally inside ``forward`` cannot be
+    seen by hooks: record the module that produces their input instead.
+    """
+    rec = Recorder(model, layers, gradients)
+    with preserved(model):
+        for m in model.modules():
+            if isinstance(getattr(m, "inplace", None), bool):
+                m.inplace = False
+        try:
+            for key, module in rec.layers.items():
+                rec.handles.append(module.register_forward_hook(rec._hook(key)))
+            yield rec
+        finally:
+            rec.remove()

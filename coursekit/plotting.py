@@ -1,0 +1,118 @@
+"""Figures every lecture uses: titled image grids and heatmap overlays with a colour bar."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .images import _convert_channels, _to_tensor, to_numpy_image
+
+__all__ = ["show_images", "overlay", "show_overlays", "normalize_map"]
+
+
+def _as_list(images) -> list:
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def _display_array(im) -> np.ndarray:
+    """Any single image -> (H, W) or (H, W, 3) float array in [0, 1]."""
+    t = _to_tensor(im)  # (1,C,H,W)
+    if t.shape[0] != 1:
+        raise ValueError(f"expected one image, got a batch of {t.shape[0]}")
+    return to_numpy_image(_convert_channels(t, 1 if t.shape[1] == 1 else 3))
+
+
+def show_images(
+    images,
+    titles: Sequence[str] | None = None,
+    ncols: int | None = None,
+    suptitle: str | None = None,
+    size: float = 2.2,
+    cmap: str = "gray",
+):
+    """Show images in a grid; returns the figure.
+
+    ``images``: a batch ``(N, C, H, W)`` or a list of images (tensors, arrays or PIL images).
+    Single-channel images use ``cmap``.
+    """
+    imgs = [_display_array(im) for im in _as_list(images)]
+    if titles is not None and len(titles) != len(imgs):
+        raise ValueError(f"got {len(titles)} titles for {len(imgs)} images")
+    n = len(imgs)
+    ncols = ncols or min(n, 6)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, im) in enumerate(zip(axes.flat, imgs)):
+        ax.imshow(im, cmap=cmap if im.ndim == 2 else None, vmin=0, vmax=1)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def normalize_map(heatmap) -> np.ndarray:
+    """A 2-d map scaled to [0, 1] (a constant map becomes all zeros, never NaN)."""
+    h = heatmap.detach().cpu().float().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap, dtype=np.float32)
+    h = np.squeeze(h)
+    if h.ndim != 2:
+        raise ValueError(f"a heatmap must be 2-d (H, W) after squeezing, got shape {h.shape}")
+    lo, hi = float(h.min()), float(h.max())
+    return np.zeros_like(h) if hi - lo < 1e-12 else (h - lo) / (hi - lo)
+
+
+def overlay(image, heatmap, ax=None, alpha: float = 0.5, cmap: str = "jet", title: str | None = None, colorbar: bool = True, label: str = "relevance"):
+    """Draw ``heatmap`` (H, W) over ``image`` with a colour bar; returns the axes.
+
+    The heatmap is shown on its own scale (its min..max); it is resized to the image if needed.
+    """
+    img = to_numpy_image(image)
+    h = heatmap.detach().cpu().float() if isinstance(heatmap, torch.Tensor) else torch.as_tensor(np.asarray(heatmap, dtype=np.float32))
+    h = h.squeeze()
+    if h.dim() != 2:
+        raise ValueError(f"a heatmap must be 2-d (H, W), got shape {tuple(heatmap.shape)}")
+    if tuple(h.shape) != img.shape[:2]:
+        h = torch.nn.functional.interpolate(h[None, None], size=img.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+    im = ax.imshow(h.numpy(), cmap=cmap, alpha=alpha)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=9)
+    if colorbar:
+        cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        cb.set_label(label, fontsize=8)
+    return ax
+
+
+def show_overlays(image, heatmaps: dict, ncols: int | None = None, suptitle: str | None = None, size: float = 3.0, **kwargs):
+    """One overlay per entry of ``{title: heatmap}`` next to the image; returns the figure."""
+    n = len(heatmaps) + 1
+    ncols = ncols or min(n, 5)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    img = to_numpy_image(image)
+    axes.flat[0].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+    axes.flat[0].set_title("input", fontsize=9)
+    for ax, (title, h) in zip(list(axes.flat)[1:], heatmaps.items()):
+        overlay(image, h, ax=ax, title=title, **kwargs)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
