@@ -33,7 +33,7 @@ lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest
+	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 tests notebooks solutions
 
 release: $(VENV)/.installed-dev
 	$(PY) -m coursekit.grading.release

@@ -62,7 +62,7 @@ class LayerInfo:
 
 
 def list_layers(
-    model: nn.Module, input_size: tuple[int, ...] | None = None, leaves_only: bool = True
+    model: nn.Module, input_size: tuple[int, ...] | None = None, leaves_only: bool = False
 ) -> list[LayerInfo]:
     """Every (leaf) layer with its type, output shape for one input and its own parameter count.
 

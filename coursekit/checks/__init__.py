@@ -1,0 +1,299 @@
+"""Exercise checks: compare a student's function with coursekit's reference on fresh random cases.
+
+In a notebook::
+
+    from coursekit.checks import check
+    check("warmup.to_input", to_input)
+
+prints a verdict per part with its points and, for a wrong part, the most likely mistake
+(wrong sign, missing abs, wrong shape, ...). It returns the points earned as a float, which
+nbgrader reads as partial credit; with no point earned it raises :class:`CheckFailed`, which
+nbgrader counts as zero. Nothing is written to stderr (nbgrader would zero the cell for it).
+
+Authoring a check (one module per exercise set, ``coursekit/checks/<set>.py``)::
+
+    @exercise("warmup.to_input", forbid=[images.load_image])
+    def _(student, report):
+        with report.part("shape (1, 3, 224, 224)", points=1):
+            got = report.call(student, photo)         # reference functions blocked inside
+            report.expect_tensor(got, shape=(1, 3, 224, 224))
+        with report.part("values", points=2):
+            report.expect_close(got, expected, mistakes={"forgot to divide by 255": expected * 255})
+
+Cases are drawn from a fresh, unseeded generator on every call, so knowing the test code does
+not help; a student function that just calls coursekit's reference raises inside the check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import io
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+__all__ = ["check", "exercise", "reference", "Report", "Mistake", "CheckFailed", "ReferenceBlocked", "EXERCISES"]
+
+
+class CheckFailed(Exception):
+    """Raised by :func:`check` when no point was earned (nbgrader: zero for the cell)."""
+
+    def _render_traceback_(self):  # IPython shows this instead of a long traceback
+        return [f"CheckFailed: {self}"]
+
+
+class ReferenceBlocked(RuntimeError):
+    """A student function called the coursekit function it is meant to re-implement."""
+
+
+class Mistake(Exception):
+    """Raised inside a part to explain what is wrong; the part earns no points."""
+
+
+class StudentError(Exception):
+    """The student's function raised; carries a readable explanation."""
+
+
+# ----------------------------------------------------------------------------------------------
+# reference functions can be blocked while a student's function runs
+
+_BLOCKED: set[str] = set()
+
+
+def reference(fn: Callable) -> Callable:
+    """Mark a coursekit function as the reference of an exercise, so a check can block it."""
+    key = f"{fn.__module__}.{fn.__qualname__}"
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if key in _BLOCKED:
+            raise ReferenceBlocked(
+                f"your function called coursekit's {fn.__qualname__}, the reference this exercise asks you to "
+                "write yourself. Implement it with torch operations instead."
+            )
+        return fn(*args, **kwargs)
+
+    wrapper.__reference_key__ = key
+    return wrapper
+
+
+def _key(fn) -> str:
+    key = getattr(fn, "__reference_key__", None)
+    if key is None:
+        raise TypeError(f"{fn!r} is not decorated with coursekit.checks.reference and cannot be blocked")
+    return key
+
+
+# ----------------------------------------------------------------------------------------------
+# the report a checker fills in
+
+
+@dataclass
+class PartResult:
+    title: str
+    points: float
+    earned: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class Report:
+    """What a checker fills in: parts with points, and an explanation for each wrong part."""
+
+    name: str
+    forbid: tuple[str, ...] = ()
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    parts: list[PartResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def seed(self) -> int:
+        """A fresh integer seed for torch generators inside a case."""
+        return int(self.rng.integers(0, 2**31 - 1))
+
+    @contextlib.contextmanager
+    def part(self, title: str, points: float):
+        """A scored part: full points unless the body raises :class:`Mistake` or the student code fails."""
+        res = PartResult(title, float(points))
+        self.parts.append(res)
+        try:
+            yield res
+        except Mistake as m:
+            res.message = str(m)
+        except StudentError as e:
+            res.message = str(e)
+        else:
+            res.earned = res.points
+
+    def call(self, fn: Callable, *args, **kwargs):
+        """Call the student's function with the exercise's reference functions blocked."""
+        if not callable(fn):
+            raise StudentError(f"expected a function, got {type(fn).__name__}: {fn!r}")
+        saved = set(_BLOCKED)
+        _BLOCKED.update(self.forbid)
+        try:
+            return fn(*args, **kwargs)
+        except NotImplementedError:
+            raise StudentError("not implemented yet: replace `raise NotImplementedError()` with your code") from None
+        except ReferenceBlocked as e:
+            raise StudentError(str(e)) from None
+        except Exception as e:  # the student's bug, reported as a verdict, not a crash of the check
+            tb = e.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f" (line {tb.tb_lineno} of {tb.tb_frame.f_code.co_name})" if tb is not None else ""
+            raise StudentError(f"your function raised {type(e).__name__}: {e}{where}") from None
+        finally:
+            _BLOCKED.clear()
+            _BLOCKED.update(saved)
+
+    # -- comparisons with diagnostics ------------------------------------------------------------
+
+    def expect_tensor(self, got, shape: Iterable[int] | None = None, dtype: torch.dtype | None = None,
+                      detached: bool | None = None, what: str = "your result") -> torch.Tensor:
+        """Check type, shape, dtype and (optionally) that the result is detached from the graph."""
+        if not isinstance(got, torch.Tensor):
+            hint = " (a numpy array: wrap it with torch.from_numpy)" if isinstance(got, np.ndarray) else ""
+            hint = " (did you forget to `return` it?)" if got is None else hint
+            raise Mistake(f"{what} should be a torch.Tensor, got {type(got).__name__}{hint}")
+        if shape is not None and tuple(got.shape) != tuple(shape):
+            shape = tuple(shape)
+            hint = ""
+            if got.dim() == len(shape) + 1 and got.shape[0] == 1:
+                hint = " An extra batch dimension? Drop it with [0] or .squeeze(0)."
+            elif got.dim() + 1 == len(shape) and shape[0] == 1:
+                hint = " Missing the batch dimension? Add it with [None] or .unsqueeze(0)."
+            elif got.dim() == len(shape) and len(shape) >= 3 and got.shape[-1] == shape[-3]:
+                hint = " Channels last? PyTorch wants (C, H, W): use .permute(2, 0, 1)."
+            elif got.dim() == len(shape) + 1 and len(shape) >= 2:
+                hint = " One dimension too many: did you forget to reduce over channels (e.g. a max over dim 1)?"
+            raise Mistake(f"{what} has shape {tuple(got.shape)}, expected {shape}.{hint}")
+        if dtype is not None and got.dtype != dtype:
+            raise Mistake(f"{what} has dtype {got.dtype}, expected {dtype}")
+        if detached and (got.requires_grad or got.grad_fn is not None):
+            raise Mistake(f"{what} is still attached to the autograd graph: return it with .detach()")
+        return got
+
+    def expect_close(self, got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5,
+                     mistakes: dict[str, torch.Tensor] | None = None, what: str = "your result") -> None:
+        """Compare values; on a mismatch, name the known mistake ``got`` matches, if any."""
+        got = self.expect_tensor(got, shape=expected.shape, what=what).detach().to(expected.dtype)
+        if torch.allclose(got, expected, rtol=rtol, atol=atol):
+            return
+        for explanation, wrong in (mistakes or {}).items():
+            wrong = wrong.detach().to(expected.dtype)
+            if wrong.shape == got.shape and torch.allclose(got, wrong, rtol=max(rtol, 1e-3), atol=max(atol, 1e-4)):
+                raise Mistake(f"{what} matches a known mistake: {explanation}")
+        if torch.allclose(got, -expected, rtol=rtol, atol=atol):
+            raise Mistake(f"{what} has the wrong sign (it equals minus the expected values)")
+        err = (got - expected).abs()
+        i = int(err.flatten().argmax())
+        raise Mistake(
+            f"{what} differs from the expected values: largest difference {float(err.max()):.3g} at flat index {i} "
+            f"(got {float(got.flatten()[i]):.4g}, expected {float(expected.flatten()[i]):.4g}); "
+            f"{int((err > atol + rtol * expected.abs()).sum())} of {err.numel()} values are off"
+        )
+
+    # -- output --------------------------------------------------------------------------------
+
+    @property
+    def earned(self) -> float:
+        return sum(p.earned for p in self.parts)
+
+    @property
+    def points(self) -> float:
+        return sum(p.points for p in self.parts)
+
+    def summary(self) -> str:
+        lines = [f"{self.name}: {self.earned:g}/{self.points:g} points"]
+        for p in self.parts:
+            mark = "ok  " if p.earned == p.points else "FAIL"
+            lines.append(f"  [{mark}] {p.title} ({p.earned:g}/{p.points:g})")
+            if p.message:
+                lines.append(f"         {p.message}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# registry and the entry point used by the notebooks
+
+
+@dataclass
+class Exercise:
+    name: str
+    checker: Callable[[Callable, Report], None]
+    forbid: tuple[str, ...]
+
+
+EXERCISES: dict[str, Exercise] = {}
+
+
+def exercise(name: str, forbid: Iterable[Callable] = ()):
+    """Register ``checker(student, report)`` as the check of exercise ``name`` (``"<set>.<part>"``)."""
+    keys = tuple(_key(f) for f in forbid)
+
+    def register(checker):
+        if name in EXERCISES:
+            raise ValueError(f"exercise {name!r} is registered twice")
+        EXERCISES[name] = Exercise(name, checker, keys)
+        return checker
+
+    return register
+
+
+def _lookup(name: str) -> Exercise:
+    if not isinstance(name, str) or "." not in name:
+        raise ValueError(f"exercise names look like '<set>.<part>', e.g. 'warmup.to_input'; got {name!r}")
+    if name not in EXERCISES:
+        module = name.split(".", 1)[0]
+        try:
+            importlib.import_module(f"{__name__}.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{module}":
+                raise
+    if name not in EXERCISES:
+        import difflib
+
+        close = difflib.get_close_matches(name, EXERCISES, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"no exercise called {name!r}.{hint}")
+    return EXERCISES[name]
+
+
+def run_check(name: str, student: Callable, seed: int | None = None) -> Report:
+    """Run the check of exercise ``name`` on ``student`` and return the filled :class:`Report`."""
+    ex = _lookup(name)
+    report = Report(name, ex.forbid, rng=np.random.default_rng(seed))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        err = io.StringIO()
+        saved_stderr = sys.stderr
+        sys.stderr = err  # nbgrader zeroes a cell that writes to stderr; keep the student's noise visible on stdout
+        try:
+            ex.checker(student, report)
+        finally:
+            sys.stderr = saved_stderr
+    noise = err.getvalue().strip()
+    if caught or noise:
+        report.notes += [f"warning: {w.category.__name__}: {w.message}" for w in caught] + ([noise] if noise else [])
+    return report
+
+
+def check(name: str, student: Callable) -> float:
+    """Check a student's function for exercise ``name``; print the verdict; return the points earned.
+
+    Raises :class:`CheckFailed` when no point is earned.
+    """
+    report = run_check(name, student)
+    print(report.summary())
+    for note in report.notes[:5]:
+        print("  " + note)
+    if report.earned <= 0:
+        raise CheckFailed(f"0/{report.points:g} points for {name}; see the messages above")
+    return float(report.earned)
