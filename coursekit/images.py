@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checks import reference
+
 __all__ = ["SAMPLE_IMAGES", "sample_image", "load_image", "to_pil", "to_numpy_image"]
 
 # name -> skimage.data function; all ship with scikit-image, so they work offline.
@@ -106,6 +108,7 @@ def _convert_channels(t: torch.Tensor, channels: int) -> torch.Tensor:  # (N,C,H
     return t.expand(-1, 3, -1, -1).contiguous()
 
 
+@reference
 def load_image(src, size=None, channels: int = 3) -> torch.Tensor:
     """Read any image-like input as a model input.
 

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .checks import reference
 from .nets import FASHION_CLASSES, FashionCNN
 
 __all__ = [
@@ -365,6 +366,7 @@ def target_scores(output: torch.Tensor, target) -> torch.Tensor:
     return output.gather(1, idx[:, None])[:, 0]
 
 
+@reference
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, k: int = 5, classes: Sequence[str] | None = None):
     """Top-``k`` classes per image.
