@@ -67,9 +67,10 @@ def show_images(
 def normalize_map(heatmap) -> np.ndarray:
     """A 2-d map scaled to [0, 1] (a constant map becomes all zeros, never NaN)."""
     h = heatmap.detach().cpu().float().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap, dtype=np.float32)
-    h = np.squeeze(h)
+    while h.ndim > 2 and h.shape[0] == 1:  # (1, 1, H, W) -> (H, W)
+        h = h[0]
     if h.ndim != 2:
-        raise ValueError(f"a heatmap must be 2-d (H, W) after squeezing, got shape {h.shape}")
+        raise ValueError(f"a heatmap must be 2-d (H, W), got shape {h.shape}")
     lo, hi = float(h.min()), float(h.max())
     return np.zeros_like(h) if hi - lo < 1e-12 else (h - lo) / (hi - lo)
 
@@ -81,7 +82,8 @@ def overlay(image, heatmap, ax=None, alpha: float = 0.5, cmap: str = "jet", titl
     """
     img = to_numpy_image(image)
     h = heatmap.detach().cpu().float() if isinstance(heatmap, torch.Tensor) else torch.as_tensor(np.asarray(heatmap, dtype=np.float32))
-    h = h.squeeze()
+    while h.dim() > 2 and h.shape[0] == 1:
+        h = h[0]
     if h.dim() != 2:
         raise ValueError(f"a heatmap must be 2-d (H, W), got shape {tuple(heatmap.shape)}")
     if tuple(h.shape) != img.shape[:2]:
