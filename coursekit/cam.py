@@ -28,7 +28,7 @@ from torch import nn
 
 from .checks import reference
 from .hooks import UnknownLayerError, get_layer, list_layers, preserved, record
-from .models import target_scores
+from .models import Normalize, target_scores
 from .saliency import _check_model, _check_x, _guided_backprop
 
 __all__ = [
@@ -84,14 +84,20 @@ def candidate_layers(model: nn.Module, input_size: tuple[int, int, int] | None =
     Returns
     -------
     list of (name, type name, output shape)
-        In the order of ``model.named_modules()``; the output shape is for one image.
+        In the order of ``model.named_modules()``; the output shape is for one image. Containers
+        (e.g. ``net.features``) appear too, with the output of their last child; a CourseModel's
+        input normalisation is left out.
     """
     _check_model(model)
     size = _guess_input_size(model, input_size)
+    modules = dict(model.named_modules())
     return [
         (info.name, info.kind, info.output_shape)
         for info in list_layers(model, size)
-        if info.output_shape is not None and len(info.output_shape) == 4 and min(info.output_shape[2:]) > 1
+        if info.output_shape is not None
+        and len(info.output_shape) == 4
+        and min(info.output_shape[2:]) > 1
+        and not isinstance(modules[info.name], Normalize)  # the input, just rescaled
     ]
 
 

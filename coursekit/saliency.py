@@ -352,7 +352,7 @@ def _path_points(steps: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"unknown method={method!r}; choose 'gausslegendre', 'riemann_trapezoid', 'riemann_left', "
             "'riemann_right' or 'riemann_middle'"
         )
-    return torch.as_tensor(alphas, dtype=torch.float32), torch.as_tensor(w, dtype=torch.float32)
+    return torch.as_tensor(alphas, dtype=torch.float64), torch.as_tensor(w, dtype=torch.float64)
 
 
 def integrated_gradients(
