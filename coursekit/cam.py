@@ -264,18 +264,19 @@ class GradCAMPlusPlus(CAM):
     """Grad-CAM++ (Chattopadhay, Sarkar, Howlader & Balasubramanian 2018).
 
     Weights are a pixel-weighted sum of the positive gradients,
-    ``w_k = sum_ij a_kij relu(dS/dA_kij)`` with
-    ``a_kij = g^2 / (2 g^2 + sum_ab A_kab g^3)`` (``g = dS/dA_kij``), the closed form the paper
-    derives for an exponential score; pixels with zero gradient get ``a = 0``.
+    ``w_k = sum_ij a_kij relu(g_kij)`` with ``g = dS/dA`` and
+    ``a_kij = g^2 / (2 g^2 + sum_ab A_kab g^3)``, the closed form the paper derives for an
+    exponential score. For ``g > 0`` this is ``1 / (2 + g sum_ab A_kab)``, computed in that form so
+    that small gradients need no epsilon; positions with ``g <= 0`` contribute nothing.
+    (pytorch-grad-cam adds ``1e-6`` to the denominator of the first form, which shrinks the
+    weights of channels whose gradients are of order 1e-3 or smaller.)
     """
 
-    eps = 1e-7
-
     def weights(self, activations, gradients):
-        g2, g3 = gradients.pow(2), gradients.pow(3)  # (N, K, h, w)
         sum_a = activations.sum(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
-        alpha = g2 / (2 * g2 + sum_a * g3 + self.eps)
-        alpha = torch.where(gradients != 0, alpha, torch.zeros_like(alpha))
+        positive = gradients > 0
+        denom = torch.where(positive, 2 + sum_a * gradients, torch.ones_like(gradients))
+        alpha = torch.where(positive, 1 / denom, torch.zeros_like(gradients))  # (N, K, h, w)
         return (alpha * F.relu(gradients)).sum(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
 
 

@@ -383,7 +383,9 @@ def integrated_gradients(
         Path points per forward/backward pass (points of all images are pooled).
     method : str
         ``"gausslegendre"`` (default, as captum), ``"riemann_trapezoid"``, ``"riemann_left"``,
-        ``"riemann_right"`` or ``"riemann_middle"``.
+        ``"riemann_right"`` or ``"riemann_middle"``. The trapezoid rule here is the textbook one
+        (points ``linspace(0, 1, steps)``, weights ``1/(steps-1)``, halved at the ends); captum's
+        uses weights ``1/steps`` at the same points, i.e. ``(steps-1)/steps`` times this.
 
     Returns
     -------
