@@ -279,7 +279,9 @@ def _activation_maps(model: nn.Module, x: torch.Tensor, layers) -> dict[str, tor
     _check_model(model)
     _check_batch(x)
     names = _resolve_layers(model, layers)
-    with torch.no_grad(), record(model, names) as rec:
+    # eval mode (restored by `preserved`): in training mode batch norm would update its statistics
+    with torch.no_grad(), preserved(model), record(model, names) as rec:
+        model.eval()
         model(x)
     missing = [n for n in names if n not in rec.activations]
     if missing:
@@ -303,8 +305,8 @@ def activation_maps(model: nn.Module, x: torch.Tensor, layers) -> dict[str, torc
     Returns
     -------
     dict[str, Tensor]
-        Full layer name -> detached output, ``(N, K, h, w)`` for convolutional layers. The hooks
-        are removed and the model is left as it was. Zeiler & Fergus (2014) look at such maps to
+        Full layer name -> detached output, ``(N, K, h, w)`` for convolutional layers, computed
+        in eval mode. The hooks are removed and the model is left as it was. Zeiler & Fergus (2014) look at such maps to
         see which parts of an image drive which channel.
     """
     return _activation_maps(model, x, layers)
@@ -498,7 +500,8 @@ def layer_inspector(model: nn.Module, x: torch.Tensor, target, layers=None, incl
     Returns
     -------
     list of LayerRecord
-        In forward order. The model is left exactly as it was: still frozen, no ``.grad`` set.
+        In forward order, computed in eval mode. The model is left exactly as it was: still
+        frozen, in its own mode, no ``.grad`` set.
     """
     _check_model(model)
     _check_batch(x)
@@ -510,6 +513,7 @@ def layer_inspector(model: nn.Module, x: torch.Tensor, target, layers=None, incl
     # the inspected layers' weights, inside `preserved`, which restores every flag on exit, even on
     # error; and we use torch.autograd.grad, not .backward(), so no .grad is ever stored on the model.
     with preserved(model):
+        model.eval()  # as in the lectures; training-mode batch norm would also change its statistics
         for w in weights.values():
             w.requires_grad_(True)
         xin = x.detach().clone().requires_grad_(include_input)

@@ -469,3 +469,20 @@ def test_references_are_blockable():
     for fn in (fl.conv_output_size, fl.receptive_field_size, fl.conv_param_count, fl.normalize_filters, fl.activation_maps):
         assert fn.__reference_key__.startswith("coursekit.filters.")
     assert not math.isnan(fl.normalize_filters(torch.zeros(1, 1, 3, 3)).sum())
+
+
+def test_train_mode_model_is_inspected_in_eval_mode_and_restored(model_state):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).train()
+    stats = net[1].running_mean.clone()
+    before = model_state(net)
+    x = torch.rand(2, 3, 8, 8)
+    maps = fl.activation_maps(net, x, ["1"])
+    records = fl.layer_inspector(net, x, 0, layers=["0", "1"])
+    assert torch.equal(net[1].running_mean, stats)
+    assert model_state(net) == before and net.training
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())  # an unfrozen model stays unfrozen
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(maps["1"], net[1](net[0](x)), atol=1e-6)
+        assert torch.allclose(records[2].activation, maps["1"], atol=1e-6)
