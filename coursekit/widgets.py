@@ -1,0 +1,205 @@
+"""Interactive explorers: a few dropdowns and sliders driving one matplotlib drawing.
+
+One helper, :func:`explorer`, serves every lecture. You write a function that draws one view
+into a matplotlib axes, ``draw(ax, **values)``, and describe its controls::
+
+    explorer(draw_overlay,
+             {"image": ["cat", "coffee"], "method": ["Grad-CAM", "SmoothGrad"], "alpha": (0.0, 1.0, 0.1)},
+             static={"method": ["Grad-CAM", "SmoothGrad"]})
+
+In a live Jupyter kernel with ipywidgets this shows the controls and redraws on every change.
+Otherwise (ipywidgets missing, plain Python or a terminal, or the environment variable
+``COURSEKIT_STATIC=1``, e.g. when executing notebooks headless so that the saved file keeps a
+picture) it draws a **static grid**: one panel per combination of the ``static`` values, the other
+controls at their defaults. A saved notebook then still shows something meaningful.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["Control", "explorer", "make_control", "widgets_available"]
+
+
+def widgets_available() -> bool:
+    """True when ipywidgets can be shown: importable, inside a Jupyter kernel, and not forced off
+    with ``COURSEKIT_STATIC=1``."""
+    if os.environ.get("COURSEKIT_STATIC", "").strip().lower() in ("1", "true", "yes"):
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class Control:
+    """One control: its name, allowed values (for the static grid) and default.
+
+    Built by :func:`make_control` from a short specification:
+
+    * a list or tuple of values (strings, numbers, ...) -> dropdown; default: the first value;
+    * a dict ``{label: value}`` -> dropdown showing the labels; default: the first value;
+    * ``(min, max)``, ``(min, max, step)`` or ``(min, max, step, default)`` of numbers -> slider
+      (int slider when all are ints); default: ``min`` unless given;
+    * an ipywidgets widget -> used as is (its ``value`` is the default).
+    """
+
+    def __init__(self, name: str, kind: str, options: Any = None, default: Any = None, widget: Any = None):
+        self.name, self.kind, self.options, self.default, self.widget = name, kind, options, default, widget
+
+    def values(self) -> list:
+        """The values a static grid may use (dropdown options; slider: its default)."""
+        if self.kind == "dropdown":
+            return [v for _, v in self.options]
+        return [self.default]
+
+    def build(self):
+        """The ipywidgets widget for this control."""
+        import ipywidgets as w
+
+        if self.widget is not None:
+            return self.widget
+        if self.kind == "dropdown":
+            return w.Dropdown(options=self.options, value=self.default, description=self.name)
+        lo, hi, step = self.options
+        cls = w.IntSlider if all(isinstance(v, int) for v in (lo, hi, step)) else w.FloatSlider
+        return cls(min=lo, max=hi, step=step, value=self.default, description=self.name, continuous_update=False)
+
+    def __repr__(self) -> str:
+        return f"Control({self.name!r}, {self.kind}, default={self.default!r})"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def make_control(name: str, spec) -> Control:
+    """Turn a control specification (see :class:`Control`) into a :class:`Control`."""
+    if isinstance(spec, Control):
+        return spec
+    if hasattr(spec, "value") and hasattr(spec, "observe"):  # an ipywidgets widget
+        opts = getattr(spec, "options", None)
+        if opts is not None:
+            pairs = [o if isinstance(o, tuple) and len(o) == 2 else (str(o), o) for o in opts]
+            return Control(name, "dropdown", pairs, spec.value, widget=spec)
+        return Control(name, "widget", None, spec.value, widget=spec)
+    if isinstance(spec, Mapping):
+        if not spec:
+            raise ValueError(f"control {name!r}: a dict of options must not be empty")
+        pairs = [(str(k), v) for k, v in spec.items()]
+        return Control(name, "dropdown", pairs, pairs[0][1])
+    if isinstance(spec, tuple) and len(spec) in (2, 3, 4) and all(_is_number(v) for v in spec):
+        lo, hi = spec[0], spec[1]
+        step = spec[2] if len(spec) >= 3 else (1 if all(isinstance(v, int) for v in (lo, hi)) else (hi - lo) / 20)
+        default = spec[3] if len(spec) == 4 else lo
+        if not lo < hi or not step > 0 or not lo <= default <= hi:
+            raise ValueError(f"control {name!r}: a slider needs min < max, step > 0 and min <= default <= max, got {spec!r}")
+        return Control(name, "slider", (lo, hi, step), default)
+    if isinstance(spec, (list, tuple, range)):
+        values = list(spec)
+        if not values:
+            raise ValueError(f"control {name!r}: the list of options must not be empty")
+        return Control(name, "dropdown", [(str(v), v) for v in values], values[0])
+    raise TypeError(
+        f"control {name!r}: give a list of values (dropdown), a dict {{label: value}}, a (min, max[, step]) "
+        f"tuple of numbers (slider) or an ipywidgets widget; got {type(spec).__name__}: {spec!r}"
+    )
+
+
+def _static_grid(draw, controls: list[Control], static, ncols, size, title, max_panels):
+    import matplotlib.pyplot as plt
+
+    by_name = {c.name: c for c in controls}
+    if static is None:  # vary the first dropdown, everything else at its default
+        first = next((c for c in controls if c.kind == "dropdown"), None)
+        static = {first.name: first.values()[:max_panels]} if first is not None else {}
+    if not isinstance(static, Mapping):
+        raise TypeError(f"static must be a dict {{control name: list of values}}, got {type(static).__name__}")
+    for name, values in static.items():
+        if name not in by_name:
+            raise ValueError(f"static names the control {name!r}, which is not among {list(by_name)}")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"static[{name!r}] must be a non-empty list of values, got {values!r}")
+    varied = list(static)
+    combos = [dict(zip(varied, vals)) for vals in itertools.product(*(static[n] for n in varied))] or [{}]
+    if len(combos) > max_panels:
+        raise ValueError(f"the static grid would have {len(combos)} panels (max_panels={max_panels}); list fewer values")
+    defaults = {c.name: c.default for c in controls}
+    ncols = ncols or min(len(combos), 4)
+    nrows = math.ceil(len(combos) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.5 if title else 0)), squeeze=False)
+    for ax in axes.flat[len(combos):]:
+        ax.axis("off")
+    for ax, combo in zip(axes.flat, combos):
+        draw(ax, **{**defaults, **combo})
+        if combo and not ax.get_title():
+            ax.set_title(", ".join(f"{k}={_short(v)}" for k, v in combo.items()), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapping[str, list] | None = None,
+             mode: str = "auto", ncols: int | None = None, size: float = 3.2, title: str | None = None,
+             max_panels: int = 12):
+    """An ipywidgets explorer around ``draw(ax, **values)``, with a static fallback.
+
+    Parameters
+    ----------
+    draw : callable ``(ax, **values) -> None``
+        Draws one view into the matplotlib axes ``ax`` (titles, colour bars: up to you). It gets
+        one keyword argument per control.
+    controls : dict[str, spec]
+        Control name -> specification, see :class:`Control` (list -> dropdown, ``(min, max, step)``
+        -> slider, dict -> labelled dropdown, or a ready widget).
+    static : dict[str, list], optional
+        For the static grid: the values to combine (Cartesian product), other controls at their
+        defaults. Default: every option of the first dropdown.
+    mode : "auto", "widget" or "static"
+        ``"auto"``: widgets when :func:`widgets_available`, else the static grid.
+    ncols, size, title, max_panels
+        Layout of the static grid (columns, inches per panel, suptitle, most panels allowed);
+        ``size`` is also the figure size of the live view.
+
+    Returns
+    -------
+    ipywidgets.VBox (controls above the live figure) in widget mode; the matplotlib Figure of the
+    grid in static mode.
+    """
+    if not callable(draw):
+        raise TypeError(f"draw must be a function draw(ax, **values), got {type(draw).__name__}")
+    if not isinstance(controls, Mapping) or not controls:
+        raise ValueError("controls must be a non-empty dict {name: spec}")
+    if mode not in ("auto", "widget", "static"):
+        raise ValueError(f"mode must be 'auto', 'widget' or 'static', got {mode!r}")
+    ctrls = [make_control(name, spec) for name, spec in controls.items()]
+    if mode == "static" or (mode == "auto" and not widgets_available()):
+        return _static_grid(draw, ctrls, static, ncols, size, title, max_panels)
+
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    built = {c.name: c.build() for c in ctrls}
+
+    def redraw(**values):
+        fig, ax = plt.subplots(figsize=(size * 1.25, size))
+        draw(ax, **values)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        plt.show()
+
+    out = w.interactive_output(redraw, built)
+    return w.VBox([w.HBox(list(built.values())), out])

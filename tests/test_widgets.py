@@ -1,0 +1,134 @@
+"""The generic explorer (coursekit.widgets): controls, live widget mode, static fallback."""
+
+from __future__ import annotations
+
+import ipywidgets
+import matplotlib.figure
+import pytest
+
+from coursekit import widgets
+from coursekit.widgets import Control, explorer, make_control, widgets_available
+
+
+class Recorder:
+    """A draw callback that remembers what it was asked to draw."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, ax, **values):
+        self.calls.append(values)
+        ax.plot([0, 1], [0, values.get("alpha", 1)])
+
+
+CONTROLS = {"image": ["cat", "coffee"], "method": {"Grad-CAM": "gc", "SmoothGrad": "sg"}, "alpha": (0.0, 1.0, 0.1)}
+
+
+def test_make_control_kinds():
+    c = make_control("image", ["cat", "coffee"])
+    assert (c.kind, c.default, c.values()) == ("dropdown", "cat", ["cat", "coffee"])
+    c = make_control("method", {"Grad-CAM": "gc", "SmoothGrad": "sg"})
+    assert (c.kind, c.default, c.values(), c.options[1]) == ("dropdown", "gc", ["gc", "sg"], ("SmoothGrad", "sg"))
+    c = make_control("alpha", (0.0, 1.0, 0.1, 0.5))
+    assert (c.kind, c.default, c.options) == ("slider", 0.5, (0.0, 1.0, 0.1))
+    assert isinstance(c.build(), ipywidgets.FloatSlider)
+    c = make_control("k", (1, 9))
+    assert isinstance(c.build(), ipywidgets.IntSlider) and c.build().step == 1
+    dd = ipywidgets.Dropdown(options=["a", "b"], value="b")
+    c = make_control("x", dd)
+    assert c.build() is dd and c.default == "b" and c.values() == ["a", "b"]
+    assert make_control("y", c) is c
+
+
+@pytest.mark.parametrize(
+    "spec, exc, match",
+    [
+        ([], ValueError, "must not be empty"),
+        ({}, ValueError, "must not be empty"),
+        ((1.0, 0.0), ValueError, "min < max"),
+        ((0.0, 1.0, 0.1, 2.0), ValueError, "default"),
+        (3.5, TypeError, "list of values"),
+        (None, TypeError, "list of values"),
+    ],
+)
+def test_bad_control_specs(spec, exc, match):
+    with pytest.raises(exc, match=match):
+        make_control("c", spec)
+
+
+def test_static_grid_combines_the_listed_values():
+    draw = Recorder()
+    fig = explorer(draw, CONTROLS, static={"image": ["cat", "coffee"], "method": ["gc", "sg"]}, mode="static", title="demo")
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert draw.calls == [
+        {"image": "cat", "method": "gc", "alpha": 0.0},
+        {"image": "cat", "method": "sg", "alpha": 0.0},
+        {"image": "coffee", "method": "gc", "alpha": 0.0},
+        {"image": "coffee", "method": "sg", "alpha": 0.0},
+    ]
+    drawn = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(drawn) == 4
+    assert drawn[1].get_title() == "image=cat, method=sg"
+    assert fig._suptitle.get_text() == "demo"
+
+
+def test_static_default_varies_the_first_dropdown_and_hides_spare_axes():
+    draw = Recorder()
+    fig = explorer(draw, {"alpha": (0.0, 1.0), "image": ["a", "b", "c"]}, mode="static", ncols=2)
+    assert [c["image"] for c in draw.calls] == ["a", "b", "c"]
+    assert len(fig.axes) == 4 and not fig.axes[3].axison
+
+
+def test_static_errors():
+    draw = Recorder()
+    with pytest.raises(ValueError, match="'colour'"):
+        explorer(draw, CONTROLS, static={"colour": ["red"]}, mode="static")
+    with pytest.raises(ValueError, match="non-empty list"):
+        explorer(draw, CONTROLS, static={"image": []}, mode="static")
+    with pytest.raises(ValueError, match="max_panels"):
+        explorer(draw, CONTROLS, static={"image": ["cat"] * 5, "method": ["gc"] * 3}, mode="static")
+    with pytest.raises(TypeError, match="draw"):
+        explorer("not a function", CONTROLS)
+    with pytest.raises(ValueError, match="non-empty dict"):
+        explorer(draw, {})
+    with pytest.raises(ValueError, match="mode"):
+        explorer(draw, CONTROLS, mode="live")
+
+
+def test_widget_mode_builds_controls_and_redraws_on_change(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "show", lambda *a, **k: None)
+    draw = Recorder()
+    box = explorer(draw, CONTROLS, mode="widget")
+    assert isinstance(box, ipywidgets.VBox)
+    controls = box.children[0].children
+    assert [type(c).__name__ for c in controls] == ["Dropdown", "Dropdown", "FloatSlider"]
+    assert [c.description for c in controls] == ["image", "method", "alpha"]
+    assert draw.calls == [{"image": "cat", "method": "gc", "alpha": 0.0}]  # drawn once with the defaults
+    controls[1].value = "sg"
+    assert draw.calls[-1] == {"image": "cat", "method": "sg", "alpha": 0.0}
+
+
+def test_auto_mode_is_static_outside_a_kernel(monkeypatch):
+    assert not widgets_available()  # pytest is not a Jupyter kernel
+    fig = explorer(Recorder(), {"image": ["a"]})
+    assert isinstance(fig, matplotlib.figure.Figure)
+
+
+def test_environment_variable_forces_static(monkeypatch):
+    class FakeKernel:  # what get_ipython() returns inside Jupyter
+        pass
+
+    FakeKernel.__name__ = "ZMQInteractiveShell"
+    monkeypatch.setattr("IPython.get_ipython", lambda: FakeKernel())
+    monkeypatch.delenv("COURSEKIT_STATIC", raising=False)
+    assert widgets_available()
+    monkeypatch.setenv("COURSEKIT_STATIC", "1")
+    assert not widgets_available()
+    assert isinstance(explorer(Recorder(), {"image": ["a"]}), matplotlib.figure.Figure)
+
+
+def test_control_repr():
+    assert "slider" in repr(Control("a", "slider", (0, 1, 1), 0))
+    assert widgets.__all__
