@@ -227,3 +227,22 @@ def test_cases_are_fresh_unless_seeded(register):
     run_check("enginetest.seeds", None, seed=7)
     run_check("enginetest.seeds", None, seed=7)
     assert seen[0] != seen[1] and seen[2] == seen[3]
+
+
+def test_a_check_leaves_the_global_random_state_alone(register):
+    import numpy as np
+
+    @register("enginetest.rng")
+    def _(student, report):
+        torch.rand(5)
+        np.random.rand(5)
+        with report.part("anything", points=1):
+            report.call(student)
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    expected = (torch.rand(2), np.random.rand(2))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    run_check("enginetest.rng", lambda: torch.rand(3))  # the student's draws do not count either
+    assert torch.equal(torch.rand(2), expected[0]) and np.array_equal(np.random.rand(2), expected[1])

@@ -275,9 +275,13 @@ def run_check(name: str, student: Callable, seed: int | None = None) -> Report:
         err = io.StringIO()
         saved_stderr = sys.stderr
         sys.stderr = err  # nbgrader zeroes a cell that writes to stderr; keep the student's noise visible on stdout
+        np_state = np.random.get_state()
         try:
-            ex.checker(student, report)
+            # the notebook's own seeded cells give the same numbers whether or not a check ran before them
+            with torch.random.fork_rng(devices=[]):
+                ex.checker(student, report)
         finally:
+            np.random.set_state(np_state)
             sys.stderr = saved_stderr
     noise = err.getvalue().strip()
     if caught or noise:
