@@ -403,7 +403,7 @@ def explore_activations(model: nn.Module, x: torch.Tensor, layers=None, static: 
         a = maps[layer]
         ch = order[layer][channel_rank - 1]
         ax.axis("off")
-        left, right = ax.inset_axes([0.0, 0.0, 0.47, 0.9]), ax.inset_axes([0.53, 0.0, 0.47, 0.9])
+        left, right = ax.inset_axes([0.0, 0.0, 0.47, 0.8]), ax.inset_axes([0.53, 0.0, 0.47, 0.8])
         left.set_anchor("N")
         right.set_anchor("N")
         _show_image(left, x[0], "input")
@@ -414,7 +414,7 @@ def explore_activations(model: nn.Module, x: torch.Tensor, layers=None, static: 
 
     names = list(maps)
     mode = "auto" if static is None else ("static" if static else "widget")
-    return explorer(
+    view = explorer(
         draw,
         {"layer": names, "channel_rank": (1, widest, 1, 1)},
         static={"layer": names, "channel_rank": list(range(1, min(ranks, widest) + 1))},
@@ -424,6 +424,11 @@ def explore_activations(model: nn.Module, x: torch.Tensor, layers=None, static: 
         title="activation explorer: layer and channel (ranked by mean activation on this image)",
         max_panels=max(12, len(names) * ranks),
     )
+    if isinstance(view, plt.Figure):  # static grid: its panels are square, each of ours is two images wide
+        w, h = view.get_size_inches()
+        view.set_size_inches(w, 0.6 * h + 0.3)
+        view.tight_layout()
+    return view
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1063,7 +1068,8 @@ def plot_receptive_fields(model: nn.Module, input_size: tuple[int, ...] | None =
     if not rows:
         raise ValueError("no convolution or pooling layer to plot")
     sizes = [f.size if isinstance(f.size, int) else max(f.size) for f, _ in rows]
-    if ax is None:
+    own_figure = ax is None
+    if own_figure:
         _, ax = plt.subplots(figsize=(6, 3.5))
     name = label or getattr(model, "name", type(model).__name__)
     ax.plot(range(1, len(rows) + 1), sizes, marker="o", ms=3, label=name)
@@ -1079,7 +1085,9 @@ def plot_receptive_fields(model: nn.Module, input_size: tuple[int, ...] | None =
     ax.set_xlabel("depth (conv / pooling layer number)")
     ax.set_ylabel("receptive field size (pixels)")
     ax.set_title(f"Receptive field grows with depth: {name}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
+    if own_figure:
+        ax.figure.tight_layout()
     return ax
 
 
