@@ -119,7 +119,7 @@ def test_non_callable_student(doubling):
 
 
 def test_calling_the_blocked_reference_earns_nothing(doubling, capsys):
-    cheat = lambda x: _double(x)  # noqa: E731
+    cheat = lambda x: _double(x)
     report = run_check(doubling, cheat)
     assert report.earned == 0
     assert all("called coursekit's _double" in p.message for p in report.parts)

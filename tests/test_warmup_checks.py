@@ -10,7 +10,6 @@ import coursekit
 from coursekit import hooks
 from coursekit.checks import CheckFailed, check, run_check
 
-
 # ---------------------------------------------------------------------------------------------
 # reference-equivalent solutions (written independently of the solution notebook)
 
@@ -109,7 +108,7 @@ TO_INPUT_MISTAKES = [
     (lambda im: (t := to_input(im), (t - t.min()) / (t.max() - t.min()))[1], 2, "minimum and maximum"),
     (lambda im: (to_input(im) - 0.5) / 0.5, 2, "mean 0.5 and std 0.5"),
     (lambda im: to_input(im[:, :, ::-1].copy()), 2, "BGR"),
-    (lambda im: (t := to_input(im), im.fill(0))[0], 2, "changed the photo"),
+    (lambda im: (to_input(im), im.fill(0))[0], 2, "changed the photo"),
     (lambda im: coursekit.load_image(im), 0, "load_image"),
 ]
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import hooks, images, models
 from ..data import fashion_mnist
-from . import Mistake, Report, ReferenceBlocked, StudentError, exercise
+from . import Mistake, ReferenceBlocked, Report, StudentError, exercise
 
 __all__: list[str] = []  # checks register themselves; nothing to import from here
 
@@ -223,7 +223,7 @@ def _check_top_k(student, report: Report) -> None:
     with torch.no_grad():
         logits = model(x)[0]  # (10,)
     probs_all = logits.softmax(0)
-    top_p, top_i = probs_all.topk(k)
+    top_p = probs_all.topk(k).values
     first = _Once(report, student, model, x.clone(), k)
 
     with report.part("returns (probs, indices), each of shape (k,)", points=1):

@@ -42,7 +42,7 @@ import nbformat
 
 from .release import find_root, list_sets, load_course_config
 
-__all__ = ["StudentResult", "GradingResult", "collect_submissions", "grade", "main"]
+__all__ = ["GradingResult", "StudentResult", "collect_submissions", "grade", "main"]
 
 _TIMEOUT_ERRORS = {"CellTimeoutError", "KeyboardInterrupt", "TimeoutError"}
 _COURSE_ID = "coursekit"
@@ -147,7 +147,7 @@ def _read_problem(path: Path) -> str | None:
     try:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
-    except Exception as err:  # any unreadable file costs that student this set; reported, not raised
+    except Exception as err:  # noqa: BLE001 -- any unreadable file costs that student this set; reported
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return f"unreadable notebook ({type(err).__name__}: {first[:120]})"
     return None
@@ -206,7 +206,8 @@ def _nbgrader(args: list[str], workdir: Path, log) -> int:
     log.write(f"\n$ nbgrader {' '.join(args)}\n")
     log.flush()
     proc = subprocess.run(
-        [sys.executable, "-m", "nbgrader", *args], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "nbgrader", *args], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+        check=False,  # the caller decides what a failure means (autograde reports per-student errors)
     )
     return proc.returncode
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import nbformat
 
-__all__ = ["find_root", "list_sets", "load_course_config", "postprocess_notebook", "release_set", "release"]
+__all__ = ["find_root", "list_sets", "load_course_config", "postprocess_notebook", "release", "release_set"]
 
 RELEASE_TAG = "raises-exception"
 _IGNORE = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "*.pyc", "feedback", ".*")
