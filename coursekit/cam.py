@@ -16,8 +16,9 @@ per channel) or :meth:`CAM.combine` (the whole map):
 backprop, :func:`candidate_layers` / :func:`default_layer` help choose the layer.
 
 The backward pass stops at the recorded layer: the parameters are frozen during the call and
-the input does not require grad, so :func:`coursekit.hooks.record` makes the layer output a leaf
-and autograd never goes below it. The model is left as it was, even on error.
+the input does not require grad, so the layer's output is made a leaf (the technique of
+:func:`coursekit.hooks.record`) and autograd never goes below it. Works on frozen models without
+making the input require grad. The model is left as it was, even on error.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import reference
-from .hooks import UnknownLayerError, get_layer, list_layers, preserved, record
+from .hooks import UnknownLayerError, get_layer, list_layers, preserved
 from .models import Normalize, target_scores
-from .saliency import _check_model, _check_x, _guided_backprop
+from .saliency import _check_model, _check_x, _frozen, _rectifiers
 
 __all__ = [
     "CAM",
@@ -198,26 +199,77 @@ class CAM:
     # -- shared machinery ------------------------------------------------------------------------
     def layer_maps(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations and gradients of the layer, each (N, K, h, w), from one forward + partial backward."""
+        act, grad, _ = self._run(x, target, guided=False)
+        return act, grad
+
+    def _run(self, x: torch.Tensor, target, guided: bool):
+        """One forward pass; the layer's activations and dS/dA; with ``guided``, also the guided-backprop
+        input gradient from a second backward pass through the same graph."""
         x = _check_x(x).detach()
-        with preserved(self.model):
-            self.model.requires_grad_(False)  # no weight gradients; restored on exit
-            with record(self.model, self.layer_name, gradients=True) as rec, torch.enable_grad():
-                scores = target_scores(self.model(x), target)  # (N,)
-                if self.layer_name not in rec.outputs:
-                    raise RuntimeError(
-                        f"layer {self.layer_name!r} was not used in the forward pass; choose another "
-                        "(coursekit.cam.candidate_layers(model) lists the spatial ones)"
-                    )
-                act = rec.outputs[self.layer_name]
-                if act.dim() != 4:
-                    raise ValueError(
-                        f"layer {self.layer_name!r} outputs shape {tuple(act.shape)}, not a (N, K, h, w) feature map; "
-                        "pick a convolutional layer (coursekit.cam.candidate_layers(model) lists them)"
-                    )
-                if not act.requires_grad:
-                    raise RuntimeError(f"the output of layer {self.layer_name!r} does not depend on a gradient path")
-                (grad,) = torch.autograd.grad(scores.sum(), act)  # images independent: sum = per image
-        return act.detach(), grad.detach()
+        tapped: dict[str, torch.Tensor] = {}
+        rectify = {"on": False}  # guided rule switched on only for the second backward pass
+
+        def tap(module, inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"layer {self.layer_name!r} returns {type(output).__name__}, not a tensor; choose one of "
+                    "coursekit.cam.candidate_layers(model)"
+                )
+            if not output.requires_grad:
+                # nothing upstream needs gradients (frozen parameters, x without grad): the output
+                # becomes a leaf and the backward pass stops here (the trick of hooks.record)
+                output = output.detach().requires_grad_(True)
+                tapped["A"] = output
+                return output
+            tapped["A"] = output
+            return None
+
+        def positive_part(grad):
+            return grad.clamp(min=0) if rectify["on"] else None
+
+        def guided_hook(module, inputs, output):  # see coursekit.saliency._guided_hook
+            if output.requires_grad:
+                output.register_hook(positive_part)
+
+        rectifiers = _rectifiers(self.model) if guided else []
+        # Same technique as coursekit.hooks.record, with saliency._frozen's narrow guard instead of
+        # hooks.preserved (which rewrites every module's flags: ~3 ms per call on EfficientNet).
+        with _frozen(self.model, inplace_off=True):
+            handles = [self.layer.register_forward_hook(tap)]
+            try:
+                handles += [m.register_forward_hook(guided_hook) for m in rectifiers]
+                with torch.enable_grad():
+                    xi = x.requires_grad_(True) if guided else x  # x is a fresh detached tensor here
+                    scores = target_scores(self.model(xi), target)  # (N,)
+                    if "A" not in tapped:
+                        raise RuntimeError(
+                            f"layer {self.layer_name!r} was not used in the forward pass; choose another "
+                            "(coursekit.cam.candidate_layers(model) lists the spatial ones)"
+                        )
+                    act = tapped["A"]
+                    if act.dim() != 4:
+                        raise ValueError(
+                            f"layer {self.layer_name!r} outputs shape {tuple(act.shape)}, not a (N, K, h, w) feature "
+                            "map; pick a convolutional layer (coursekit.cam.candidate_layers(model) lists them)"
+                        )
+                    if not scores.requires_grad:
+                        raise ValueError(f"the target score does not depend on layer {self.layer_name!r}")
+                    # images are independent: the gradient of the sum is the per-image gradient
+                    (grad,) = torch.autograd.grad(scores.sum(), act, retain_graph=guided)
+                    input_grad = None
+                    if guided:
+                        rectify["on"] = True
+                        (input_grad,) = torch.autograd.grad(scores.sum(), xi)
+            finally:
+                for h in handles:
+                    h.remove()
+        return act.detach(), grad.detach(), None if input_grad is None else input_grad.detach()
+
+    def _finish(self, act, grad, size, normalize: bool) -> torch.Tensor:
+        cam = F.relu(self.combine(act, grad))  # (N, h, w)
+        cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        cam = cam.clamp(min=0)  # bilinear weights are convex, but keep exact zeros non-negative
+        return normalize_maps(cam) if normalize else cam
 
     def __call__(self, x: torch.Tensor, target, normalize: bool = False) -> torch.Tensor:
         """Class activation maps ``(N, H, W)`` at the input's resolution, ReLU applied.
@@ -237,12 +289,7 @@ class CAM:
         """
         x = _check_x(x)
         act, grad = self.layer_maps(x, target)
-        cam = F.relu(self.combine(act, grad))  # (N, h, w)
-        cam = F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        cam = cam.clamp(min=0)  # bilinear weights are convex, but keep exact zeros non-negative
-        if normalize:
-            cam = normalize_maps(cam)
-        return cam
+        return self._finish(act, grad, x.shape[-2:], normalize)
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -310,12 +357,16 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target, layer: str | nn.Mo
     """Guided Grad-CAM (Selvaraju et al. 2017): guided backprop times the upsampled Grad-CAM map.
 
     High-resolution (pixel-level) detail from guided backpropagation, restricted to the
-    class-discriminative regions Grad-CAM finds. Two passes (Grad-CAM and guided backprop need
-    different backward rules).
+    class-discriminative regions Grad-CAM finds. One forward pass serves both: a plain backward
+    from the score to the layer (Grad-CAM), then a backward to the input with the guided ReLU
+    rule switched on (see :func:`coursekit.saliency.guided_backprop` for the rule and its
+    requirement of ``nn.ReLU`` / ``nn.ReLU6`` modules).
 
     Returns
     -------
     Tensor (N, C, H, W), detached.
     """
-    cam = _gradcam(model, x, target, layer)  # (N, H, W)
-    return _guided_backprop(model, x, target) * cam[:, None]
+    engine = GradCAM(model, layer)
+    x = _check_x(x)
+    act, grad, guided = engine._run(x, target, guided=True)
+    return guided * engine._finish(act, grad, x.shape[-2:], normalize=False)[:, None]

@@ -34,15 +34,15 @@ dropout / batch-norm make the explanations random and batch-dependent.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from .checks import reference
-from .hooks import preserved
 from .models import target_scores
 
 __all__ = [
@@ -117,32 +117,39 @@ def _slice_target(target, start: int, stop: int):
 
 def _scores_and_grad(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     """d target_scores / d x for a batch; the caller has frozen the parameters."""
-    xi = x.detach().clone().requires_grad_(True)  # fresh leaf: the caller's tensor is untouched
+    xi = x.detach().requires_grad_(True)  # fresh leaf (shares memory, never written): x is untouched
     with torch.enable_grad():
         scores = target_scores(model(xi), target)  # (N,)
         (grad,) = torch.autograd.grad(scores.sum(), xi)  # images are independent: sum = per image
     return grad.detach()
 
 
-class _frozen:
-    """``with _frozen(model):`` parameters have ``requires_grad=False`` inside, restored after."""
+@contextlib.contextmanager
+def _frozen(model: nn.Module, inplace_off: bool = False) -> Iterator[nn.Module]:
+    """Inside: no parameter requires grad (and, with ``inplace_off``, no module works in place).
 
-    def __init__(self, model: nn.Module, inplace_off: bool = False):
-        self.model = model
-        self.inplace_off = inplace_off
-        self._ctx = preserved(model)
-
-    def __enter__(self):
-        self._ctx.__enter__()
-        self.model.requires_grad_(False)
-        if self.inplace_off:
-            for m in self.model.modules():
-                if isinstance(getattr(m, "inplace", None), bool):
-                    m.inplace = False
-        return self.model
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+    Restores exactly the flags it changed, in ``finally``. This is :func:`coursekit.hooks.preserved`
+    narrowed to what these functions touch: they never change train/eval modes, and writing back
+    every module's mode costs ~3 ms on EfficientNet-Lite0 (275 modules), 10 % of a forward pass.
+    A frozen model (``load_model``) and a model without in-place modules need no change at all.
+    """
+    thawed: list[torch.Tensor] = []
+    in_place: list[nn.Module] = []
+    try:
+        for m in model.modules():
+            for p in m._parameters.values():
+                if p is not None and p.requires_grad:
+                    p.requires_grad_(False)
+                    thawed.append(p)
+            if inplace_off and getattr(m, "inplace", None) is True:
+                m.inplace = False
+                in_place.append(m)
+        yield model
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
+        for m in in_place:
+            m.inplace = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,60 +440,61 @@ def _broadcast_baseline(baseline, x: torch.Tensor) -> torch.Tensor:
 # Guided backprop and deconvnet: modified ReLU backward passes
 
 
-class _RectifierRule(torch.autograd.Function):
-    """``clamp(z, 0, upper)`` forward; a chosen rule backward.
-
-    ``rule="guided"``: ``grad_in = relu(grad_out) * [0 < z < upper]`` (Springenberg et al. 2015);
-    for ReLU ``upper = inf``, for ReLU6 ``upper = 6`` (ReLU6's own derivative is 1 exactly on
-    0 < z < 6, so guided backprop keeps the forward mask and drops negative gradients).
-    ``rule="deconvnet"``: ``grad_in = relu(grad_out)``, the forward mask is ignored
-    (Zeiler & Fergus 2014), for ReLU and ReLU6 alike.
-    """
+class _DeconvRule(torch.autograd.Function):
+    """``clamp(z, 0, upper)`` forward; ``grad_in = relu(grad_out)`` backward, the forward mask is
+    ignored (Zeiler & Fergus 2014), for ReLU (``upper=None``) and ReLU6 (``upper=6``) alike."""
 
     @staticmethod
-    def forward(ctx, z, upper, rule):
-        ctx.rule = rule
-        out = z.clamp(min=0) if upper is None else z.clamp(0, upper)
-        if rule == "guided":
-            mask = z > 0 if upper is None else (z > 0) & (z < upper)
-            ctx.save_for_backward(mask)
-        return out
+    def forward(ctx, z, upper):
+        return z.clamp(min=0) if upper is None else z.clamp(0, upper)
 
     @staticmethod
     def backward(ctx, grad_out):
-        g = grad_out.clamp(min=0)
-        if ctx.rule == "guided":
-            (mask,) = ctx.saved_tensors
-            g = g * mask
-        return g, None, None
+        return grad_out.clamp(min=0), None
 
 
-def _rectifier_hook(rule: str, upper):
-    def hook(module, inputs, output):
-        # Recompute the activation through the rule function so that its backward is replaced;
-        # the module's own output is discarded (a cheap elementwise op).
-        return _RectifierRule.apply(inputs[0], upper, rule)
-
-    return hook
+def _positive_part(grad: torch.Tensor) -> torch.Tensor:
+    return grad.clamp(min=0)
 
 
-def _modified_relu_gradient(model: nn.Module, x: torch.Tensor, target, rule: str) -> torch.Tensor:
-    _check_model(model)
-    x = _check_x(x)
-    rectifiers = [m for m in model.modules() if type(m) in (nn.ReLU, nn.ReLU6)]
-    if not rectifiers:
+def _guided_hook(module, inputs, output):
+    # The module's own backward multiplies by its forward mask ([z > 0] for ReLU, [0 < z < 6] for
+    # ReLU6); keeping only the positive part of the gradient arriving at its output before that
+    # gives relu(grad_out) * mask: guided backpropagation, at the cost of one clamp per activation.
+    if output.requires_grad:
+        output.register_hook(_positive_part)
+
+
+def _deconv_hook(module, inputs, output):
+    # Replace the activation's backward: recompute the (cheap) clamp through _DeconvRule, whose
+    # backward ignores the forward mask; the module's own output is discarded.
+    return _DeconvRule.apply(inputs[0], 6.0 if type(module) is nn.ReLU6 else None)
+
+
+def _rectifiers(model: nn.Module, rule: str = "guided") -> list[nn.Module]:
+    """The nn.ReLU / nn.ReLU6 modules of ``model`` (exact types: a subclass may compute something else);
+    ValueError when there are none."""
+    found = [m for m in model.modules() if type(m) in (nn.ReLU, nn.ReLU6)]
+    if not found:
         raise ValueError(
             f"{type(model).__name__} has no nn.ReLU or nn.ReLU6 modules, so the {rule} backward rule cannot be "
             "attached (activations called as functions, e.g. F.relu or torch.relu inside forward, are invisible "
             "to hooks). Rewrite the model with nn.ReLU modules, or use input_gradient for plain gradients."
         )
+    return found
+
+
+def _modified_relu_gradient(model: nn.Module, x: torch.Tensor, target, rule: str) -> torch.Tensor:
+    _check_model(model)
+    x = _check_x(x)
+    rectifiers = _rectifiers(model, rule)
+    hook = _guided_hook if rule == "guided" else _deconv_hook
     handles = []
-    # in-place ReLUs are switched off inside (and restored after): the rule needs the input z
+    # in-place ReLUs are switched off inside (and restored after): the hooks need z and the output apart
     with _frozen(model, inplace_off=True):
         try:
             for m in rectifiers:
-                upper = 6.0 if type(m) is nn.ReLU6 else None
-                handles.append(m.register_forward_hook(_rectifier_hook(rule, upper)))
+                handles.append(m.register_forward_hook(hook))
             return _scores_and_grad(model, x, target)
         finally:
             for h in handles:
