@@ -194,6 +194,8 @@ def test_stub_raises_checkfailed(name, capsys):
         ("gradcam", lambda m, x, t, layer: cam.GradCAM(m, layer)(x, t)),
         ("guided", lambda m, x, t: sal.guided_backprop(m, x, t)),
         ("guided", lambda m, x, t: sal.deconvnet(m, x, t)),
+        ("guided", lambda m, x, t: cam.guided_gradcam(m, x, t, m[6]) / cam.gradcam(m, x, t, m[6])[:, None]),
+        ("smoothgrad", lambda m, x, t, noise, nl=0.15: sal.integrated_gradients(m, x, t)),
     ],
 )
 def test_calling_the_reference_earns_nothing(name, fn, capsys):
