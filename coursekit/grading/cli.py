@@ -276,6 +276,9 @@ def grade(
     order = list(source_checks)
 
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("feedback", "autograded"):  # results of an earlier run in the same folder
+        if (out / stale).is_dir():
+            shutil.rmtree(out / stale)
     (out / "logs").mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="coursekit-grade-"))
     results: dict[str, StudentResult] = {}
@@ -335,8 +338,6 @@ def grade(
             if readable:
                 _nbgrader(["generate_feedback", assignment, "--force"], workdir, log)
             feedback_dir = out / "feedback"
-            if feedback_dir.exists():
-                shutil.rmtree(feedback_dir)
             for sid in readable:
                 html = workdir / "feedback" / sid / assignment / f"{assignment}.html"
                 if html.is_file():
