@@ -51,7 +51,9 @@ def show_images(
     n = len(imgs)
     ncols = ncols or min(n, 6)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)), squeeze=False)
+    title_lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
+    row_height = size + 0.2 * title_lines  # room for multi-line titles
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, row_height * nrows + (0.4 if suptitle else 0)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, im) in enumerate(zip(axes.flat, imgs)):
