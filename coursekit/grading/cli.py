@@ -2,8 +2,8 @@
 
 Usage::
 
-    coursekit-grade 00_warmup path/to/submissions --out results/ [--timeout 60]
-    python -m coursekit.grading.cli 00_warmup path/to/submissions --out results/
+    coursekit-grade 00_warmup path/to/submissions [--out grading/00_warmup] [--timeout 60]
+    python -m coursekit.grading.cli 00_warmup path/to/submissions
 
 ``submissions/`` holds ``<student>.ipynb`` files and/or ``<student>/00_warmup.ipynb`` folders
 (a folder with a single notebook of another name is accepted too). The command
@@ -387,13 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("assignment", help="exercise set, e.g. 00_warmup (a folder of solutions/)")
     parser.add_argument("submissions", help="folder with <student>.ipynb files or <student>/<set>.ipynb folders")
-    parser.add_argument("--out", default="grading-results", help="results folder (default: grading-results)")
+    parser.add_argument("--out", help="results folder (default: grading/<assignment>, ignored by git)")
     parser.add_argument("--timeout", type=int, default=60, help="seconds each cell may run (default: 60)")
     parser.add_argument("--root", help="course root with nbgrader_config.py and solutions/ (default: found from cwd)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the temporary nbgrader course directory")
     args = parser.parse_args(argv)
     try:
-        grade(args.assignment, args.submissions, args.out, timeout=args.timeout, root=args.root,
+        out = args.out or str(Path("grading") / args.assignment)
+        grade(args.assignment, args.submissions, out, timeout=args.timeout, root=args.root,
               keep_workdir=args.keep_workdir)
     except (ValueError, FileNotFoundError) as err:
         print(f"coursekit-grade: error: {err}", file=sys.stderr)
