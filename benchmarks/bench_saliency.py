@@ -51,19 +51,23 @@ def relu6_as_relu(model: nn.Module) -> nn.Module:
     return twin
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn, clock) -> float:
+    t0 = clock()
     fn()
-    return (time.perf_counter() - t0) * 1000.0
+    return (clock() - t0) * 1000.0
 
 
-def compare(ours, ref, repeats: int) -> tuple[float, float]:
-    """Median ms of ``ours`` and ``ref``, run alternately after one warm-up each."""
+def compare(ours, ref, repeats: int, clock=time.perf_counter) -> tuple[float, float]:
+    """Median ms of ``ours`` and ``ref``, run alternately (ABBA order) after one warm-up each."""
     ours(), ref()
     a, b = [], []
-    for _ in range(repeats):
-        a.append(timed(ours))
-        b.append(timed(ref))
+    for i in range(repeats):
+        pair = [(ours, a), (ref, b)]
+        for fn, out in pair if i % 2 == 0 else pair[::-1]:
+            out.append(timed(fn, clock))
     return statistics.median(a), statistics.median(b)
 
 
@@ -72,10 +76,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method and side (median)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall (default) or cpu: process CPU time, less sensitive to other processes' load")
     parser.add_argument("--only", nargs="*", default=None, help="run only methods whose name contains one of these")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
     torch.manual_seed(0)
 
     from captum import attr as ca
@@ -150,7 +157,7 @@ def main(argv=None) -> int:
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"# bench_saliency: efficientnet_lite0, 224 px, torch {torch.__version__}, threads {args.threads}, "
-          f"median of {args.repeats} after 1 warm-up")
+          f"{args.clock} clock, median of {args.repeats} after 1 warm-up")
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; "
           f"load average at start {tuple(round(v, 1) for v in load) if load else 'n/a'}")
     print()
@@ -164,12 +171,12 @@ def main(argv=None) -> int:
             xi = x.detach().requires_grad_(True)
             torch.autograd.grad(model(xi)[:, target].sum(), xi)
 
-        fb, _ = compare(forward_backward, forward_backward, args.repeats)
+        fb, _ = compare(forward_backward, forward_backward, args.repeats, clock)
         print(f"| one forward + backward (input grad) | {batch} | {fb:.1f} | | | | 1.00 |")
         for name, ref_name, ours, ref in methods(x, target):
             if args.only and not any(s.lower() in name.lower() for s in args.only):
                 continue
-            a, b = compare(ours, ref, args.repeats)
+            a, b = compare(ours, ref, args.repeats, clock)
             print(f"| {name} | {batch} | {a:.1f} | {ref_name} | {b:.1f} | {a / b:.2f} | {a / fb:.2f} |", flush=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print()

@@ -30,7 +30,7 @@ from torch import nn
 from .checks import reference
 from .hooks import UnknownLayerError, get_layer, list_layers, preserved
 from .models import Normalize, target_scores
-from .saliency import _check_model, _check_x, _frozen, _rectifiers
+from .saliency import _check_model, _check_x, _fast_layout, _frozen, _rectifiers
 
 __all__ = [
     "CAM",
@@ -239,7 +239,8 @@ class CAM:
             try:
                 handles += [m.register_forward_hook(guided_hook) for m in rectifiers]
                 with torch.enable_grad():
-                    xi = x.requires_grad_(True) if guided else x  # x is a fresh detached tensor here
+                    xi = _fast_layout(x)  # a fresh detached tensor (see saliency._fast_layout)
+                    xi = xi.requires_grad_(True) if guided else xi
                     scores = target_scores(self.model(xi), target)  # (N,)
                     if "A" not in tapped:
                         raise RuntimeError(
@@ -263,7 +264,7 @@ class CAM:
             finally:
                 for h in handles:
                     h.remove()
-        return act.detach(), grad.detach(), None if input_grad is None else input_grad.detach()
+        return act.detach(), grad.detach(), None if input_grad is None else input_grad.detach().contiguous()
 
     def _finish(self, act, grad, size, normalize: bool) -> torch.Tensor:
         cam = F.relu(self.combine(act, grad))  # (N, h, w)

@@ -372,7 +372,7 @@ def test_occlusion_tensor_baseline_and_bad_arguments(fcnn, xs):
 def test_occlusion_no_drop_when_baseline_equals_image(fcnn, xs):
     same = xs[:1].expand(1, 1, 28, 28)
     out = S.occlusion(fcnn, same, 2, patch=7, stride=7, baseline=same.clone(), progress=False)
-    assert out.abs().max().item() == 0.0
+    assert out.abs().max().item() < 1e-6  # zero up to batch-size-dependent rounding
 
 
 # -- exercise references ---------------------------------------------------------------------
