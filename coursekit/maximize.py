@@ -435,7 +435,7 @@ def edge_energy(x: torch.Tensor) -> torch.Tensor:
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
 
 
-def high_frequency_energy(x: torch.Tensor) -> torch.Tensor:
+def high_frequency_energy(x: torch.Tensor, relative: bool = False) -> torch.Tensor:
     """Mean squared discrete Laplacian per image: how much fine, pixel-scale detail a picture has.
 
     ``mean over channels and pixels of (4 x[i,j] - x[i-1,j] - x[i+1,j] - x[i,j-1] - x[i,j+1])^2``
@@ -445,6 +445,10 @@ def high_frequency_energy(x: torch.Tensor) -> torch.Tensor:
     Parameters
     ----------
     x : Tensor (N, C, H, W)
+    relative : bool
+        Divide by ``20 * variance`` of each image's pixels: the *share* of the picture's variation
+        that sits at the highest frequencies, independent of its contrast. About 1 for white noise
+        (whose Laplacian has variance 20 sigma^2), about 0 for a smooth picture.
 
     Returns
     -------
@@ -455,7 +459,10 @@ def high_frequency_energy(x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     u = F.pad(x.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
     lap = F.conv2d(u, _LAPLACIAN.to(x))
-    return lap.pow(2).reshape(n, -1).mean(1)
+    energy = lap.pow(2).reshape(n, -1).mean(1)
+    if relative:
+        energy = energy / (20 * x.reshape(n, -1).var(1)).clamp_min(1e-12)
+    return energy
 
 
 def relative_l2(x: torch.Tensor, reference_image: torch.Tensor) -> torch.Tensor:

@@ -550,10 +550,10 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 5, me
 
 def show_neighbours(query_images: torch.Tensor, bank_images: torch.Tensor, neighbours: dict, labels=None, class_names=None,
                     bank_labels=None, size: float = 1.1):
-    """One row per query and neighbour set: the query, then its neighbours from each ``{title: (Q, k) indices}``.
+    """One row per query: the query, then its neighbours from each ``{title: (Q, k) indices}`` side by side.
 
-    Titles show class names when ``labels`` (of the queries) / ``bank_labels`` and ``class_names`` are given;
-    a neighbour of another class than its query is marked with a red title.
+    Titles show class names when ``labels`` (of the queries) / ``bank_labels`` and ``class_names`` are
+    given; a neighbour of another class than its query has a red title. Returns the figure.
     """
     import matplotlib.pyplot as plt
 
@@ -564,8 +564,10 @@ def show_neighbours(query_images: torch.Tensor, bank_images: torch.Tensor, neigh
         raise ValueError("give at least one set of neighbours, e.g. {'feature space': idx}")
     q = query_images.shape[0]
     k = sets[0][1].shape[1]
-    rows = q * len(sets)
-    fig, axes = plt.subplots(rows, k + 1, figsize=(size * (k + 1) + 1.2, size * rows + 0.4), squeeze=False)
+    if any(tuple(idx.shape) != (q, k) for _, idx in sets):
+        raise ValueError(f"every set of neighbours must have shape (Q, k) = ({q}, {k})")
+    ncols = 1 + len(sets) * k
+    fig, axes = plt.subplots(q, ncols, figsize=(size * ncols, size * q + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -575,19 +577,20 @@ def show_neighbours(query_images: torch.Tensor, bank_images: torch.Tensor, neigh
             return ""
         return class_names[int(lbls[i])]
 
+    def draw(ax, im):
+        im = to_numpy_image(im)
+        ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
+
     for qi in range(q):
+        draw(axes[qi, 0], query_images[qi])
+        axes[qi, 0].set_title(f"query\n{name(labels, qi)}", fontsize=7)
         for si, (title, idx) in enumerate(sets):
-            r = qi * len(sets) + si
-            im = to_numpy_image(query_images[qi])
-            axes[r, 0].imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
-            axes[r, 0].set_ylabel(title, fontsize=7)
-            axes[r, 0].set_title(f"query: {name(labels, qi)}", fontsize=7)
             for j in range(k):
+                ax = axes[qi, 1 + si * k + j]
                 b = int(idx[qi, j])
-                im = to_numpy_image(bank_images[b])
-                axes[r, j + 1].imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
-                t = name(bank_labels, b)
+                draw(ax, bank_images[b])
                 same = labels is None or bank_labels is None or int(bank_labels[b]) == int(labels[qi])
-                axes[r, j + 1].set_title(t, fontsize=6, color="black" if same else "red")
+                head = f"{title} {j + 1}\n" if qi == 0 else ""
+                ax.set_title(head + name(bank_labels, b), fontsize=7, color="black" if same else "red")
     fig.tight_layout()
     return fig

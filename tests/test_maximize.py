@@ -341,6 +341,12 @@ def test_high_frequency_energy():
     assert float(high_frequency_energy(torch.full((1, 3, 8, 8), 0.3))) == 0
     ramp = torch.linspace(0, 1, 16).view(1, 1, 1, 16).expand(1, 1, 16, 16)
     assert float(high_frequency_energy(ramp)) < 1e-3 < float(high_frequency_energy(x[:1, :1]))
+    # relative: the share of the variation at the highest frequencies, independent of contrast
+    noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    share = high_frequency_energy(noise, relative=True)
+    assert ((share > 0.85) & (share < 1.05)).all(), share
+    torch.testing.assert_close(high_frequency_energy(0.5 + 0.1 * (noise - 0.5), relative=True), share)
+    assert float(high_frequency_energy(ramp, relative=True)) < 0.01
     with pytest.raises(ValueError):
         high_frequency_energy(torch.rand(16, 16))
 
