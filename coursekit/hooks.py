@@ -15,6 +15,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .checks import reference
+
 __all__ = ["UnknownLayerError", "get_layer", "list_layers", "LayerInfo", "preserved", "Recorder", "record"]
 
 
@@ -169,6 +171,7 @@ class Recorder:
         self.handles.clear()
 
 
+@reference
 @contextlib.contextmanager
 def record(model: nn.Module, layers, gradients: bool = False) -> Iterator[Recorder]:
     """Record activations (and gradients) of ``layers`` while the block runs.

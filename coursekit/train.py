@@ -59,8 +59,14 @@ def fgsm_random_start(model, x, y, eps: float) -> torch.Tensor:
     return (x + delta).clamp(0, 1).detach()
 
 
-def train(name: str, seed: int = 0, out_dir: Path | None = None, epochs: int | None = None, limit: int | None = None) -> dict:
-    """Train ``name`` and save its weights and run record; returns the record."""
+def train(
+    name: str, seed: int = 0, out_dir: Path | None = None, epochs: int | None = None,
+    limit: int | None = None, eval_limit: int | None = None,
+) -> dict:
+    """Train ``name`` and save its weights and run record; returns the record.
+
+    ``limit`` / ``eval_limit`` use only the first images of the train / test split (for quick tests).
+    """
     if name not in CONFIGS:
         raise ValueError(f"can train {sorted(CONFIGS)}, not {name!r}")
     cfg = dict(CONFIGS[name])
@@ -71,6 +77,8 @@ def train(name: str, seed: int = 0, out_dir: Path | None = None, epochs: int | N
     x_test, y_test = fashion_mnist("test")
     if limit:
         x_train, y_train = x_train[:limit], y_train[:limit]
+    if eval_limit:
+        x_test, y_test = x_test[:eval_limit], y_test[:eval_limit]
     model = _wrap(FashionCNN(), name)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     steps = cfg["epochs"] * ((len(x_train) + cfg["batch_size"] - 1) // cfg["batch_size"])
@@ -103,6 +111,7 @@ def train(name: str, seed: int = 0, out_dir: Path | None = None, epochs: int | N
         "seed": seed,
         **cfg,
         "train_images": len(x_train),
+        "test_images": len(x_test),
         "test_accuracy": history[-1],
         "accuracy_per_epoch": history,
         "seconds": round(time.time() - start, 1),

@@ -23,7 +23,7 @@ def test_get_layer_by_name_module_and_short_name(fashion):
 
 def test_unknown_layer_lists_close_matches(fashion):
     with pytest.raises(UnknownLayerError) as err:
-        get_layer(fashion, "features.O")
+        get_layer(fashion, "featurs.0")
     assert "features.0" in str(err.value) and "list_layers" in str(err.value)
     with pytest.raises(UnknownLayerError):
         get_layer(fashion, nn.ReLU())

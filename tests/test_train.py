@@ -1,0 +1,53 @@
+"""The training script runs, is seeded, and writes weights that load_model's architecture accepts."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from coursekit import data, train
+from coursekit.nets import FashionCNN
+
+
+@pytest.fixture
+def small_train_split(tmp_path, monkeypatch):
+    """A stand-in training split (the shipped test files renamed), so the test needs no download."""
+    src = data._candidate_dirs("test")[0]
+    for kind in ("images-idx3", "labels-idx1"):
+        shutil.copy(src / f"t10k-{kind}-ubyte.gz", tmp_path / f"train-{kind}-ubyte.gz")
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_train_is_seeded_and_learns(small_train_split, tmp_path):
+    name = "fashion_cnn"
+    a = train.train(name, seed=1, out_dir=tmp_path / "a", epochs=1, limit=3072, eval_limit=1000)
+    b = train.train(name, seed=1, out_dir=tmp_path / "b", epochs=1, limit=3072, eval_limit=1000)
+    wa = torch.load(tmp_path / "a" / f"{name}.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / f"{name}.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same weights
+    FashionCNN().load_state_dict(wa)  # loads into the architecture load_model uses
+    record = json.loads((tmp_path / "a" / f"{name}.json").read_text())
+    assert record["seed"] == 1 and record["epochs"] == 1 and record["train_images"] == 3072 and record["test_images"] == 1000
+    assert record["test_accuracy"] == a["test_accuracy"] == b["test_accuracy"]
+    assert a["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_adversarial_training_runs_and_learns(small_train_split, tmp_path):
+    rec = train.train("fashion_cnn_robust", seed=0, out_dir=tmp_path, epochs=1, limit=3072, eval_limit=1000)
+    assert rec["eps"] == 0.1 and rec["test_accuracy"] > 0.5
+    FashionCNN().load_state_dict(torch.load(tmp_path / "fashion_cnn_robust.pt", weights_only=True))
+
+
+def test_fgsm_random_start_stays_in_the_ball():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.rand(5, 1, 2, 2)
+    adv = train.fgsm_random_start(model, x, torch.tensor([0, 1, 2, 0, 1]), eps=0.1)
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="fashion_cnn"):
+        train.train("resnet")
