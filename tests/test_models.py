@@ -177,3 +177,18 @@ def test_target_scores():
         coursekit.target_scores(out, 1.5)
     with pytest.raises(ValueError):
         coursekit.target_scores(out, lambda o: o)
+
+
+def test_robust_model_resists_fgsm_where_the_plain_one_does_not(fashion, fashion_test):
+    """fashion_cnn_robust was trained adversarially: FGSM at eps=0.1 barely hurts it."""
+    import torch.nn.functional as F
+
+    x, y = fashion_test[0][:500], fashion_test[1][:500]
+    robust = coursekit.load_model("fashion_cnn_robust")
+    acc = {}
+    for name, m in [("plain", fashion), ("robust", robust)]:
+        xa = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(m(xa), y), xa)
+        with torch.no_grad():
+            acc[name] = (m((x + 0.1 * g.sign()).clamp(0, 1)).argmax(1) == y).float().mean().item()
+    assert acc["plain"] < 0.3 and acc["robust"] > 0.6, acc
