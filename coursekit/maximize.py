@@ -47,9 +47,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -61,42 +61,42 @@ from .hooks import preserved, record
 from .models import target_scores
 
 __all__ = [
-    "Objective",
     "Context",
-    "channel",
-    "neuron",
-    "class_logit",
-    "class_log_probability",
-    "layer_energy",
-    "feature_match",
-    "per_image",
-    "edge_energy_prior",
-    "l2_prior",
-    "total_variation",
-    "jitter",
-    "random_scale",
-    "pad",
-    "only",
-    "decay",
-    "blur_every",
-    "ImageParam",
-    "PixelImage",
     "FourierImage",
-    "StackedImage",
-    "pixel_image",
-    "stack",
-    "fourier_image",
+    "ImageParam",
     "MaximizationResult",
-    "maximize",
+    "Objective",
+    "PixelImage",
+    "StackedImage",
     "ascent_step",
+    "blur_every",
+    "channel",
+    "class_log_probability",
+    "class_logit",
+    "decay",
     "edge_energy",
-    "high_frequency_energy",
+    "edge_energy_prior",
+    "feature_match",
+    "fourier_image",
     "gaussian_blur",
-    "relative_l2",
+    "high_frequency_energy",
+    "jitter",
+    "l2_prior",
+    "layer_energy",
+    "maximize",
+    "neuron",
     "objectives",
-    "transforms",
-    "regularizers",
+    "only",
+    "pad",
     "params",
+    "per_image",
+    "pixel_image",
+    "random_scale",
+    "regularizers",
+    "relative_l2",
+    "stack",
+    "total_variation",
+    "transforms",
 ]
 
 
@@ -367,7 +367,7 @@ def total_variation(beta: float = 2.0) -> Objective:
 
 
 def _gaussian_kernel1d(sigma: float, radius: int | None = None) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma))) if radius is None else radius
+    radius = max(1, math.ceil(3 * sigma)) if radius is None else radius
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     return k / k.sum()
@@ -693,7 +693,7 @@ class FourierImage(ImageParam):
         return [self.spectrum]
 
     def image(self):
-        n, c, h, w = self.shape
+        _n, _c, h, w = self.shape
         spec = torch.view_as_complex(self.spectrum) * self.scale  # (N, C, H, W//2+1)
         lin = torch.fft.irfft2(spec, s=(h, w), norm="ortho") / 4.0  # (N, C, H, W)
         if self.decorrelate:

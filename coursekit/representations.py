@@ -34,17 +34,17 @@ from .maximize import (
 )
 
 __all__ = [
-    "layer_features",
-    "ReceptiveField",
-    "receptive_field",
     "DatasetExamples",
-    "top_activating",
     "InversionResult",
-    "invert_features",
+    "ReceptiveField",
     "embed",
-    "plot_embedding",
+    "invert_features",
+    "layer_features",
     "nearest_neighbours",
+    "plot_embedding",
+    "receptive_field",
     "show_neighbours",
+    "top_activating",
 ]
 
 

@@ -201,7 +201,7 @@ def test_result_and_class_probabilities(fashion, model_state):
 
 
 def test_seeded_runs_repeat(fashion):
-    kwargs = dict(steps=8, transforms=[jitter(2)], regularizers=[decay(0.02)], progress=False)
+    kwargs = {"steps": 8, "transforms": [jitter(2)], "regularizers": [decay(0.02)], "progress": False}
     a = maximize(fashion, class_logit(3), seed=5, **kwargs)
     b = maximize(fashion, class_logit(3), seed=5, **kwargs)
     c = maximize(fashion, class_logit(3), seed=6, **kwargs)
@@ -427,7 +427,7 @@ def test_parameterisations():
     with torch.no_grad():
         p.x.add_(2.0)
     p.project_()
-    assert float(p.image().max()) == 1.0
+    assert float(p.image().detach().max()) == 1.0
     s = stack([pixel_image((1, 3, 16, 20)), fourier_image((2, 3, 16, 20))])
     assert s.shape == (3, 3, 16, 20) and len(s.parameters()) == 2
     s.set_image_(photo.expand(3, -1, -1, -1))

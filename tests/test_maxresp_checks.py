@@ -67,15 +67,15 @@ def test_ascent_step_correct_gets_full_points():
 @pytest.mark.parametrize(
     "kwargs, words, lost",
     [
-        (dict(sign=-1.0), "gradient *descent*", 3),
-        (dict(normalise="none"), "not normalised", 2),
-        (dict(normalise="l2"), "L2 norm", 2),
-        (dict(normalise="batch"), "whole batch", 2),
-        (dict(clamp=False), "not clipped", 2),
-        (dict(normalise="sign"), "FGSM", 2),
-        (dict(score="prob"), "softmax probability", 2),
-        (dict(mutate=True), "changed the caller's x", 1),
-        (dict(unfreeze=True), "requires_grad_(True)", 1),
+        ({"sign": -1.0}, "gradient *descent*", 3),
+        ({"normalise": "none"}, "not normalised", 2),
+        ({"normalise": "l2"}, "L2 norm", 2),
+        ({"normalise": "batch"}, "whole batch", 2),
+        ({"clamp": False}, "not clipped", 2),
+        ({"normalise": "sign"}, "FGSM", 2),
+        ({"score": "prob"}, "softmax probability", 2),
+        ({"mutate": True}, "changed the caller's x", 1),
+        ({"unfreeze": True}, "requires_grad_(True)", 1),
     ],
 )
 def test_ascent_step_mistakes_are_diagnosed(kwargs, words, lost):
@@ -135,18 +135,18 @@ def test_edge_energy_correct_gets_full_points():
 @pytest.mark.parametrize(
     "kwargs, words, earned",
     [
-        (dict(normalise=False), "not normalised", 1),
-        (dict(std=2**-0.5), "wrong width", 1),
-        (dict(pad="reflect"), "reflect padding", 1),
-        (dict(power=1), "absolute values", 1),
-        (dict(reduce="mean"), "mean instead of sum", 1),
-        (dict(mix=True), "added together before blurring", 1),
-        (dict(pool="none"), "only the first scale", 3),
-        (dict(pool="avg0"), "without padding", 3),
-        (dict(pool="max1"), "max pooling", 3),
-        (dict(scalar=True), "a single number", 0),  # the values cannot be compared either
-        (dict(per_channel=True), "shape (N, C)", 0),
-        (dict(detach=True), "not differentiable", 4),
+        ({"normalise": False}, "not normalised", 1),
+        ({"std": 2**-0.5}, "wrong width", 1),
+        ({"pad": "reflect"}, "reflect padding", 1),
+        ({"power": 1}, "absolute values", 1),
+        ({"reduce": "mean"}, "mean instead of sum", 1),
+        ({"mix": True}, "added together before blurring", 1),
+        ({"pool": "none"}, "only the first scale", 3),
+        ({"pool": "avg0"}, "without padding", 3),
+        ({"pool": "max1"}, "max pooling", 3),
+        ({"scalar": True}, "a single number", 0),  # the values cannot be compared either
+        ({"per_channel": True}, "shape (N, C)", 0),
+        ({"detach": True}, "not differentiable", 4),
     ],
 )
 def test_edge_energy_mistakes_are_diagnosed(kwargs, words, earned):
@@ -203,12 +203,12 @@ def test_class_visualization_correct_gets_full_points(effnet, model_state):
 @pytest.mark.parametrize(
     "kwargs, words, earned",
     [
-        (dict(sign=-1.0, steps_used=10), "*less* likely", 2),
-        (dict(offset=1, steps_used=12), "off-by-one", 2),
-        (dict(steps_used=1), "< 0.9 after your loop", 2),
-        (dict(unfreeze=True, steps_used=1), "require grad", 1),
-        (dict(attach=True, steps_used=1), "detach", 1),
-        (dict(clamp=False, steps_used=2, lr=None), "keep the picture in [0, 1]", 1),
+        ({"sign": -1.0, "steps_used": 10}, "*less* likely", 2),
+        ({"offset": 1, "steps_used": 12}, "off-by-one", 2),
+        ({"steps_used": 1}, "< 0.9 after your loop", 2),
+        ({"unfreeze": True, "steps_used": 1}, "require grad", 1),
+        ({"attach": True, "steps_used": 1}, "detach", 1),
+        ({"clamp": False, "steps_used": 2, "lr": None}, "keep the picture in [0, 1]", 1),
     ],
 )
 def test_class_visualization_mistakes_are_diagnosed(kwargs, words, earned, model_state):
@@ -216,7 +216,7 @@ def test_class_visualization_mistakes_are_diagnosed(kwargs, words, earned, model
     fn = make_visualize_class(**kwargs)
     if lr is None:  # a huge step without clamping leaves [0, 1]
         inner = fn
-        fn = lambda model, target, size=128, steps=30: inner(model, target, size, steps, lr=5.0)  # noqa: E731
+        fn = lambda model, target, size=128, steps=30: inner(model, target, size, steps, lr=5.0)
     model = __import__("coursekit.checks.maxresp", fromlist=["_imagenet_model"])._imagenet_model()
     before = model_state(model)
     r = run_check("maxresp.class_visualization", fn, seed=7)
@@ -273,13 +273,13 @@ def test_neighbours_correct_gets_full_points():
 @pytest.mark.parametrize(
     "kwargs, words, earned",
     [
-        (dict(descending=True), "farthest first", 1),
-        (dict(kind="dot"), "dot product", 1),
-        (dict(kind="cosine"), "cosine", 1),
-        (dict(kind="l1"), "Manhattan", 1),
-        (dict(skip_first=True), "skipped", 1),
-        (dict(distances=True), "distances", 0),
-        (dict(both=True), "two tensors", 0),
+        ({"descending": True}, "farthest first", 1),
+        ({"kind": "dot"}, "dot product", 1),
+        ({"kind": "cosine"}, "cosine", 1),
+        ({"kind": "l1"}, "Manhattan", 1),
+        ({"skip_first": True}, "skipped", 1),
+        ({"distances": True}, "distances", 0),
+        ({"both": True}, "two tensors", 0),
     ],
 )
 def test_neighbours_mistakes_are_diagnosed(kwargs, words, earned):

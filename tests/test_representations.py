@@ -240,7 +240,7 @@ def test_feature_neighbours_share_the_class_more_than_pixel_neighbours(fashion, 
     queries, bank = slice(0, 100), slice(100, 600)
     by_feature = nearest_neighbours(feats[queries], feats[bank], k=5)
     by_pixel = nearest_neighbours(x[queries].flatten(1), x[bank].flatten(1), k=5)
-    same = lambda idx: (y[bank][idx] == y[queries, None]).float().mean()  # noqa: E731
+    same = lambda idx: (y[bank][idx] == y[queries, None]).float().mean()
     assert same(by_feature) > same(by_pixel) + 0.05
     fig = show_neighbours(x[:2], x[bank], {"feature space": by_feature[:2], "pixel space": by_pixel[:2]},
                           labels=y[:2], class_names=[str(i) for i in range(10)], bank_labels=y[bank])

@@ -216,22 +216,22 @@ def _edge_energy_variant(x, *, std=1.0, normalise=True, padding="zeros", power=2
 
 
 _EDGE_MISTAKES = {
-    "the Gaussian kernel is not normalised: divide it by its sum, so that blurring keeps the mean": dict(normalise=False),
-    "the Gaussian has the wrong width: g = exp(-t**2 / 2) for t in -2..2 (std 1 pixel)": dict(std=1 / 2**0.5),
-    "reflect padding for the blur; Fleuret pads with zeros: F.conv2d(u, g, padding=2)": dict(padding="reflect"),
-    "replicate padding for the blur; Fleuret pads with zeros: F.conv2d(u, g, padding=2)": dict(padding="replicate"),
-    "absolute values instead of squares: the penalty is a squared norm, .pow(2).sum()": dict(power=1),
-    "mean instead of sum over pixels: the penalty is a squared norm, .pow(2).sum()": dict(reduce="mean"),
+    "the Gaussian kernel is not normalised: divide it by its sum, so that blurring keeps the mean": {"normalise": False},
+    "the Gaussian has the wrong width: g = exp(-t**2 / 2) for t in -2..2 (std 1 pixel)": {"std": 1 / 2**0.5},
+    "reflect padding for the blur; Fleuret pads with zeros: F.conv2d(u, g, padding=2)": {"padding": "reflect"},
+    "replicate padding for the blur; Fleuret pads with zeros: F.conv2d(u, g, padding=2)": {"padding": "replicate"},
+    "absolute values instead of squares: the penalty is a squared norm, .pow(2).sum()": {"power": 1},
+    "mean instead of sum over pixels: the penalty is a squared norm, .pow(2).sum()": {"reduce": "mean"},
     "the channels were added together before blurring: treat each channel as its own grey image, "
-    "x.reshape(N * C, 1, H, W), and add the channels' energies at the end": dict(mix_channels=True),
+    "x.reshape(N * C, 1, H, W), and add the channels' energies at the end": {"mix_channels": True},
 }
 _PYRAMID_MISTAKES = {
-    "only the first scale: the sum runs over s = 0, 1, 2, ... (downscale by two and repeat)": dict(max_scales=1),
-    "2x2 average pooling without padding; Fleuret's delta is F.avg_pool2d(u, kernel_size=2, padding=1)": dict(pool="avg0"),
-    "max pooling; the downscale delta averages: F.avg_pool2d(u, kernel_size=2, padding=1)": dict(pool="max1"),
-    "bilinear resizing; the downscale delta is F.avg_pool2d(u, kernel_size=2, padding=1)": dict(pool="bilinear"),
-    "the loop also ran at a 5-pixel scale: continue only while min(height, width) > 5": dict(stop=">="),
-    "the loop ran while the *larger* side was > 5: continue only while min(height, width) > 5": dict(stop="max"),
+    "only the first scale: the sum runs over s = 0, 1, 2, ... (downscale by two and repeat)": {"max_scales": 1},
+    "2x2 average pooling without padding; Fleuret's delta is F.avg_pool2d(u, kernel_size=2, padding=1)": {"pool": "avg0"},
+    "max pooling; the downscale delta averages: F.avg_pool2d(u, kernel_size=2, padding=1)": {"pool": "max1"},
+    "bilinear resizing; the downscale delta is F.avg_pool2d(u, kernel_size=2, padding=1)": {"pool": "bilinear"},
+    "the loop also ran at a 5-pixel scale: continue only while min(height, width) > 5": {"stop": ">="},
+    "the loop ran while the *larger* side was > 5: continue only while min(height, width) > 5": {"stop": "max"},
 }
 
 
