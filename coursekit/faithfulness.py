@@ -202,8 +202,28 @@ def _scores(model: nn.Module, batch: torch.Tensor, target, score: str) -> torch.
     return target_scores(out, target)
 
 
+def _per_image_targets(target, n: int) -> list:
+    """One target per image (an int or the callable), so each image's perturbed batch is scored alone."""
+    if callable(target) or isinstance(target, (int, np.integer)):
+        return [target] * n
+    t = torch.as_tensor(target).reshape(-1)
+    if t.numel() == 1:
+        return [int(t)] * n
+    if t.numel() != n:
+        raise ValueError(f"got {t.numel()} targets for {n} images")
+    return [int(v) for v in t]
+
+
+def _endpoint_scores(model, x, base, per_image, score) -> np.ndarray:
+    """(N, 2): the score of each unmodified image and of its baseline (the ends of both curves)."""
+    out = np.zeros((x.shape[0], 2))
+    for i in range(x.shape[0]):
+        out[i] = _scores(model, torch.stack([x[i], base[i]]), per_image[i], score).cpu().double().numpy()
+    return out
+
+
 def _curve(model, x, target, saliency_map, *, kind: str, steps: int, baseline, batch_size: int,
-           score: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+           score: str, progress: bool, endpoints: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     x = _check_images(x)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -217,16 +237,7 @@ def _curve(model, x, target, saliency_map, *, kind: str, steps: int, baseline, b
     maps = reduce_map(saliency_map, x)  # (N,H,W)
     base = _baseline(x, baseline)  # (N,C,H,W)
     ranks = pixel_ranking(maps)  # (N,HW)
-    # one target per image, so each image's perturbed batch can be scored on its own
-    per_image = [target] * n if callable(target) or isinstance(target, (int, np.integer)) else None
-    if per_image is None:
-        t = torch.as_tensor(target).reshape(-1)
-        if t.numel() == 1:
-            per_image = [int(t)] * n
-        elif t.numel() == n:
-            per_image = [int(v) for v in t]
-        else:
-            raise ValueError(f"got {t.numel()} targets for {n} images")
+    per_image = _per_image_targets(target, n)
     from tqdm.auto import tqdm
 
     probs = np.zeros((n, steps + 1))
@@ -234,17 +245,23 @@ def _curve(model, x, target, saliency_map, *, kind: str, steps: int, baseline, b
     model.eval()
     try:
         with torch.no_grad():
+            if endpoints is None:  # compare_methods computes them once for all methods
+                endpoints = _endpoint_scores(model, x, base, per_image, score)
+            # fraction 0 and 1 are the unmodified image and the baseline, whatever the map:
+            # only the steps in between need a forward pass
+            first, last = (0, 1) if kind == "deletion" else (1, 0)
+            probs[:, 0], probs[:, -1] = endpoints[:, first], endpoints[:, last]
             for i in tqdm(range(n), desc=f"{kind} curves", disable=not progress):
-                fractions, masks = perturbation_masks(ranks[i], steps)  # (S+1, HW)
-                masks = masks.view(steps + 1, 1, h, w).to(x.dtype)  # 1 = pixel changed
+                _, masks = perturbation_masks(ranks[i], steps)  # (S+1, HW)
+                masks = masks.view(steps + 1, 1, h, w).to(x.dtype)[1:-1]  # (S-1,1,H,W), 1 = pixel changed
                 start, end = (x[i], base[i]) if kind == "deletion" else (base[i], x[i])
-                for j in range(0, steps + 1, batch_size):
+                for j in range(0, steps - 1, batch_size):
                     m = masks[j : j + batch_size]  # (B,1,H,W)
                     batch = start[None] * (1 - m) + end[None] * m  # (B,C,H,W)
-                    probs[i, j : j + len(m)] = _scores(model, batch, per_image[i], score).cpu().double().numpy()
+                    probs[i, 1 + j : 1 + j + len(m)] = _scores(model, batch, per_image[i], score).cpu().double().numpy()
     finally:
         model.train(was_training)
-    return fractions, probs
+    return np.arange(steps + 1) / steps, probs
 
 
 def deletion_curve(model: nn.Module, x: torch.Tensor, target, saliency_map, steps: int = 20,
@@ -413,11 +430,18 @@ def compare_methods(model: nn.Module, x: torch.Tensor, target, maps: Mapping[str
 
     x = _check_images(x)
     base = _baseline(x, baseline)  # computed once for all methods
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            endpoints = _endpoint_scores(model, x, base, _per_image_targets(target, x.shape[0]), score)
+    finally:
+        model.train(was_training)
     result = FaithfulnessResult(np.arange(steps + 1) / steps, baseline=baseline if isinstance(baseline, str) else "tensor")
     for name, m in tqdm(list(maps.items()), desc="deletion/insertion", disable=not progress):
         for kind in kinds:
-            _, probs = _curve(model, x, target, m, kind=kind, steps=steps, baseline=base,
-                                      batch_size=batch_size, score=score, progress=False)
+            _, probs = _curve(model, x, target, m, kind=kind, steps=steps, baseline=base, batch_size=batch_size,
+                              score=score, progress=False, endpoints=endpoints)
             getattr(result, kind)[name] = probs
     return result
 

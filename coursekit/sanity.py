@@ -383,7 +383,8 @@ def plot_randomization_maps(result: RandomizationResult, image: int = 0, steps: 
                             size: float = 1.6):
     """The absolute maps of each method (rows) after each randomisation step (columns).
 
-    Each map is scaled to its own [0, 1]. ``steps`` picks columns (indices into ``result.steps``).
+    Each map is shown on its own scale, from 0 to its 99th percentile (so that a few extreme pixels
+    do not turn the rest black). ``steps`` picks columns (indices into ``result.steps``).
     Returns the matplotlib Figure.
     """
     import matplotlib.pyplot as plt
@@ -395,9 +396,10 @@ def plot_randomization_maps(result: RandomizationResult, image: int = 0, steps: 
     fig, axes = plt.subplots(len(methods), len(cols), figsize=(size * len(cols), size * len(methods) + 0.5), squeeze=False)
     for r, name in enumerate(methods):
         for c, k in enumerate(cols):
-            m = result.maps[name][k][image].numpy()
-            lo, hi = m.min(), m.max()
-            axes[r, c].imshow((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m), cmap="gray")
+            m = result.maps[name][k][image].numpy()  # (H, W), non-negative
+            top = np.quantile(m, 0.99)
+            top = top if top > 0 else m.max()
+            axes[r, c].imshow(np.clip(m / top, 0, 1) if top > 0 else np.zeros_like(m), cmap="gray", vmin=0, vmax=1)
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if r == 0:

@@ -143,12 +143,49 @@ def _static_grid(draw, controls: list[Control], static, ncols, size, title, max_
             ax.set_title(", ".join(f"{k}={_short(v)}" for k, v in combo.items()), fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # keep the title clear of the panels
+    else:
+        fig.tight_layout()
     return fig
 
 
 def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+class Explorer:
+    """What :func:`explorer` returns: the live widget or the static figure, displayed once.
+
+    Attributes
+    ----------
+    mode : "widget" or "static"
+    widget : ipywidgets.VBox or None
+        Controls above the live output (widget mode).
+    figure : matplotlib Figure or None
+        The grid of combinations (static mode); ``explorer.figure.savefig(...)`` saves it.
+
+    As the last expression of a notebook cell it shows itself (``_ipython_display_``). The static
+    figure is detached from pyplot, so the inline backend does not show it a second time.
+    """
+
+    def __init__(self, widget=None, figure=None):
+        if (widget is None) == (figure is None):
+            raise ValueError("an Explorer holds either a widget or a figure")
+        self.widget, self.figure = widget, figure
+
+    @property
+    def mode(self) -> str:
+        return "widget" if self.widget is not None else "static"
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget if self.widget is not None else self.figure)
+
+    def __repr__(self) -> str:
+        if self.figure is not None:
+            return f"Explorer(static, {len([a for a in self.figure.axes if a.has_data()])} panels)"
+        return f"Explorer(widget, controls={[c.description for c in self.widget.children[0].children]})"
 
 
 def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapping[str, list] | None = None,
@@ -175,8 +212,9 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
 
     Returns
     -------
-    ipywidgets.VBox (controls above the live figure) in widget mode; the matplotlib Figure of the
-    grid in static mode.
+    Explorer
+        Holding the ipywidgets box (controls above the live figure) in widget mode, or the
+        matplotlib Figure of the grid in static mode; it displays itself in a notebook.
     """
     if not callable(draw):
         raise TypeError(f"draw must be a function draw(ax, **values), got {type(draw).__name__}")
@@ -186,7 +224,11 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
         raise ValueError(f"mode must be 'auto', 'widget' or 'static', got {mode!r}")
     ctrls = [make_control(name, spec) for name, spec in controls.items()]
     if mode == "static" or (mode == "auto" and not widgets_available()):
-        return _static_grid(draw, ctrls, static, ncols, size, title, max_panels)
+        import matplotlib.pyplot as plt
+
+        fig = _static_grid(draw, ctrls, static, ncols, size, title, max_panels)
+        plt.close(fig)  # shown once, by Explorer._ipython_display_, not again by the inline backend
+        return Explorer(figure=fig)
 
     import ipywidgets as w
     import matplotlib.pyplot as plt
@@ -202,4 +244,4 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
         plt.show()
 
     out = w.interactive_output(redraw, built)
-    return w.VBox([w.HBox(list(built.values())), out])
+    return Explorer(widget=w.VBox([w.HBox(list(built.values())), out]))

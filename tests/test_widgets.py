@@ -58,7 +58,9 @@ def test_bad_control_specs(spec, exc, match):
 
 def test_static_grid_combines_the_listed_values():
     draw = Recorder()
-    fig = explorer(draw, CONTROLS, static={"image": ["cat", "coffee"], "method": ["gc", "sg"]}, mode="static", title="demo")
+    view = explorer(draw, CONTROLS, static={"image": ["cat", "coffee"], "method": ["gc", "sg"]}, mode="static", title="demo")
+    assert view.mode == "static" and view.widget is None and repr(view) == "Explorer(static, 4 panels)"
+    fig = view.figure
     assert isinstance(fig, matplotlib.figure.Figure)
     assert draw.calls == [
         {"image": "cat", "method": "gc", "alpha": 0.0},
@@ -74,7 +76,7 @@ def test_static_grid_combines_the_listed_values():
 
 def test_static_default_varies_the_first_dropdown_and_hides_spare_axes():
     draw = Recorder()
-    fig = explorer(draw, {"alpha": (0.0, 1.0), "image": ["a", "b", "c"]}, mode="static", ncols=2)
+    fig = explorer(draw, {"alpha": (0.0, 1.0), "image": ["a", "b", "c"]}, mode="static", ncols=2).figure
     assert [c["image"] for c in draw.calls] == ["a", "b", "c"]
     assert len(fig.axes) == 4 and not fig.axes[3].axison
 
@@ -100,7 +102,10 @@ def test_widget_mode_builds_controls_and_redraws_on_change(monkeypatch):
 
     monkeypatch.setattr(plt, "show", lambda *a, **k: None)
     draw = Recorder()
-    box = explorer(draw, CONTROLS, mode="widget")
+    view = explorer(draw, CONTROLS, mode="widget")
+    assert view.mode == "widget" and view.figure is None
+    assert repr(view) == "Explorer(widget, controls=['image', 'method', 'alpha'])"
+    box = view.widget
     assert isinstance(box, ipywidgets.VBox)
     controls = box.children[0].children
     assert [type(c).__name__ for c in controls] == ["Dropdown", "Dropdown", "FloatSlider"]
@@ -112,8 +117,7 @@ def test_widget_mode_builds_controls_and_redraws_on_change(monkeypatch):
 
 def test_auto_mode_is_static_outside_a_kernel(monkeypatch):
     assert not widgets_available()  # pytest is not a Jupyter kernel
-    fig = explorer(Recorder(), {"image": ["a"]})
-    assert isinstance(fig, matplotlib.figure.Figure)
+    assert explorer(Recorder(), {"image": ["a"]}).mode == "static"
 
 
 def test_environment_variable_forces_static(monkeypatch):
@@ -126,7 +130,20 @@ def test_environment_variable_forces_static(monkeypatch):
     assert widgets_available()
     monkeypatch.setenv("COURSEKIT_STATIC", "1")
     assert not widgets_available()
-    assert isinstance(explorer(Recorder(), {"image": ["a"]}), matplotlib.figure.Figure)
+    assert explorer(Recorder(), {"image": ["a"]}).mode == "static"
+
+
+def test_static_figure_is_displayed_once(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
+    view = explorer(Recorder(), {"image": ["a", "b"]}, mode="static")
+    assert view.figure.number not in plt.get_fignums()  # not shown again by the inline backend
+    view._ipython_display_()
+    assert shown == [view.figure]
+    with pytest.raises(ValueError, match="either"):
+        widgets.Explorer()
 
 
 def test_control_repr():

@@ -332,11 +332,12 @@ def check_occlusion(student, report: Report) -> None:
     stride = int(report.rng.choice([2, 3]))
     fill = round(float(report.rng.uniform(0.3, 0.7)), 2)
     rows = (16 - patch) // stride + 1
-    with report.part(f"returns a detached (N, n_rows, n_cols) grid (patch {patch}, stride {stride} on 16x16)", points=1):
+    with report.part("returns a detached (N, n_rows, n_cols) grid", points=1):
         got = _call(report, student, model, x, target, patch, stride, fill)
         if isinstance(got, torch.Tensor) and got.dim() == 3 and got.shape[0] == 2 and got.shape[1:] != (rows, rows):
             raise Mistake(
-                f"your grid has shape {tuple(got.shape)}, expected (2, {rows}, {rows}): windows start at 0, stride, "
+                f"your grid has shape {tuple(got.shape)}, expected (2, {rows}, {rows}) for patch={patch}, stride={stride} "
+                f"on 16x16 images: windows start at 0, stride, "
                 f"2*stride, ... and must lie fully inside the image, so there are (H - patch) // stride + 1 = "
                 f"{rows} per axis"
             )
