@@ -611,6 +611,11 @@ class ImageParam:
     def project_(self) -> None:
         pass
 
+    @torch.no_grad()
+    def to_(self, device) -> ImageParam:
+        """Move the parameters to ``device`` in place (before optimising); returns ``self``."""
+        raise NotImplementedError
+
 
 def _check_shape(shape) -> tuple[int, int, int, int]:
     if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 4 and all(isinstance(s, (int, np.integer)) and s > 0 for s in shape)):
@@ -656,6 +661,11 @@ class PixelImage(ImageParam):
     def project_(self):
         self.x.clamp_(0, 1)
 
+    @torch.no_grad()
+    def to_(self, device):
+        self.x = self.x.detach().to(device).requires_grad_(True)
+        return self
+
     def __repr__(self):
         return f"PixelImage{self.shape}"
 
@@ -697,16 +707,22 @@ class FourierImage(ImageParam):
         spec = torch.view_as_complex(self.spectrum) * self.scale  # (N, C, H, W//2+1)
         lin = torch.fft.irfft2(spec, s=(h, w), norm="ortho") / 4.0  # (N, C, H, W)
         if self.decorrelate:
-            lin = torch.einsum("ij,njhw->nihw", _COLOR_SQRT, lin)
+            lin = torch.einsum("ij,njhw->nihw", _COLOR_SQRT.to(lin), lin)
         return torch.sigmoid(lin)
 
     @torch.no_grad()
     def set_image_(self, x):
         lin = torch.logit(x.clamp(1e-4, 1 - 1e-4))
         if self.decorrelate:
-            lin = torch.einsum("ij,njhw->nihw", torch.linalg.inv(_COLOR_SQRT), lin)
+            lin = torch.einsum("ij,njhw->nihw", torch.linalg.inv(_COLOR_SQRT).to(lin), lin)
         spec = torch.fft.rfft2(lin * 4.0, norm="ortho") / self.scale
         self.spectrum.copy_(torch.view_as_real(spec))
+
+    @torch.no_grad()
+    def to_(self, device):
+        self.spectrum = self.spectrum.detach().to(device).requires_grad_(True)
+        self.scale = self.scale.to(device)
+        return self
 
     def __repr__(self):
         return f"FourierImage{self.shape}(decorrelate={self.decorrelate})"
@@ -740,6 +756,12 @@ class StackedImage(ImageParam):
     def project_(self):
         for p in self.parts:
             p.project_()
+
+    @torch.no_grad()
+    def to_(self, device):
+        for p in self.parts:
+            p.to_(device)
+        return self
 
     def __repr__(self):
         return f"StackedImage({self.parts})"
@@ -904,6 +926,9 @@ def maximize(
     if track is None and objective.targets:
         distinct = {repr(t) for t in objective.targets}
         track = objective.targets[0] if len(distinct) == 1 else None
+    device = next((t.device for t in model.parameters()), None) or next((b.device for b in model.buffers()), None)
+    if device is not None and any(t.device != device for t in param.parameters()):
+        param.to_(device)  # pictures live where the model does
     tensors = param.parameters()
     opt = torch.optim.Adam(tensors, lr=lr) if optimizer == "adam" else None
     history, probs = [], []

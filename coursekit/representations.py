@@ -185,7 +185,8 @@ def receptive_field(model: nn.Module, layer, input_size: tuple[int, int, int] | 
         raise ValueError(f"give input_size=(C, H, W); this model has no input_size attribute (got {size!r})")
     name, _ = get_layer(model, layer)
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(samples, *size, generator=g).requires_grad_(True)
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    x = torch.rand(samples, *size, generator=g).to(device).requires_grad_(True)
     with preserved(model), record(model, name) as rec, torch.enable_grad():
         model.eval()
         model(x)
@@ -194,7 +195,7 @@ def receptive_field(model: nn.Module, layer, input_size: tuple[int, int, int] | 
             raise ValueError(f"layer {name!r} has output shape {tuple(a.shape)}: a receptive field needs a spatial (N, C, h, w) map")
         ci, cj = a.shape[2] // 2, a.shape[3] // 2
         (grad,) = torch.autograd.grad(a[:, :, ci, cj].sum(), x)
-    support = grad.abs().sum((0, 1)) > 0  # (H, W)
+    support = grad.abs().sum((0, 1)).cpu() > 0  # (H, W)
     rows = torch.nonzero(support.any(1)).flatten()
     cols = torch.nonzero(support.any(0)).flatten()
     if rows.numel() == 0:

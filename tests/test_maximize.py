@@ -432,6 +432,8 @@ def test_parameterisations():
     assert s.shape == (3, 3, 16, 20) and len(s.parameters()) == 2
     s.set_image_(photo.expand(3, -1, -1, -1))
     torch.testing.assert_close(s.image().detach(), photo.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
+    moved = s.to_("cpu")
+    assert moved is s and all(t.requires_grad and t.is_leaf for t in s.parameters())
     with pytest.raises(ValueError, match="share"):
         stack([pixel_image((1, 3, 8, 8)), pixel_image((1, 1, 8, 8))])
     with pytest.raises(ValueError, match="shape"):
