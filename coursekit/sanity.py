@@ -280,7 +280,7 @@ def _run(model, x, target, methods, layers, seed, metrics, keep_maps, cascading,
     original = maps_now()
     labels = ["original"] + [label for label, _ in steps]
     scores = {metric: {name: np.zeros((len(labels), x.shape[0])) for name in methods} for metric in metrics}
-    kept = {name: [m] for name, m in original.items()} if keep_maps else {}
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in methods} if keep_maps else {}  # float32 copies
 
     def score(k: int, current: dict[str, torch.Tensor]) -> None:
         for name, m in current.items():
@@ -289,7 +289,7 @@ def _run(model, x, target, methods, layers, seed, metrics, keep_maps, cascading,
             for metric in metrics:
                 scores[metric][name][k] = _METRICS[metric](original[name], m)
             if keep_maps:
-                kept[name].append(m)
+                kept[name].append(m.float())
 
     score(0, original)
     for k, (label, modules) in enumerate(tqdm(steps, desc="randomising layers", disable=not progress), start=1):

@@ -116,7 +116,7 @@ def test_attributions_are_reduced_by_max_abs_over_channels():
     x = torch.rand(2, 1, 28, 28)
     attr = lambda m, x, t: torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     res = sanity.cascading_randomization(model, x, 0, {"attr": attr}, layers=["classifier.4"], progress=False)
-    expected = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0)).abs().amax(1).double()
+    expected = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0)).abs().amax(1)
     torch.testing.assert_close(res.maps["attr"][0], expected)
 
 
@@ -160,6 +160,9 @@ def test_table_and_plots(fashion, fashion_test):
     assert len(ax.get_lines()) == 2 + 1  # two methods and the zero line
     assert [t.get_text() for t in ax.get_xticklabels()] == ["original", "classifier.4", "features.7"]
     assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+    assert all(len(maps) == len(res.steps) for maps in res.maps.values())  # one map per step
+    assert not torch.equal(res.maps["gradient"][0], res.maps["gradient"][1])
+    torch.testing.assert_close(res.maps["edges"][0], res.maps["edges"][2])
     fig = sanity.plot_randomization_maps(res, image=1)
     assert len(fig.axes) == 2 * 3
     with pytest.raises(ValueError, match="ssim"):
