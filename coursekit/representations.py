@@ -3,7 +3,8 @@
 Lecture 2, the data side of "maximal response":
 
 * :func:`top_activating` -- the dataset images (and their receptive-field patches) that excite a
-  channel most (Zeiler & Fergus 2014; Karpathy's CS231n notes), with :func:`receptive_field`;
+  channel most (Zeiler & Fergus 2014; Karpathy's CS231n notes); the patches are cut with
+  :func:`coursekit.receptive_fields.unit_windows`;
 * :func:`invert_features` -- reconstruct a picture from a layer's features alone
   (Mahendran & Vedaldi 2015), with the same engine as :func:`coursekit.maximize.maximize`;
 * :func:`layer_features`, :func:`embed` (PCA / t-SNE with scikit-learn), :func:`plot_embedding`;
@@ -32,17 +33,16 @@ from .maximize import (
     relative_l2,
     total_variation,
 )
+from .receptive_fields import UnitWindows, unit_windows
 
 __all__ = [
     "DatasetExamples",
     "InversionResult",
-    "ReceptiveField",
     "embed",
     "invert_features",
     "layer_features",
     "nearest_neighbours",
     "plot_embedding",
-    "receptive_field",
     "show_neighbours",
     "top_activating",
 ]
@@ -123,93 +123,7 @@ def _forward_until(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torc
 
 
 # ----------------------------------------------------------------------------------------------
-# receptive fields and dataset examples
-
-
-@dataclass
-class ReceptiveField:
-    """The input window a unit of a layer can see.
-
-    Unit ``(i, j)`` of the layer's map sees input rows ``top .. top + size[0] - 1`` with
-    ``top = offset[0] + i * stride[0]`` (likewise for columns). ``clipped`` is True when the
-    window of the centre unit reached the input's border on both sides (it may be larger
-    than the input itself).
-    """
-
-    size: tuple[int, int]
-    stride: tuple[int, int]
-    offset: tuple[int, int]
-    clipped: bool = False
-
-    def box(self, i: int, j: int) -> tuple[int, int, int, int]:
-        """``(top, left, height, width)`` of unit ``(i, j)``'s window (may extend outside the input)."""
-        return (self.offset[0] + i * self.stride[0], self.offset[1] + j * self.stride[1], self.size[0], self.size[1])
-
-    def crop(self, image: torch.Tensor, i: int, j: int, fill: float = 0.0) -> torch.Tensor:
-        """The patch ``(C, h, w)`` of ``image`` (C, H, W) that unit ``(i, j)`` sees; outside the image: ``fill``."""
-        top, left, h, w = self.box(i, j)
-        c, H, W = image.shape
-        patch = image.new_full((c, h, w), fill)
-        t0, l0 = max(top, 0), max(left, 0)
-        t1, l1 = min(top + h, H), min(left + w, W)
-        if t1 > t0 and l1 > l0:
-            patch[:, t0 - top : t1 - top, l0 - left : l1 - left] = image[:, t0:t1, l0:l1]
-        return patch
-
-
-def receptive_field(model: nn.Module, layer, input_size: tuple[int, int, int] | None = None, samples: int = 16, seed: int = 0) -> ReceptiveField:
-    """Measure the receptive field of ``layer``'s units from gradients.
-
-    The pixels a unit depends on are those where its gradient can be non-zero. The gradient of
-    the centre unit (summed over channels) is taken for ``samples`` random pictures and the
-    bounding box of the union of the supports is the window; the stride is the ratio of input to
-    map size. Exact for convolution / pooling networks (random inputs switch every ReLU on at
-    least once), a lower bound in general.
-
-    Parameters
-    ----------
-    model : nn.Module
-    layer : str or nn.Module
-        A layer with a spatial output (N, C, h, w).
-    input_size : (C, H, W), optional
-        Default: ``model.input_size``.
-    samples : int
-    seed : int
-
-    Returns
-    -------
-    ReceptiveField
-    """
-    size = input_size or getattr(model, "input_size", None)
-    if size is None or len(size) != 3:
-        raise ValueError(f"give input_size=(C, H, W); this model has no input_size attribute (got {size!r})")
-    name, _ = get_layer(model, layer)
-    g = torch.Generator().manual_seed(seed)
-    device = next((t.device for t in model.parameters()), torch.device("cpu"))
-    x = torch.rand(samples, *size, generator=g).to(device).requires_grad_(True)
-    with preserved(model), record(model, name) as rec, torch.enable_grad():
-        model.eval()
-        model(x)
-        a = rec.outputs[name]
-        if a.dim() != 4:
-            raise ValueError(f"layer {name!r} has output shape {tuple(a.shape)}: a receptive field needs a spatial (N, C, h, w) map")
-        ci, cj = a.shape[2] // 2, a.shape[3] // 2
-        (grad,) = torch.autograd.grad(a[:, :, ci, cj].sum(), x)
-    support = grad.abs().sum((0, 1)).cpu() > 0  # (H, W)
-    rows = torch.nonzero(support.any(1)).flatten()
-    cols = torch.nonzero(support.any(0)).flatten()
-    if rows.numel() == 0:
-        raise RuntimeError(f"the centre unit of {name!r} had zero gradient for every sample; try more samples")
-    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-    H, W = size[1], size[2]
-    stride = (max(1, round(H / a.shape[2])), max(1, round(W / a.shape[3])))
-    clipped = (top == 0 and bottom == H - 1) or (left == 0 and right == W - 1)
-    return ReceptiveField(
-        size=(bottom - top + 1, right - left + 1),
-        stride=stride,
-        offset=(top - ci * stride[0], left - cj * stride[1]),
-        clipped=clipped,
-    )
+# dataset examples
 
 
 @dataclass
@@ -228,8 +142,11 @@ class DatasetExamples:
         ``(row, column)`` of that maximum in the layer's map (None for a fully connected layer).
     images : Tensor (k, C, H, W)
     patches : Tensor (k, C, h, w)
-        The receptive-field window of the strongest unit (whole images for a fully connected layer).
-    field : ReceptiveField or None
+        The receptive-field window of the strongest unit (whole images for a fully connected layer);
+        where the window reaches outside the image it is filled with 0.
+    field : UnitWindows or None
+        The input window of every unit of the layer (``.size``, ``.stride``, ``.box(i, j)``), from
+        :func:`coursekit.receptive_fields.unit_windows`; None for a fully connected layer.
     """
 
     layer: str
@@ -239,7 +156,7 @@ class DatasetExamples:
     positions: torch.Tensor | None
     images: torch.Tensor
     patches: torch.Tensor
-    field: ReceptiveField | None
+    field: UnitWindows | None
 
     def show(self, class_names=None, labels=None, ncols: int | None = None):
         """Top images (window outlined) above their patches; returns the figure."""
@@ -322,7 +239,7 @@ def top_activating(model: nn.Module, images: torch.Tensor, layer, channel, k: in
                 scores.append(best)
                 positions.append(torch.stack([where // a.shape[3], where % a.shape[3]], 2))  # (B, n_channels, 2)
     scores = torch.cat(scores)  # (N, n_channels)
-    field = receptive_field(model, name, input_size=tuple(images.shape[1:])) if positions else None
+    field = unit_windows(model, name, input_size=tuple(images.shape[1:])) if positions else None
     all_pos = torch.cat(positions) if positions else None
     results = []
     for j, c in enumerate(channels):

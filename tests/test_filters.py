@@ -1,14 +1,11 @@
-"""coursekit.filters: filters as images, activation maps, the layer inspector, receptive fields.
+"""coursekit.filters: filters as images, activation maps, the layer inspector.
 
-Receptive fields are computed analytically from the modules and checked against a gradient
-measurement on fashion_cnn's architecture, torchvision's VGG16 and AlexNet (built with
-weights=None, no download) and efficientnet_lite0 (timm's dynamic "SAME" padding).
+Receptive fields (re-exported by coursekit.filters) are tested in test_receptive_fields.py.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 
 import matplotlib.pyplot as plt
@@ -38,184 +35,6 @@ def vgg16():
 def alexnet():
     torch.manual_seed(0)
     return torchvision.models.alexnet(weights=None).eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------------------------
-# receptive fields: analytic vs gradient measurement
-
-
-def _analytic_box(field: fl.ReceptiveField, unit, hw):
-    """Rows and columns (inclusive) of the field of ``unit``, cut off at the image border."""
-    box = []
-    for d in range(2):
-        size = field.size if isinstance(field.size, int) else field.size[d]
-        jump = field.jump if isinstance(field.jump, int) else field.jump[d]
-        start = field.start if not isinstance(field.start, tuple) else field.start[d]
-        centre = start + unit[d] * jump
-        lo, hi = centre - (size - 1) / 2, centre + (size - 1) / 2
-        assert lo == int(lo) and hi == int(hi), "an odd-sized field is centred on a pixel"
-        box.append((max(0, int(lo)), min(hw[d] - 1, int(hi))))
-    return box
-
-
-def _agree(model, input_size, layers):
-    fields = {f.layer: f for f in fl.receptive_fields(model, input_size)}
-    for layer in layers:
-        emp = fl.empirical_receptive_field(model, layer, input_size)
-        rows, cols = _analytic_box(fields[emp.layer], emp.unit, input_size[-2:])
-        assert (emp.rows, emp.cols) == (rows, cols), (layer, fields[emp.layer], emp)
-
-
-def test_fashion_cnn_fields_match_gradients(fashion_arch):
-    layers = [n for n, m in fashion_arch.features.named_modules(prefix="features") if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.ReLU))]
-    _agree(fashion_arch, (1, 28, 28), layers)
-    # one unit near the corner too, where the field reaches into the padding
-    emp = fl.empirical_receptive_field(fashion_arch, "features.7", (1, 28, 28), unit=(0, 1))
-    field = {f.layer: f for f in fl.receptive_fields(fashion_arch, (1, 28, 28))}["features.7"]
-    assert [emp.rows, emp.cols] == _analytic_box(field, (0, 1), (28, 28))
-    assert emp.touches_border
-
-
-def test_vgg16_fields_match_gradients(vgg16):
-    _agree(vgg16, (3, 224, 224), ["features.2", "features.4", "features.9", "features.16", "features.23", "features.30"])
-
-
-def test_alexnet_fields_match_gradients(alexnet):
-    _agree(alexnet, (3, 224, 224), ["features.0", "features.2", "features.5", "features.8"])
-    _agree(alexnet, (3, 320, 320), ["features.12"])  # 195 pixels: needs room around the central unit
-
-
-def test_published_sizes(vgg16, alexnet):
-    # Araujo et al. (2019), table 1: VGG-16 212, AlexNet 195 (at the last pooling layer)
-    assert {f.layer: f.size for f in fl.receptive_fields(vgg16, (3, 224, 224))}["features.30"] == 212
-    assert {f.layer: f.size for f in fl.receptive_fields(alexnet, (3, 224, 224))}["features.12"] == 195
-
-
-@pytest.mark.parametrize("size", [224, 225])
-def test_efficientnet_same_padding_matches_gradients(effnet, size):
-    # timm's Conv2dSame pads (0, 1) for 224 but (1, 1) for 225: the start of the field moves
-    _agree(effnet, (3, size, size), ["net.conv_stem", "net.blocks.0", "net.blocks.1", "net.blocks.2.0.conv_dw", "net.blocks.3"])
-
-
-def test_same_padding_depends_on_input_size(effnet):
-    a = {f.layer: f for f in fl.receptive_fields(effnet, (3, 224, 224))}["net.conv_stem"]
-    b = {f.layer: f for f in fl.receptive_fields(effnet, (3, 225, 225))}["net.conv_stem"]
-    assert (a.size, a.jump) == (b.size, b.jump) == (3, 2)
-    assert b.start == a.start - 1
-
-
-def test_fields_grow_with_depth_and_jump_is_product_of_strides(vgg16):
-    fields = fl.receptive_fields(vgg16)  # no input size needed for VGG
-    convs = [f for f in fields if isinstance(vgg16.get_submodule(f.layer), (nn.Conv2d, nn.MaxPool2d))]
-    assert all(a.size <= b.size for a, b in itertools.pairwise(convs))
-    strides = 1
-    for f in convs:
-        m = vgg16.get_submodule(f.layer)
-        strides *= m.stride if isinstance(m.stride, int) else m.stride[0]
-        assert f.jump == strides
-
-
-def test_list_ends_where_the_network_pools_globally(vgg16, effnet):
-    names = [f.layer for f in fl.receptive_fields(vgg16, (3, 224, 224))]
-    assert "avgpool" in names  # adaptive pooling of a 7x7 map to 7x7 is the identity
-    assert not any(n.startswith("classifier") for n in names)
-    assert "avgpool" not in [f.layer for f in fl.receptive_fields(vgg16, (3, 256, 256))]  # 8x8 -> 7x7 mixes
-    names = [f.layer for f in fl.receptive_fields(effnet)]
-    assert names[-1] == "net.bn2" and "net.global_pool" not in names
-
-
-def test_reference_formula_agrees_with_model_walk():
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(5):
-        spec = [(int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))) for _ in range(5)]
-        net = nn.Sequential(*[nn.Conv2d(1, 1, k, s) for k, s in spec])
-        assert fl.receptive_fields(net)[-1].size == fl.receptive_field_size(spec)
-
-
-def test_rectangular_kernels_give_pairs():
-    net = nn.Sequential(nn.Conv2d(1, 2, (3, 5), stride=(1, 2), padding=(1, 2)), nn.Conv2d(2, 2, 3))
-    f = fl.receptive_fields(net, (1, 20, 30))[-1]
-    assert f.size == (5, 9) and f.jump == (1, 2)
-    emp = fl.empirical_receptive_field(net, "1", (1, 20, 30))
-    assert emp.size == (5, 9)
-
-
-def test_dilation_and_string_padding():
-    net = nn.Sequential(nn.Conv2d(1, 1, 3, dilation=2, padding="same"), nn.MaxPool2d(2), nn.Conv2d(1, 1, 3, padding="valid"))
-    _agree(net, (1, 24, 24), ["0", "1", "2"])
-    assert fl.receptive_fields(net)[0].size == 5
-
-
-def test_empirical_handles_branches():
-    class TwoBranch(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(1, 2, 3, padding=1)
-            self.b = nn.Conv2d(1, 2, 5, padding=2)
-            self.c = nn.Conv2d(4, 1, 3, padding=1)
-
-        def forward(self, x):
-            return self.c(torch.cat([self.a(x), self.b(x)], 1))
-
-    net = TwoBranch()
-    assert fl.empirical_receptive_field(net, "c", (1, 16, 16)).size == (7, 7)
-    with pytest.raises(ValueError, match="cannot reason about .*TwoBranch.*empirical_receptive_field"):
-        fl.receptive_fields(net, (1, 16, 16))
-
-
-def test_unsupported_modules_raise_clear_errors():
-    squeeze = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MultiheadAttention(4, 1))
-    with pytest.raises(ValueError, match="MultiheadAttention"):
-        fl.receptive_fields(squeeze)
-    with pytest.raises(ValueError, match="circular"):
-        fl.receptive_fields(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular")))
-    with pytest.raises(ValueError, match="too small"):
-        fl.receptive_fields(nn.Sequential(nn.Conv2d(1, 1, 5)), (1, 3, 3))
-    with pytest.raises(ValueError, match="input_size"):
-        fl.receptive_fields(nn.Sequential(type("Conv2dSame", (nn.Conv2d,), {})(1, 1, 3, stride=2)))
-    with pytest.raises(ValueError, match="input_size"):
-        fl.receptive_fields(nn.Sequential(nn.Conv2d(1, 1, 3)), (1, 2, 3, 4))
-    with pytest.raises(TypeError):
-        fl.receptive_fields("vgg16")
-
-
-def test_empirical_errors(fashion_arch):
-    with pytest.raises(ValueError, match="input_size"):
-        fl.empirical_receptive_field(nn.Sequential(nn.Conv2d(1, 1, 3)), "0")
-    with pytest.raises(ValueError, match="feature map"):
-        fl.empirical_receptive_field(fashion_arch, "classifier.0", (1, 28, 28))
-    with pytest.raises(ValueError, match="outside"):
-        fl.empirical_receptive_field(fashion_arch, "features.9", (1, 28, 28), unit=(7, 0))
-    with pytest.raises(coursekit.UnknownLayerError):
-        fl.empirical_receptive_field(fashion_arch, "features.99", (1, 28, 28))
-
-
-def test_empirical_leaves_model_untouched(fashion_arch, model_state):
-    fashion_arch.features[0].register_forward_hook(lambda *a: (_ for _ in ()).throw(AssertionError("user hook ran")))
-    try:
-        before = model_state(fashion_arch)
-        weights = [p.clone() for p in fashion_arch.parameters()]
-        fl.empirical_receptive_field(fashion_arch, "features.7", (1, 28, 28))
-        assert model_state(fashion_arch) == before
-        assert all(torch.equal(a, b) for a, b in zip(weights, fashion_arch.parameters()))
-    finally:
-        fashion_arch.features[0]._forward_hooks.clear()
-
-
-def test_table_and_plots(fashion_arch, effnet):
-    table = fl.receptive_field_table(fashion_arch, (1, 28, 28))
-    for name in ("features.0", "features.4", "features.9"):
-        assert name in table
-    ax = fl.plot_receptive_fields(fashion_arch, (1, 28, 28))
-    expected = [f.size for f in fl.receptive_fields(fashion_arch, (1, 28, 28))
-                if isinstance(fashion_arch.get_submodule(f.layer), (nn.Conv2d, nn.MaxPool2d))]
-    assert list(ax.lines[0].get_ydata()) == expected
-    layers = ["net.blocks.1", "net.blocks.3"]
-    ax = fl.draw_receptive_fields(effnet, torch.rand(1, 3, 224, 224), layers)
-    sizes = [p.get_width() for p in ax.patches]
-    assert sizes == [{f.layer: f.size for f in fl.receptive_fields(effnet)}[n] for n in layers]
-    with pytest.raises(ValueError, match="pools globally"):
-        fl.receptive_field_table(effnet, layers=["net.classifier"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,20 +143,20 @@ def test_show_activation_maps(fashion_arch):
 
 
 def test_explore_activations_static_fallback(fashion_arch):
-    fig = fl.explore_activations(fashion_arch, torch.rand(1, 1, 28, 28), ["features.1", "features.6"])  # no kernel here
-    assert isinstance(fig, plt.Figure)
-    titles = [ax.get_title() for ax in fig.axes]
+    view = fl.explore_activations(fashion_arch, torch.rand(1, 1, 28, 28), ["features.1", "features.6"])  # no kernel here
+    assert view.mode == "static" and isinstance(view.figure, plt.Figure)
+    titles = [ax.get_title() for ax in view.figure.axes]
     assert sum("most active" in t for t in titles) == 2 * 3
-    fig = fl.explore_activations(fashion_arch, torch.rand(1, 1, 28, 28), ["features.1"], static=True, ranks=2)
-    assert sum("most active" in ax.get_title() for ax in fig.axes) == 2
+    view = fl.explore_activations(fashion_arch, torch.rand(1, 1, 28, 28), ["features.1"], static=True, ranks=2)
+    assert sum("most active" in ax.get_title() for ax in view.figure.axes) == 2
     with pytest.raises(ValueError, match=r"\(N, K, h, w\)"):
         fl.explore_activations(fashion_arch, torch.rand(1, 1, 28, 28), ["classifier.2"], static=True)
 
 
 def test_explore_activations_widget(fashion_arch):
     pytest.importorskip("ipywidgets")
-    box = fl.explore_activations(fashion_arch, torch.rand(1, 1, 28, 28), ["features.1", "features.6"], static=False)
-    controls = box.children[0].children
+    view = fl.explore_activations(fashion_arch, torch.rand(1, 1, 28, 28), ["features.1", "features.6"], static=False)
+    controls = view.widget.children[0].children
     assert [c.description for c in controls] == ["layer", "channel_rank"]
     assert controls[1].max == 32  # the narrower layer's width
 
@@ -425,31 +244,6 @@ def test_inspector_table_and_figures(fashion_arch, capsys):
 # exercise references
 
 
-def test_conv_output_size_matches_pytorch():
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        k, s, p, d = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in ((1, 8), (1, 4), (0, 4), (1, 3)))
-        n = int(torch.randint(d * (k - 1) + 1, 50, (1,), generator=gen))
-        out = nn.Conv2d(1, 1, k, s, p, d)(torch.zeros(1, 1, n, n)).shape[-1]
-        assert fl.conv_output_size(n, k, s, p, d) == out
-    with pytest.raises(ValueError, match="does not fit"):
-        fl.conv_output_size(3, 5)
-    with pytest.raises(ValueError, match="stride"):
-        fl.conv_output_size(10, 3, stride=0)
-    with pytest.raises(ValueError, match="size"):
-        fl.conv_output_size(10.0, 3)
-
-
-def test_receptive_field_size_cases():
-    assert fl.receptive_field_size([]) == 1
-    assert fl.receptive_field_size([(3, 1)] * 2) == 5  # two 3x3 convolutions see 5x5 (Simonyan & Zisserman 2015)
-    assert fl.receptive_field_size([(3, 1), (2, 2), (3, 1)]) == 1 + 2 + 1 + 2 * 2
-    with pytest.raises(ValueError, match="pair"):
-        fl.receptive_field_size([(3, 1, 1)])
-    with pytest.raises(TypeError):
-        fl.receptive_field_size("3x3")
-
-
 @pytest.mark.parametrize("args", [(3, 16, 5, True, 1), (3, 16, 5, False, 1), (8, 8, (3, 1), True, 8), (12, 6, 3, True, 3)])
 def test_conv_param_count_matches_pytorch(args):
     cin, cout, k, bias, groups = args
@@ -466,7 +260,7 @@ def test_conv_param_count_lecture_example_and_errors():
 
 
 def test_references_are_blockable():
-    for fn in (fl.conv_output_size, fl.receptive_field_size, fl.conv_param_count, fl.normalize_filters, fl.activation_maps):
+    for fn in (fl.conv_param_count, fl.normalize_filters, fl.activation_maps):
         assert fn.__reference_key__.startswith("coursekit.filters.")
     assert not math.isnan(fl.normalize_filters(torch.zeros(1, 1, 3, 3)).sum())
 

@@ -1,20 +1,22 @@
-"""coursekit.representations: dataset examples, receptive fields, feature inversion, embeddings, neighbours."""
+"""coursekit.representations: dataset examples, feature inversion, embeddings, neighbours.
+
+The windows the dataset-example patches are cut with are tested in test_receptive_fields.py.
+"""
 
 import numpy as np
 import pytest
 import torch
 
 from coursekit.hooks import record
+from coursekit.receptive_fields import unit_windows
 from coursekit.representations import (
     DatasetExamples,
     InversionResult,
-    ReceptiveField,
     embed,
     invert_features,
     layer_features,
     nearest_neighbours,
     plot_embedding,
-    receptive_field,
     show_neighbours,
     top_activating,
 )
@@ -62,43 +64,6 @@ def test_layer_features_match_a_recorded_forward(fashion, subset, model_state):
 
 
 # ----------------------------------------------------------------------------------------------
-# receptive fields
-
-
-@pytest.mark.parametrize(
-    "layer, size, stride, offset",
-    [
-        # conv3 -> 3; conv3 -> 5; pool2 -> 6, stride 2; conv3 -> 10; conv3 -> 14; pool2 -> 16, stride 4
-        ("features.1", 3, 1, -1),
-        ("features.3", 5, 1, -2),
-        ("features.4", 6, 2, -2),
-        ("features.6", 10, 2, -4),
-        ("features.8", 14, 2, -6),
-        ("features.9", 16, 4, -6),
-    ],
-)
-def test_receptive_field_matches_the_arithmetic(fashion, layer, size, stride, offset):
-    rf = receptive_field(fashion, layer)
-    assert rf == ReceptiveField(size=(size, size), stride=(stride, stride), offset=(offset, offset), clipped=False)
-
-
-def test_receptive_field_crop_and_errors(fashion):
-    rf = receptive_field(fashion, "features.8")
-    image = torch.arange(28 * 28, dtype=torch.float32).view(1, 28, 28) / 784
-    top, left, h, w = rf.box(7, 3)
-    assert (top, left, h, w) == (8, 0, 14, 14)
-    torch.testing.assert_close(rf.crop(image, 7, 3), image[:, 8:22, 0:14])
-    corner = rf.crop(image, 0, 0, fill=-1.0)  # window rows/cols -6..7: half outside the picture
-    assert corner.shape == (1, 14, 14)
-    assert (corner[:, :6] == -1).all() and (corner[:, :, :6] == -1).all()
-    torch.testing.assert_close(corner[:, 6:, 6:], image[:, :8, :8])
-    with pytest.raises(ValueError, match="spatial"):
-        receptive_field(fashion, "classifier.2")
-    with pytest.raises(ValueError, match="input_size"):
-        receptive_field(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3)), "0")
-
-
-# ----------------------------------------------------------------------------------------------
 # dataset examples
 
 
@@ -128,6 +93,7 @@ def test_top_activating_agrees_with_brute_force(fashion, subset, layer, channel,
         assert ex.positions is None and torch.equal(ex.patches, ex.images)
     else:
         rf = ex.field
+        assert rf == unit_windows(fashion, layer)
         with torch.no_grad(), record(fashion, layer) as rec:
             fashion(ex.images)
         maps = rec.activations[layer][:, channel]  # (k, h, w)
@@ -151,6 +117,25 @@ def test_top_activating_several_channels_and_errors(fashion, subset):
         top_activating(fashion, x[:10], "features.8", 0, k=11)
     with pytest.raises(TypeError, match="channel"):
         top_activating(fashion, x[:10], "features.8", 1.5)
+
+
+def test_top_activating_on_a_branching_model_uses_measured_windows():
+    class Residual(torch.nn.Module):  # not a plain chain: the analytic walk refuses it
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(1, 2, 3, stride=2, padding=1)
+            self.branch = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            h = self.stem(x)
+            return h + self.branch(h)
+
+    torch.manual_seed(0)
+    net, x = Residual().eval(), torch.rand(12, 1, 16, 16)
+    ex = top_activating(net, x, "branch", 1, k=3)
+    assert ex.field.layer == "branch" and ex.field.size == (7, 7) and ex.field.stride == (2, 2)
+    for n, (i, j) in enumerate(ex.positions.tolist()):
+        torch.testing.assert_close(ex.patches[n], ex.field.crop(ex.images[n], i, j))
 
 
 # ----------------------------------------------------------------------------------------------
