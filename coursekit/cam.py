@@ -41,6 +41,7 @@ __all__ = [
     "guided_gradcam",
     "candidate_layers",
     "default_layer",
+    "normalize_maps",
     "UnknownLayerError",
 ]
 

@@ -41,6 +41,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .checks import reference
 from .models import target_scores
@@ -639,8 +640,6 @@ def occlusion(
     targets = _per_sample_target(target, n_img, n_win)
     totals = torch.zeros(n_img, h, w, dtype=x.dtype, device=x.device)
     total = n_img * n_win
-    from tqdm.auto import tqdm
-
     with _frozen(model), torch.inference_mode():
         plain = evaluate(_fast_layout(x), _per_sample_target(target, n_img, 1))  # (N,) unoccluded scores
         if plain.shape[0] != n_img:
