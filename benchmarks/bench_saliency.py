@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         x = image.expand(batch, -1, -1, -1).contiguous()
         x = (x + 0.02 * torch.randn(x.shape, generator=torch.Generator().manual_seed(batch))).clamp(0, 1)
 
-        def forward_backward():
+        def forward_backward(x=x):
             xi = x.detach().requires_grad_(True)
             torch.autograd.grad(model(xi)[:, target].sum(), xi)
 

@@ -37,12 +37,12 @@ __all__ = [
     "GradCAM",
     "GradCAMPlusPlus",
     "HiResCAM",
-    "gradcam",
-    "guided_gradcam",
+    "UnknownLayerError",
     "candidate_layers",
     "default_layer",
+    "gradcam",
+    "guided_gradcam",
     "normalize_maps",
-    "UnknownLayerError",
 ]
 
 

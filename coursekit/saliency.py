@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -47,16 +47,16 @@ from .checks import reference
 from .models import target_scores
 
 __all__ = [
-    "input_gradient",
-    "vanilla_saliency",
-    "gradient_x_input",
-    "smoothgrad",
-    "guided_backprop",
+    "REDUCTIONS",
     "deconvnet",
+    "gradient_x_input",
+    "guided_backprop",
+    "input_gradient",
     "integrated_gradients",
     "occlusion",
+    "smoothgrad",
     "to_map",
-    "REDUCTIONS",
+    "vanilla_saliency",
 ]
 
 
@@ -614,7 +614,7 @@ def occlusion(
     """
     _check_model(model)
     x = _check_x(x).detach()
-    n_img, c, h, w = x.shape
+    n_img, _, h, w = x.shape
     patch = _positive_int(patch, "patch")
     stride = _positive_int(stride, "stride")
     batch_size = _positive_int(batch_size, "batch_size")

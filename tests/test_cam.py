@@ -8,7 +8,7 @@ from torch import nn
 
 from coursekit import cam as C
 from coursekit import saliency as S
-from coursekit.checks import ReferenceBlocked, _BLOCKED
+from coursekit.checks import _BLOCKED, ReferenceBlocked
 from coursekit.hooks import UnknownLayerError
 from coursekit.models import CourseModel, WeightsNotAvailableError, load_model
 from coursekit.nets import FASHION_CLASSES, FashionCNN
@@ -101,7 +101,7 @@ def test_gradcam_plusplus_weights_by_hand():
     g = torch.tensor([[[[0.5, -1.0], [0.0, 2.0]]]])
     w = C.GradCAMPlusPlus.__new__(C.GradCAMPlusPlus).weights(a, g)
     # alpha = g^2 / (2 g^2 + 4 g^3); only positive gradients count
-    alpha = lambda v: v**2 / (2 * v**2 + 4 * v**3)  # noqa: E731
+    alpha = lambda v: v**2 / (2 * v**2 + 4 * v**3)
     expected = alpha(0.5) * 0.5 + alpha(2.0) * 2.0
     assert w.shape == (1, 1, 1, 1) and w.item() == pytest.approx(expected, rel=1e-5)
 

@@ -15,13 +15,13 @@ from torch import nn
 
 captum_attr = pytest.importorskip("captum.attr")
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from coursekit import cam as C  # noqa: E402
-from coursekit import saliency as S  # noqa: E402
-from coursekit.images import load_image  # noqa: E402
-from coursekit.models import CourseModel, WeightsNotAvailableError, load_model  # noqa: E402
-from coursekit.nets import FASHION_CLASSES, FashionCNN  # noqa: E402
+from coursekit import cam as C
+from coursekit import saliency as S
+from coursekit.images import load_image
+from coursekit.models import CourseModel, WeightsNotAvailableError, load_model
+from coursekit.nets import FASHION_CLASSES, FashionCNN
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Input Tensor 0 did not already require gradients", "ignore:Setting backward hooks"

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coursekit import saliency as S
-from coursekit.checks import ReferenceBlocked, _BLOCKED
+from coursekit.checks import _BLOCKED, ReferenceBlocked
 from coursekit.models import CourseModel, WeightsNotAvailableError, load_model
 from coursekit.nets import FASHION_CLASSES, FashionCNN
 
@@ -325,7 +325,7 @@ def test_guided_backprop_hooks_removed_when_call_raises(fcnn, xs):
 
 
 def _slow_occlusion(model, x, target, patch, stride, baseline, score):
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     total = torch.zeros(n, h, w, dtype=x.dtype)
     count = torch.zeros(n, h, w, dtype=x.dtype)
 
