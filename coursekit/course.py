@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     args = p.parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("COURSEKIT_STATIC", "1")  # HTML has no live kernel: explorers draw their static figure
     failures = 0
     total = time.time()
     for nb in args.notebooks:
