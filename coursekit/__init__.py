@@ -45,3 +45,22 @@ __all__ = [
     "show_images",
     "show_overlays",
 ]
+
+# Lecture modules load on first use (`ck.saliency.vanilla_saliency(...)`), so `import coursekit`
+# stays quick and does not pull in scikit-learn or scipy until a lecture needs them.
+_LECTURE_MODULES = (
+    "filters", "receptive_fields", "maximize", "representations", "saliency", "cam", "sanity",
+    "faithfulness", "widgets", "checks", "train",
+)
+
+
+def __getattr__(name):
+    if name in _LECTURE_MODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'coursekit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LECTURE_MODULES))

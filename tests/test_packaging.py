@@ -82,3 +82,14 @@ def test_no_absolute_paths_of_this_machine():
 def test_notebooks_are_small():
     for nb in list((ROOT / "notebooks").glob("*.ipynb")) + list((ROOT / "solutions").glob("*/*.ipynb")):
         assert nb.stat().st_size <= 2 * 1024 * 1024, f"{nb.name} is {nb.stat().st_size / 1e6:.1f} MB"
+
+
+def test_lecture_modules_load_on_first_use():
+    import importlib
+
+    import coursekit
+
+    for name in coursekit._LECTURE_MODULES:
+        assert getattr(coursekit, name) is importlib.import_module(f"coursekit.{name}")
+    with pytest.raises(AttributeError):
+        coursekit.no_such_module
