@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn

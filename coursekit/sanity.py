@@ -292,7 +292,7 @@ def _run(model, x, target, methods, layers, seed, metrics, keep_maps, cascading,
                 kept[name].append(m.float())
 
     score(0, original)
-    for k, (label, modules) in enumerate(tqdm(steps, desc="randomising layers", disable=not progress), start=1):
+    for k, (_label, modules) in enumerate(tqdm(steps, desc="randomising layers", disable=not progress), start=1):
         if not cascading:
             twin.load_state_dict(trained)
         for j, module in enumerate(modules):

@@ -169,7 +169,7 @@ def test_reference_decorator_works_on_a_context_manager(register):
 def test_nothing_reaches_stderr_even_when_the_student_warns(doubling, capfd):
     def noisy(x):
         print("debug output", file=sys.stderr)
-        warnings.warn("student warning")
+        warnings.warn("student warning", stacklevel=1)
         return 2 * x
 
     assert check(doubling, noisy) == 3.0

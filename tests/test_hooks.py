@@ -32,7 +32,7 @@ def test_unknown_layer_lists_close_matches(fashion):
 
 
 def test_list_layers_shapes(fashion):
-    info = {l.name: l for l in list_layers(fashion)}
+    info = {layer.name: layer for layer in list_layers(fashion)}
     assert info["net.features.4"].output_shape == (1, 32, 14, 14)
     assert info["net.classifier.4"].output_shape == (1, 10)
     assert info["net.features.0"].params == 32 * 9 + 32

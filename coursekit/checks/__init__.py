@@ -32,8 +32,8 @@ import importlib
 import io
 import sys
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ def reference(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         if key in _BLOCKED:
             raise ReferenceBlocked(
-                f"your function called coursekit's {fn.__qualname__}, the reference this exercise asks you to "
+                f"your function called coursekit's {fn.__qualname__}(), the reference this exercise asks you to "
                 "write yourself. Implement it with torch operations instead."
             )
         return fn(*args, **kwargs)
@@ -279,7 +279,14 @@ def run_check(name: str, student: Callable, seed: int | None = None) -> Report:
         try:
             # the notebook's own seeded cells give the same numbers whether or not a check ran before them
             with torch.random.fork_rng(devices=[]):
-                ex.checker(student, report)
+                # one CPU thread: the cases are small, and on a busy laptop (or a grading server running
+                # many kernels) several threads make small convolutions many times slower
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    ex.checker(student, report)
+                finally:
+                    torch.set_num_threads(threads)
         finally:
             np.random.set_state(np_state)
             sys.stderr = saved_stderr

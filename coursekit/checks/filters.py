@@ -28,7 +28,6 @@ Five exercises, each with partial credit, on cases drawn fresh on every call:
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import filters, hooks
-from . import Mistake, ReferenceBlocked, Report, StudentError, exercise
+from . import Mistake, Report, StudentError, exercise
 
 __all__: list[str] = []  # checks register themselves
 
@@ -51,25 +50,6 @@ def _call(report: Report, student, *args):
 
 # ----------------------------------------------------------------------------------------------
 # 1. activations with forward hooks
-
-
-@contextlib.contextmanager
-def _record_blocked():
-    # hooks.record is shared plumbing, not an @reference; blocking the Recorder class it builds
-    # catches every way of reaching it (the attribute is looked up when record() runs).
-    original = hooks.Recorder.__init__
-
-    def blocked(self, *args, **kwargs):
-        raise ReferenceBlocked(
-            "your function used coursekit's record(), which does this exercise for you; register your own "
-            "hooks with module.register_forward_hook(...)"
-        )
-
-    hooks.Recorder.__init__ = blocked
-    try:
-        yield
-    finally:
-        hooks.Recorder.__init__ = original
 
 
 def _random_net(report: Report) -> nn.Sequential:
@@ -117,15 +97,14 @@ def _expect_close_any_shape(report: Report, got, expected: torch.Tensor, mistake
     report.expect_close(got, expected, mistakes=mistakes, what=what)
 
 
-@exercise("filters.activations", forbid=[filters.activation_maps])
+@exercise("filters.activations", forbid=[filters.activation_maps, hooks.record])
 def _check_activations(student, report: Report) -> None:
     net = _random_net(report)
     c_in = net[0].in_channels
     x = torch.rand(2, c_in, 8, 8, generator=torch.Generator().manual_seed(report.seed))  # (2, C, 8, 8)
     names = sorted(report.rng.choice(["0", "1", "2", "3", "4"], size=3, replace=False).tolist(), key=int)
     ins, outs = _per_layer(net, x)
-    with _record_blocked():
-        got, err = _call(report, student, net, x.clone(), list(names))
+    got, err = _call(report, student, net, x.clone(), list(names))
     leaked = _hook_count(net)
     _clear_hooks(net)
 
@@ -151,8 +130,7 @@ def _check_activations(student, report: Report) -> None:
 
     with report.part("detached from the autograd graph", points=1):
         xg = x.clone().requires_grad_(True)
-        with _record_blocked():
-            got2, err2 = _call(report, student, net, xg, [names[0]])
+        got2, err2 = _call(report, student, net, xg, [names[0]])
         _clear_hooks(net)
         if err2 is not None:
             raise err2
@@ -171,8 +149,7 @@ def _check_activations(student, report: Report) -> None:
 
     with report.part("hooks removed even when the forward pass fails", points=1):
         bad = torch.rand(1, c_in + 1, 8, 8)  # wrong number of channels: the first convolution raises
-        with _record_blocked():
-            _call(report, student, net, bad, list(names))  # an error from the model is expected
+        _call(report, student, net, bad, list(names))  # an error from the model is expected
         leaked_on_error = _hook_count(net)
         _clear_hooks(net)
         if err is not None:  # an error is expected here, but only from the model: the normal call must work

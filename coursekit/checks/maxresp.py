@@ -27,23 +27,6 @@ from .. import maximize as _mx
 from .. import representations as _rep
 from . import Mistake, Report, StudentError, exercise
 
-
-def _one_thread(checker):
-    """Run a checker on one CPU thread: its cases are small, and several threads on a busy laptop
-    (or a grading server running many kernels) make small convolutions many times slower."""
-
-    @functools.wraps(checker)
-    def wrapper(student, report):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return checker(student, report)
-        finally:
-            torch.set_num_threads(threads)
-
-    return wrapper
-
-
 # ----------------------------------------------------------------------------------------------
 # random cases
 
@@ -114,7 +97,6 @@ def _input_gradient(model, x, score_fn) -> torch.Tensor:
 
 
 @exercise("maxresp.ascent_step", forbid=[_mx.ascent_step, _mx.maximize])
-@_one_thread
 def check_ascent_step(student, report: Report) -> None:
     model = random_cnn(report.seed)
     g_ = torch.Generator().manual_seed(report.seed)
@@ -247,7 +229,6 @@ def _check_energy(report: Report, student, x: torch.Tensor, mistakes: dict, what
 
 
 @exercise("maxresp.edge_energy", forbid=[_mx.edge_energy])
-@_one_thread
 def check_edge_energy(student, report: Report) -> None:
     g = torch.Generator().manual_seed(report.seed)
 
@@ -290,7 +271,6 @@ def _imagenet_model():
 
 
 @exercise("maxresp.class_visualization", forbid=[_mx.maximize, _mx.ascent_step])
-@_one_thread
 def check_class_visualization(student, report: Report) -> None:
     model = _imagenet_model()
     target = int(report.rng.integers(0, 1000))

@@ -17,7 +17,6 @@ would do the work for them) or, for the occlusion grid, from an obviously-correc
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -169,22 +168,6 @@ _CAM_ENGINE = [
 _RECORDER = [(_hooks.Recorder, "_hook", "hook recorder (coursekit.hooks.record)")]
 
 
-def _one_thread(checker):
-    """Run a checker on one CPU thread: its cases are tiny, and several threads on a busy laptop
-    (or a grading server running many kernels) make each tiny convolution 10-20x slower."""
-
-    @functools.wraps(checker)
-    def wrapper(student, report):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return checker(student, report)
-        finally:
-            torch.set_num_threads(threads)
-
-    return wrapper
-
-
 def _call(report: Report, student, *args, block=(), **kwargs):
     with blocking(*block):
         return report.call(student, *args, **kwargs)
@@ -199,7 +182,6 @@ def _gradient(model, x, target) -> torch.Tensor:
 
 
 @exercise("saliency.vanilla", forbid=[_sal.vanilla_saliency])
-@_one_thread
 def check_vanilla(student, report: Report) -> None:
     seed = report.seed
     model = random_cnn(seed)
@@ -255,7 +237,6 @@ def check_vanilla(student, report: Report) -> None:
 
 
 @exercise("saliency.smoothgrad", forbid=[_sal.smoothgrad])
-@_one_thread
 def check_smoothgrad(student, report: Report) -> None:
     model = random_cnn(report.seed)
     # images with clearly different value ranges, so that range scaling matters
@@ -323,7 +304,6 @@ def occlusion_grid_slow(model, x, target, patch: int, stride: int, fill: float, 
 
 
 @exercise("saliency.occlusion", forbid=[_sal.occlusion])
-@_one_thread
 def check_occlusion(student, report: Report) -> None:
     model = random_cnn(report.seed)
     x = random_images(report, n=2)
@@ -385,7 +365,6 @@ def _mixed_sign_class(model, x, layer) -> int:
 
 
 @exercise("saliency.gradcam", forbid=[_cam.gradcam])
-@_one_thread
 def check_gradcam(student, report: Report) -> None:
     model = random_cnn(report.seed)
     layer = model[6]
@@ -433,7 +412,6 @@ def check_gradcam(student, report: Report) -> None:
 
 
 @exercise("saliency.guided", forbid=[_sal.guided_backprop])
-@_one_thread
 def check_guided(student, report: Report) -> None:
     model = random_cnn(report.seed)
     x = random_images(report, n=2)

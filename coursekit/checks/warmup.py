@@ -23,7 +23,6 @@ random values, so a full-points verdict prints the same text on every run.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 
@@ -33,7 +32,7 @@ from torch import nn
 
 from .. import hooks, images, models
 from ..data import fashion_mnist
-from . import Mistake, ReferenceBlocked, Report, StudentError, exercise
+from . import Mistake, Report, StudentError, exercise
 
 __all__: list[str] = []  # checks register themselves; nothing to import from here
 
@@ -282,29 +281,6 @@ def _check_top_k(student, report: Report) -> None:
 # 3. layer_activation
 
 
-@contextlib.contextmanager
-def _record_blocked():
-    """Make coursekit's ``record`` raise while the student's function runs.
-
-    ``hooks.record`` is not decorated with ``@reference``; blocking the ``Recorder`` class it builds
-    catches every way of reaching it (``coursekit.record``, ``coursekit.hooks.record``, a name
-    imported earlier), because the class attribute is looked up at call time.
-    """
-    original = hooks.Recorder.__init__
-
-    def blocked(self, *args, **kwargs):
-        raise ReferenceBlocked(
-            "your function used coursekit's record(), which does this exercise for you. Register your own hook "
-            "with module.register_forward_hook(...) instead."
-        )
-
-    hooks.Recorder.__init__ = blocked
-    try:
-        yield
-    finally:
-        hooks.Recorder.__init__ = original
-
-
 def _all_outputs(model: nn.Module, x: torch.Tensor) -> tuple[dict, dict]:
     """Output and first input of every named module, from one forward pass without gradients."""
     outputs, inputs, handles = {}, {}, []
@@ -391,19 +367,18 @@ def _expect_activation(report: Report, got, expected: torch.Tensor, mistakes: di
     report.expect_close(got, expected, what=what, mistakes=mistakes)
 
 
-@exercise("warmup.layer_activation")
+@exercise("warmup.layer_activation", forbid=[hooks.record])
 def _check_layer_activation(student, report: Report) -> None:
     model = models.load_model("fashion_cnn")
     x = _random_fashion_images(report, 2)  # (2, 1, 28, 28): a batch, so dropping it shows
     layer = str(report.rng.choice(_LAYER_CANDIDATES))
     outputs, inputs = _all_outputs(model, x)
     before = _hook_ids(model)
-    with _record_blocked():
-        first = _Once(report, student, model, x.clone(), layer)
-        try:
-            first()
-        except StudentError:
-            pass  # reported by each part below
+    first = _Once(report, student, model, x.clone(), layer)
+    try:
+        first()
+    except StudentError:
+        pass  # reported by each part below
     leaked = _remove_new_hooks(model, before)
 
     with report.part("the output of the named layer", points=2):
@@ -416,11 +391,10 @@ def _check_layer_activation(student, report: Report) -> None:
         x2 = _random_fashion_images(report, 1).requires_grad_(True)  # so that the layer's output has a graph
         out2, in2 = _all_outputs(model, x2)
         before2 = _hook_ids(model)
-        with _record_blocked():
-            try:
-                got = report.call(student, model, x2, layer2)
-            finally:
-                leaked += _remove_new_hooks(model, before2)
+        try:
+            got = report.call(student, model, x2, layer2)
+        finally:
+            leaked += _remove_new_hooks(model, before2)
         _expect_activation(
             report,
             got,
