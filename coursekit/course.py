@@ -56,9 +56,8 @@ def main(argv=None) -> int:
             print(f"{nb}: no such notebook", file=sys.stderr)
             failures += 1
             continue
-        print(f"{nb.name:40s} ...", end="", flush=True)
         ok, seconds, error = run_notebook(nb, args.out, args.timeout)
-        print(f"\r{nb.name:40s} {seconds:7.1f} s  {'ok' if ok else 'FAILED: ' + error}", flush=True)
+        print(f"{nb.name:40s} {seconds:7.1f} s  {'ok' if ok else 'FAILED: ' + error}", flush=True)
         failures += not ok
     print(f"{len(args.notebooks)} notebooks in {time.time() - total:.1f} s, {failures} failed; HTML in {args.out}/")
     return 1 if failures else 0
