@@ -58,3 +58,38 @@ def state_of(model: torch.nn.Module) -> dict:
 def model_state():
     """``model_state(model)`` -> a snapshot to compare before/after a call."""
     return state_of
+
+
+@pytest.fixture(scope="session")
+def fashion_arch():
+    """FashionCNN's architecture with seeded random weights (no data needed)."""
+    from coursekit.nets import FashionCNN
+
+    torch.manual_seed(0)
+    return FashionCNN().eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def vgg16():
+    """torchvision's VGG16 with random weights: the architecture, with no download."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.vgg16(weights=None).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def alexnet():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.alexnet(weights=None).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (its inputs are small; see the test modules that use it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

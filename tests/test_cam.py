@@ -10,20 +10,8 @@ from coursekit import cam as C
 from coursekit import saliency as S
 from coursekit.checks import _BLOCKED, ReferenceBlocked
 from coursekit.hooks import UnknownLayerError
-from coursekit.models import CourseModel, WeightsNotAvailableError, load_model
+from coursekit.models import CourseModel
 from coursekit.nets import FASHION_CLASSES, FashionCNN
-
-
-@pytest.fixture(scope="module")
-def fcnn():
-    """The trained fashion_cnn, or (while its weights are not committed yet) a seeded random one."""
-    try:
-        return load_model("fashion_cnn")
-    except WeightsNotAvailableError:
-        torch.manual_seed(0)
-        m = CourseModel(FashionCNN(), name="fashion_cnn", classes=FASHION_CLASSES, input_size=(1, 28, 28),
-                        mean=(0.286,), std=(0.353,), layers={"gradcam": "net.features.8"})
-        return m.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +49,10 @@ CAMS = [C.GradCAM, C.GradCAMPlusPlus, C.HiResCAM]
 
 
 @pytest.mark.parametrize("cls", CAMS)
-def test_cam_shapes_nonnegative_model_untouched(fcnn, xs, cls):
-    before = snapshot(fcnn)
+def test_cam_shapes_nonnegative_model_untouched(fashion, xs, cls):
+    before = snapshot(fashion)
     x = xs.clone()
-    cam = cls(fcnn)
+    cam = cls(fashion)
     assert cam.layer_name == "net.features.8"
     maps = cam(x, 2)
     assert maps.shape == (3, 28, 28) and maps.grad_fn is None and not maps.requires_grad
@@ -75,20 +63,20 @@ def test_cam_shapes_nonnegative_model_untouched(fcnn, xs, cls):
         if maps[n].max() > 0:
             assert norm[n].max().item() == pytest.approx(1.0) and norm[n].min().item() == pytest.approx(0.0, abs=1e-6)
     assert torch.equal(x, xs) and not x.requires_grad and x.grad is None
-    assert snapshot(fcnn) == before
+    assert snapshot(fashion) == before
 
 
-def test_gradcam_matches_slow_reference(fcnn, xs):
-    a, g = slow_layer_maps(fcnn, xs, 7, "net.features.8")  # (3, 64, 14, 14)
+def test_gradcam_matches_slow_reference(fashion, xs):
+    a, g = slow_layer_maps(fashion, xs, 7, "net.features.8")  # (3, 64, 14, 14)
     expected = F.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1))
     expected = F.interpolate(expected[:, None], size=(28, 28), mode="bilinear", align_corners=False)[:, 0]
-    torch.testing.assert_close(C.GradCAM(fcnn)(xs, 7), expected, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(C.gradcam(fcnn, xs, 7), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(C.GradCAM(fashion)(xs, 7), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(C.gradcam(fashion, xs, 7), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_layer_maps_and_hirescam_match_slow_reference(fcnn, xs):
-    a, g = slow_layer_maps(fcnn, xs, 4, "net.features.6")
-    cam = C.HiResCAM(fcnn, "features.6")  # net. prefix optional
+def test_layer_maps_and_hirescam_match_slow_reference(fashion, xs):
+    a, g = slow_layer_maps(fashion, xs, 4, "net.features.6")
+    cam = C.HiResCAM(fashion, "features.6")  # net. prefix optional
     a2, g2 = cam.layer_maps(xs, 4)
     torch.testing.assert_close(a2, a, atol=0, rtol=0)
     torch.testing.assert_close(g2, g, atol=1e-7, rtol=1e-5)
@@ -149,70 +137,70 @@ def test_unfrozen_model_gets_no_weight_gradients(xs):
     assert all(p.grad is None for p in net.parameters())
 
 
-def test_bad_input_and_model_untouched_on_error(fcnn, xs):
-    before = snapshot(fcnn)
+def test_bad_input_and_model_untouched_on_error(fashion, xs):
+    before = snapshot(fashion)
     with pytest.raises(UnknownLayerError, match="features.88"):
-        C.GradCAM(fcnn, "features.88")
+        C.GradCAM(fashion, "features.88")
     with pytest.raises(UnknownLayerError):
-        C.gradcam(fcnn, xs, 1, layer="conv5")
+        C.gradcam(fashion, xs, 1, layer="conv5")
     with pytest.raises(ValueError, match="out of range"):
-        C.GradCAM(fcnn)(xs, 10)
+        C.GradCAM(fashion)(xs, 10)
     with pytest.raises(ValueError, match="4-d"):
-        C.GradCAM(fcnn)(xs[0], 1)
+        C.GradCAM(fashion)(xs[0], 1)
     with pytest.raises(TypeError, match="Tensor"):
-        C.GradCAM(fcnn)(xs.numpy(), 1)
+        C.GradCAM(fashion)(xs.numpy(), 1)
     with pytest.raises(ValueError, match="not a \\(N, K, h, w\\) feature map"):
-        C.GradCAM(fcnn, "classifier.2")(xs, 1)
+        C.GradCAM(fashion, "classifier.2")(xs, 1)
     with pytest.raises(TypeError, match="nn.Module"):
         C.GradCAM("fashion_cnn")
-    assert snapshot(fcnn) == before
+    assert snapshot(fashion) == before
 
 
-def test_frozen_model_input_without_grad_backward_stops_at_layer(fcnn, xs):
+def test_frozen_model_input_without_grad_backward_stops_at_layer(fashion, xs):
     # the backward pass must not reach the first conv: count calls of a backward hook there
     calls = []
-    h = fcnn.net.features[0].register_full_backward_hook(lambda *a: calls.append(1))
+    h = fashion.net.features[0].register_full_backward_hook(lambda *a: calls.append(1))
     try:
-        C.GradCAM(fcnn)(xs, 1)
+        C.GradCAM(fashion)(xs, 1)
     finally:
         h.remove()
     assert calls == []
 
 
-def test_targets_per_image_and_callable(fcnn, xs):
-    cam = C.GradCAM(fcnn)
+def test_targets_per_image_and_callable(fashion, xs):
+    cam = C.GradCAM(fashion)
     per = cam(xs, [1, 2, 3])
     for i, t in enumerate([1, 2, 3]):
         torch.testing.assert_close(per[i : i + 1], cam(xs[i : i + 1], t), atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(cam(xs, lambda out: out[:, 2]), cam(xs, 2), atol=0, rtol=0)
 
 
-def test_guided_gradcam_is_product(fcnn, xs):
-    got = C.guided_gradcam(fcnn, xs, 5)
-    expected = S.guided_backprop(fcnn, xs, 5) * C.gradcam(fcnn, xs, 5)[:, None]
+def test_guided_gradcam_is_product(fashion, xs):
+    got = C.guided_gradcam(fashion, xs, 5)
+    expected = S.guided_backprop(fashion, xs, 5) * C.gradcam(fashion, xs, 5)[:, None]
     assert got.shape == xs.shape
     torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-5)  # one shared forward vs two calls
     assert got.abs().max() > 0
 
 
-def test_custom_subclass_overrides_weights_only(fcnn, xs):
+def test_custom_subclass_overrides_weights_only(fashion, xs):
     class MaxGradCAM(C.CAM):
         def weights(self, activations, gradients):
             return gradients.amax(dim=(2, 3), keepdim=True)
 
-    a, g = slow_layer_maps(fcnn, xs, 3, "net.features.8")
+    a, g = slow_layer_maps(fashion, xs, 3, "net.features.8")
     expected = F.interpolate(F.relu((g.amax(dim=(2, 3), keepdim=True) * a).sum(1))[:, None], size=(28, 28),
                              mode="bilinear", align_corners=False)[:, 0]
-    torch.testing.assert_close(MaxGradCAM(fcnn)(xs, 3), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(MaxGradCAM(fashion)(xs, 3), expected, atol=1e-6, rtol=1e-5)
     with pytest.raises(NotImplementedError, match="override"):
-        C.CAM(fcnn)(xs, 3)
+        C.CAM(fashion)(xs, 3)
 
 
 # -- choosing the layer ------------------------------------------------------------------------
 
 
-def test_default_layer_for_course_and_plain_models(fcnn, effnet):
-    assert C.default_layer(fcnn) == "net.features.8"
+def test_default_layer_for_course_and_plain_models(fashion, effnet):
+    assert C.default_layer(fashion) == "net.features.8"
     assert C.default_layer(effnet) == "net.bn2"
     plain = FashionCNN()
     assert C.default_layer(plain, input_size=(1, 28, 28)) == "features.8"
@@ -234,8 +222,8 @@ def test_default_layer_torchvision(name, expected):
     assert C.default_layer(wrapped) == "net." + expected
 
 
-def test_candidate_layers(fcnn):
-    layers = C.candidate_layers(fcnn)
+def test_candidate_layers(fashion):
+    layers = C.candidate_layers(fashion)
     names = [n for n, _, _ in layers]
     assert names[:2] == ["net.features", "net.features.0"]  # the input normalisation is not a candidate
     assert "net.features.8" in names and "net.features.9" in names  # 7x7 after the last pool still spatial
@@ -244,12 +232,12 @@ def test_candidate_layers(fcnn):
     assert ("net.features.8", "ReLU", (1, 64, 14, 14)) in layers
 
 
-def test_gradcam_reference_can_be_blocked(fcnn, xs):
+def test_gradcam_reference_can_be_blocked(fashion, xs):
     key = C.gradcam.__reference_key__
     _BLOCKED.add(key)
     try:
         with pytest.raises(ReferenceBlocked):
-            C.gradcam(fcnn, xs, 1)
-        C.guided_gradcam(fcnn, xs, 1)  # uses the engine, not the blocked wrapper
+            C.gradcam(fashion, xs, 1)
+        C.guided_gradcam(fashion, xs, 1)  # uses the engine, not the blocked wrapper
     finally:
         _BLOCKED.discard(key)

@@ -20,24 +20,10 @@ from torch import nn
 from coursekit import cam as C
 from coursekit import saliency as S
 from coursekit.images import load_image
-from coursekit.models import CourseModel, WeightsNotAvailableError, load_model
-from coursekit.nets import FASHION_CLASSES, FashionCNN
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Input Tensor 0 did not already require gradients", "ignore:Setting backward hooks"
 )
-
-
-@pytest.fixture(scope="module")
-def fcnn():
-    """The trained fashion_cnn, or (while its weights are not committed yet) a seeded random one."""
-    try:
-        return load_model("fashion_cnn")
-    except WeightsNotAvailableError:
-        torch.manual_seed(0)
-        m = CourseModel(FashionCNN(), name="fashion_cnn", classes=FASHION_CLASSES, input_size=(1, 28, 28),
-                        mean=(0.286,), std=(0.353,), layers={"gradcam": "net.features.8"})
-        return m.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -68,50 +54,50 @@ def test_saliency_vs_captum_on_efficientnet(effnet, coffee):
     close(S.vanilla_saliency(effnet, x, t), ref, 1e-5, "vanilla saliency")
 
 
-def test_integrated_gradients_vs_captum(fcnn, xs):
-    ig = captum_attr.IntegratedGradients(fcnn)
+def test_integrated_gradients_vs_captum(fashion, xs):
+    ig = captum_attr.IntegratedGradients(fashion)
     targets = [0, 3, 5, 9]
     ref = ig.attribute(xs, baselines=0.0, target=targets, n_steps=32, method="gausslegendre")
-    got = S.integrated_gradients(fcnn, xs, targets, steps=32, batch_size=40, method="gausslegendre")
+    got = S.integrated_gradients(fashion, xs, targets, steps=32, batch_size=40, method="gausslegendre")
     close(got, ref, 1e-4, "integrated gradients (gausslegendre)")
     # captum's trapezoid puts the points at linspace(0, 1, n) but uses step 1/n (weights sum to
     # (n-1)/n); coursekit uses the textbook step 1/(n-1). Same points, so they differ by n/(n-1).
     ref = ig.attribute(xs, baselines=0.0, target=targets, n_steps=32, method="riemann_trapezoid")
-    got = S.integrated_gradients(fcnn, xs, targets, steps=32, batch_size=40, method="riemann_trapezoid")
+    got = S.integrated_gradients(fashion, xs, targets, steps=32, batch_size=40, method="riemann_trapezoid")
     close(got, ref * 32 / 31, 1e-4, "integrated gradients (riemann_trapezoid)")
 
 
-def test_gradient_x_input_vs_captum(fcnn, xs):
-    ref = captum_attr.InputXGradient(fcnn).attribute(xs.clone(), target=2)
-    close(S.gradient_x_input(fcnn, xs, 2), ref, 1e-5, "gradient x input")
+def test_gradient_x_input_vs_captum(fashion, xs):
+    ref = captum_attr.InputXGradient(fashion).attribute(xs.clone(), target=2)
+    close(S.gradient_x_input(fashion, xs, 2), ref, 1e-5, "gradient x input")
 
 
 # -- SmoothGrad: same noise for both -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("magnitude", [True, False])
-def test_smoothgrad_vs_captum_noise_tunnel(fcnn, xs, magnitude):
+def test_smoothgrad_vs_captum_noise_tunnel(fashion, xs, magnitude):
     """captum's NoiseTunnel draws ``torch.normal(0, sigma)`` of shape (N * n, C, H, W) from the global
     RNG for ``x.repeat_interleave(n, 0)``. We seed the global RNG, let captum run, then re-seed and
     draw the same tensor ourselves and pass it to coursekit as ``noise`` (reshaped to (N, n, C, H, W))."""
     n, sigma = 6, 0.15  # captum takes an absolute sigma: images are in [0, 1]
-    nt = captum_attr.NoiseTunnel(captum_attr.Saliency(fcnn))
+    nt = captum_attr.NoiseTunnel(captum_attr.Saliency(fashion))
     torch.manual_seed(1234)
     ref = nt.attribute(xs.clone(), nt_type="smoothgrad", nt_samples=n, stdevs=sigma, target=7, abs=magnitude)
     torch.manual_seed(1234)
     noise = torch.normal(0, torch.tensor(sigma).repeat((xs.shape[0] * n, *xs.shape[1:])))
-    got = S.smoothgrad(fcnn, xs, 7, noise=noise.view(xs.shape[0], n, *xs.shape[1:]), batch_size=10, magnitude=magnitude)
+    got = S.smoothgrad(fashion, xs, 7, noise=noise.view(xs.shape[0], n, *xs.shape[1:]), batch_size=10, magnitude=magnitude)
     close(got, ref, 1e-5, "smoothgrad")
 
 
 # -- Guided backprop and deconvnet --------------------------------------------------------------
 
 
-def test_guided_backprop_and_deconvnet_vs_captum_on_fashion(fcnn, xs):
+def test_guided_backprop_and_deconvnet_vs_captum_on_fashion(fashion, xs):
     # fashion_cnn uses only nn.ReLU modules: captum hooks all of them
-    close(S.guided_backprop(fcnn, xs, 4), captum_attr.GuidedBackprop(fcnn).attribute(xs.clone(), target=4), 1e-5,
+    close(S.guided_backprop(fashion, xs, 4), captum_attr.GuidedBackprop(fashion).attribute(xs.clone(), target=4), 1e-5,
           "guided backprop")
-    close(S.deconvnet(fcnn, xs, 4), captum_attr.Deconvolution(fcnn).attribute(xs.clone(), target=4), 1e-5, "deconvnet")
+    close(S.deconvnet(fashion, xs, 4), captum_attr.Deconvolution(fashion).attribute(xs.clone(), target=4), 1e-5, "deconvnet")
 
 
 class ReLU6SeenAsReLU(nn.ReLU):
@@ -151,15 +137,15 @@ def test_guided_backprop_handles_relu6_where_captum_skips_it(effnet, coffee):
 
 
 @pytest.mark.parametrize("patch,stride,score", [(7, 7, "prob"), (8, 6, "prob"), (6, 4, "logit")])
-def test_occlusion_vs_captum(fcnn, xs, patch, stride, score):
+def test_occlusion_vs_captum(fashion, xs, patch, stride, score):
     """captum's Occlusion divides the summed score drops by the number of windows covering each
     pixel (the same convention as coursekit) and uses the same window grid, last window cropped."""
-    forward = (lambda x: fcnn(x).softmax(dim=1)) if score == "prob" else fcnn
+    forward = (lambda x: fashion(x).softmax(dim=1)) if score == "prob" else fashion
     ref = captum_attr.Occlusion(forward).attribute(
         xs, sliding_window_shapes=(1, patch, patch), strides=(1, stride, stride), baselines=0.0, target=6,
         perturbations_per_eval=32,
     )[:, 0]  # (N, H, W)
-    got = S.occlusion(fcnn, xs, 6, patch=patch, stride=stride, baseline=0.0, batch_size=50, progress=False, score=score)
+    got = S.occlusion(fashion, xs, 6, patch=patch, stride=stride, baseline=0.0, batch_size=50, progress=False, score=score)
     close(got, ref, 1e-4, "occlusion")
 
 
@@ -175,7 +161,7 @@ def test_gradcam_vs_captum_layer_gradcam(effnet, coffee):
     close(got, ref, 1e-5, "Grad-CAM vs captum LayerGradCam")
 
 
-def test_gradcam_vs_pytorch_grad_cam(effnet, coffee, fcnn, xs):
+def test_gradcam_vs_pytorch_grad_cam(effnet, coffee, fashion, xs):
     """pytorch-grad-cam min-max scales each map (at 7x7, then again after cv2.resize); min-max scaling
     commutes with bilinear resizing (an affine map per pixel), so compare with normalize=True.
     It backpropagates from the score and needs the input to require grad on a frozen model."""
@@ -186,10 +172,10 @@ def test_gradcam_vs_pytorch_grad_cam(effnet, coffee, fcnn, xs):
     # 1e-5: cv2's float bilinear resize vs torch's, plus pytorch-grad-cam's 1e-7 in the scaling
     close(got, torch.from_numpy(ref), 1e-5, "Grad-CAM vs pytorch-grad-cam (efficientnet_lite0)")
 
-    layer = fcnn.net.features[8]
-    with pytorch_grad_cam.GradCAM(model=fcnn, target_layers=[layer]) as ref_cam:
+    layer = fashion.net.features[8]
+    with pytorch_grad_cam.GradCAM(model=fashion, target_layers=[layer]) as ref_cam:
         ref = ref_cam(input_tensor=xs.clone().requires_grad_(True), targets=[ClassifierOutputTarget(1)] * len(xs))
-    close(C.GradCAM(fcnn)(xs, 1, normalize=True), torch.from_numpy(ref), 1e-5, "Grad-CAM vs pytorch-grad-cam (fashion)")
+    close(C.GradCAM(fashion)(xs, 1, normalize=True), torch.from_numpy(ref), 1e-5, "Grad-CAM vs pytorch-grad-cam (fashion)")
 
 
 class GradCAMPlusPlusWithEps(C.GradCAMPlusPlus):
@@ -202,15 +188,15 @@ class GradCAMPlusPlusWithEps(C.GradCAMPlusPlus):
         return (alpha * F.relu(gradients)).sum(dim=(2, 3), keepdim=True)
 
 
-def test_gradcam_plusplus_and_hirescam_vs_pytorch_grad_cam(fcnn, xs):
-    layer = fcnn.net.features[8]
+def test_gradcam_plusplus_and_hirescam_vs_pytorch_grad_cam(fashion, xs):
+    layer = fashion.net.features[8]
     targets = [ClassifierOutputTarget(1)] * len(xs)
-    with pytorch_grad_cam.HiResCAM(model=fcnn, target_layers=[layer]) as ref_cam:
+    with pytorch_grad_cam.HiResCAM(model=fashion, target_layers=[layer]) as ref_cam:
         ref = ref_cam(input_tensor=xs.clone().requires_grad_(True), targets=targets)
-    close(C.HiResCAM(fcnn)(xs, 1, normalize=True), torch.from_numpy(ref), 1e-5, "HiResCAM")
-    with pytorch_grad_cam.GradCAMPlusPlus(model=fcnn, target_layers=[layer]) as ref_cam:
+    close(C.HiResCAM(fashion)(xs, 1, normalize=True), torch.from_numpy(ref), 1e-5, "HiResCAM")
+    with pytorch_grad_cam.GradCAMPlusPlus(model=fashion, target_layers=[layer]) as ref_cam:
         ref = torch.from_numpy(ref_cam(input_tensor=xs.clone().requires_grad_(True), targets=targets))
     # the engine with pytorch-grad-cam's epsilon reproduces it exactly ...
-    close(GradCAMPlusPlusWithEps(fcnn)(xs, 1, normalize=True), ref, 1e-5, "Grad-CAM++ (with 1e-6 as pytorch-grad-cam)")
+    close(GradCAMPlusPlusWithEps(fashion)(xs, 1, normalize=True), ref, 1e-5, "Grad-CAM++ (with 1e-6 as pytorch-grad-cam)")
     # ... and coursekit's exact 1 / (2 + g sum A) differs only through that epsilon (3e-2 of the max)
-    close(C.GradCAMPlusPlus(fcnn)(xs, 1, normalize=True), ref, 3e-2, "Grad-CAM++ (exact alpha)")
+    close(C.GradCAMPlusPlus(fashion)(xs, 1, normalize=True), ref, 3e-2, "Grad-CAM++ (exact alpha)")

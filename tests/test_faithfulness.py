@@ -11,13 +11,7 @@ from torch import nn
 from coursekit import faithfulness as fa
 from coursekit.saliency import occlusion
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small inputs: one thread is faster on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs: one thread is as fast, and much faster on a busy machine
 
 
 def tiny_model(seed=0, channels=3, classes=4):

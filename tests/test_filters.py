@@ -11,31 +11,10 @@ import math
 import matplotlib.pyplot as plt
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import coursekit
 from coursekit import filters as fl
-from coursekit.nets import FashionCNN
-
-
-@pytest.fixture(scope="module")
-def fashion_arch():
-    torch.manual_seed(0)
-    return FashionCNN().eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def vgg16():
-    torch.manual_seed(0)
-    return torchvision.models.vgg16(weights=None).eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def alexnet():
-    torch.manual_seed(0)
-    return torchvision.models.alexnet(weights=None).eval().requires_grad_(False)
-
 
 # ----------------------------------------------------------------------------------------------
 # filters

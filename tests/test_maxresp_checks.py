@@ -9,13 +9,7 @@ import coursekit.maximize as mx
 import coursekit.representations as rep
 from coursekit.checks import CheckFailed, check, run_check
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs: one thread is as fast, and much faster on a busy machine
 
 
 def _stub(*args, **kwargs):

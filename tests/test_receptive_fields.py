@@ -13,40 +13,14 @@ import itertools
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import coursekit
 from coursekit import filters as fl
 from coursekit import receptive_fields as rf
-from coursekit.nets import FashionCNN
 from coursekit.receptive_fields import UnitWindows, unit_windows
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small single-channel probes: one thread is faster on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def fashion_arch():
-    torch.manual_seed(0)
-    return FashionCNN().eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def vgg16():
-    torch.manual_seed(0)
-    return torchvision.models.vgg16(weights=None).eval().requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def alexnet():
-    torch.manual_seed(0)
-    return torchvision.models.alexnet(weights=None).eval().requires_grad_(False)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs: one thread is as fast, and much faster on a busy machine
 
 
 # ----------------------------------------------------------------------------------------------

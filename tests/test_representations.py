@@ -21,13 +21,7 @@ from coursekit.representations import (
     top_activating,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small inputs: one thread is faster on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs: one thread is as fast, and much faster on a busy machine
 
 
 @pytest.fixture(scope="module")

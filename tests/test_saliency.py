@@ -9,21 +9,6 @@ from torch import nn
 
 from coursekit import saliency as S
 from coursekit.checks import _BLOCKED, ReferenceBlocked
-from coursekit.models import CourseModel, WeightsNotAvailableError, load_model
-from coursekit.nets import FASHION_CLASSES, FashionCNN
-
-
-@pytest.fixture(scope="module")
-def fcnn():
-    """The trained fashion_cnn, or (while its weights are not committed yet) a seeded random one."""
-    try:
-        return load_model("fashion_cnn")
-    except WeightsNotAvailableError:
-        torch.manual_seed(0)
-        net = FashionCNN()
-        m = CourseModel(net, name="fashion_cnn", classes=FASHION_CLASSES, input_size=(1, 28, 28),
-                        mean=(0.286,), std=(0.353,), layers={"gradcam": "net.features.8"})
-        return m.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -87,32 +72,32 @@ IDS = ["input_gradient", "gradient_x_input", "guided_backprop", "deconvnet", "sm
 
 
 @pytest.mark.parametrize("method,dims", GRADIENT_METHODS, ids=IDS)
-def test_shapes_detached_and_model_untouched(fcnn, xs, method, dims):
-    before = snapshot(fcnn)
+def test_shapes_detached_and_model_untouched(fashion, xs, method, dims):
+    before = snapshot(fashion)
     x = xs.clone()
-    out = method(fcnn, x, 3)
+    out = method(fashion, x, 3)
     expected = tuple(xs.shape) if dims == 4 else (xs.shape[0], *xs.shape[2:])
     assert tuple(out.shape) == expected
     assert not out.requires_grad and out.grad_fn is None
     assert torch.isfinite(out).all()
     assert torch.equal(x, xs) and x.grad is None and not x.requires_grad  # input untouched
-    assert same_state(before, snapshot(fcnn))
+    assert same_state(before, snapshot(fashion))
 
 
 @pytest.mark.parametrize("method,dims", GRADIENT_METHODS, ids=IDS)
-def test_bad_input_raises_and_model_untouched(fcnn, xs, method, dims):
-    before = snapshot(fcnn)
+def test_bad_input_raises_and_model_untouched(fashion, xs, method, dims):
+    before = snapshot(fashion)
     with pytest.raises(ValueError, match="out of range"):
-        method(fcnn, xs, 10)  # fashion_cnn has classes 0..9
+        method(fashion, xs, 10)  # fashion_cnn has classes 0..9
     with pytest.raises(ValueError, match="4-d"):
-        method(fcnn, xs[0], 3)
+        method(fashion, xs[0], 3)
     with pytest.raises(TypeError, match="float"):
-        method(fcnn, (xs * 255).to(torch.uint8), 3)
+        method(fashion, (xs * 255).to(torch.uint8), 3)
     with pytest.raises(TypeError, match="Tensor"):
-        method(fcnn, xs.numpy(), 3)
+        method(fashion, xs.numpy(), 3)
     with pytest.raises(ValueError, match="targets for a batch"):
-        method(fcnn, xs, [1, 2])
-    assert same_state(before, snapshot(fcnn))
+        method(fashion, xs, [1, 2])
+    assert same_state(before, snapshot(fashion))
 
 
 @pytest.mark.parametrize("method,dims", GRADIENT_METHODS[:6], ids=IDS[:6])
@@ -126,14 +111,14 @@ def test_unfrozen_model_gets_no_weight_gradients(method, dims):
     assert same_state(before, snapshot(net))
 
 
-def test_targets_int_per_image_and_callable_agree(fcnn, xs):
-    per_image = S.input_gradient(fcnn, xs, [3, 5, 7])
+def test_targets_int_per_image_and_callable_agree(fashion, xs):
+    per_image = S.input_gradient(fashion, xs, [3, 5, 7])
     for i, t in enumerate([3, 5, 7]):
-        alone = S.input_gradient(fcnn, xs[i : i + 1], t)
+        alone = S.input_gradient(fashion, xs[i : i + 1], t)
         torch.testing.assert_close(per_image[i : i + 1], alone, atol=1e-6, rtol=1e-4)
-    by_fn = S.input_gradient(fcnn, xs, lambda out: out[:, 3])
-    torch.testing.assert_close(by_fn, S.input_gradient(fcnn, xs, 3), atol=0, rtol=0)
-    torch.testing.assert_close(S.input_gradient(fcnn, xs, torch.tensor([3, 5, 7])), per_image, atol=0, rtol=0)
+    by_fn = S.input_gradient(fashion, xs, lambda out: out[:, 3])
+    torch.testing.assert_close(by_fn, S.input_gradient(fashion, xs, 3), atol=0, rtol=0)
+    torch.testing.assert_close(S.input_gradient(fashion, xs, torch.tensor([3, 5, 7])), per_image, atol=0, rtol=0)
 
 
 def test_input_gradient_matches_finite_differences():
@@ -150,10 +135,10 @@ def test_input_gradient_matches_finite_differences():
     torch.testing.assert_close(g, fd, atol=1e-6, rtol=1e-5)
 
 
-def test_vanilla_saliency_and_gradient_x_input_definitions(fcnn, xs):
-    g = S.input_gradient(fcnn, xs, 1)
-    torch.testing.assert_close(S.vanilla_saliency(fcnn, xs, 1), g.abs().amax(dim=1), atol=0, rtol=0)
-    torch.testing.assert_close(S.gradient_x_input(fcnn, xs, 1), g * xs, atol=0, rtol=0)
+def test_vanilla_saliency_and_gradient_x_input_definitions(fashion, xs):
+    g = S.input_gradient(fashion, xs, 1)
+    torch.testing.assert_close(S.vanilla_saliency(fashion, xs, 1), g.abs().amax(dim=1), atol=0, rtol=0)
+    torch.testing.assert_close(S.gradient_x_input(fashion, xs, 1), g * xs, atol=0, rtol=0)
 
 
 def test_to_map_reductions():
@@ -189,12 +174,12 @@ def test_smoothgrad_matches_slow_loop_and_noise_argument():
     torch.testing.assert_close(mag, expected_mag, atol=1e-10, rtol=1e-8)
 
 
-def test_smoothgrad_zero_noise_is_gradient_and_seed_reproducible(fcnn, xs):
-    torch.testing.assert_close(S.smoothgrad(fcnn, xs, 2, n_samples=2, noise_level=0.0), S.input_gradient(fcnn, xs, 2),
+def test_smoothgrad_zero_noise_is_gradient_and_seed_reproducible(fashion, xs):
+    torch.testing.assert_close(S.smoothgrad(fashion, xs, 2, n_samples=2, noise_level=0.0), S.input_gradient(fashion, xs, 2),
                                atol=1e-6, rtol=1e-4)
-    a = S.smoothgrad(fcnn, xs, 2, n_samples=4, seed=7)
-    b = S.smoothgrad(fcnn, xs, 2, n_samples=4, seed=7)
-    c = S.smoothgrad(fcnn, xs, 2, n_samples=4, seed=8)
+    a = S.smoothgrad(fashion, xs, 2, n_samples=4, seed=7)
+    b = S.smoothgrad(fashion, xs, 2, n_samples=4, seed=7)
+    c = S.smoothgrad(fashion, xs, 2, n_samples=4, seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -216,13 +201,13 @@ def test_smoothgrad_noise_scales_with_image_range(monkeypatch):
     assert std0 == pytest.approx(0.2, rel=0.05) and std1 == pytest.approx(0.05, rel=0.05)
 
 
-def test_smoothgrad_bad_arguments(fcnn, xs):
+def test_smoothgrad_bad_arguments(fashion, xs):
     with pytest.raises(ValueError, match="n_samples"):
-        S.smoothgrad(fcnn, xs, 1, n_samples=0)
+        S.smoothgrad(fashion, xs, 1, n_samples=0)
     with pytest.raises(ValueError, match="noise_level"):
-        S.smoothgrad(fcnn, xs, 1, noise_level=-0.1)
+        S.smoothgrad(fashion, xs, 1, noise_level=-0.1)
     with pytest.raises(ValueError, match="noise must have shape"):
-        S.smoothgrad(fcnn, xs, 1, noise=torch.zeros(3, 2, 1, 28))
+        S.smoothgrad(fashion, xs, 1, noise=torch.zeros(3, 2, 1, 28))
 
 
 # -- Integrated gradients --------------------------------------------------------------------
@@ -238,23 +223,23 @@ def test_integrated_gradients_exact_for_linear_model():
         torch.testing.assert_close(ig, (x - base) * w, atol=1e-12, rtol=1e-10)
 
 
-def test_integrated_gradients_completeness(fcnn, xs):
-    ig = S.integrated_gradients(fcnn, xs, [0, 1, 2], steps=64, batch_size=50)
+def test_integrated_gradients_completeness(fashion, xs):
+    ig = S.integrated_gradients(fashion, xs, [0, 1, 2], steps=64, batch_size=50)
     with torch.no_grad():
-        out = fcnn(xs)
-        out0 = fcnn(torch.zeros_like(xs))
+        out = fashion(xs)
+        out0 = fashion(torch.zeros_like(xs))
     diff = out[[0, 1, 2], [0, 1, 2]] - out0[[0, 1, 2], [0, 1, 2]]
     # completeness holds up to the quadrature error: within 2% of |score(x) - score(0)| + 0.05
     assert torch.allclose(ig.sum(dim=(1, 2, 3)), diff, rtol=0.02, atol=0.05), (ig.sum(dim=(1, 2, 3)), diff)
 
 
-def test_integrated_gradients_bad_arguments(fcnn, xs):
+def test_integrated_gradients_bad_arguments(fashion, xs):
     with pytest.raises(ValueError, match="unknown method"):
-        S.integrated_gradients(fcnn, xs, 1, method="simpson")
+        S.integrated_gradients(fashion, xs, 1, method="simpson")
     with pytest.raises(ValueError, match="broadcast"):
-        S.integrated_gradients(fcnn, xs, 1, baseline=torch.zeros(5, 5))
+        S.integrated_gradients(fashion, xs, 1, baseline=torch.zeros(5, 5))
     with pytest.raises(ValueError, match="steps"):
-        S.integrated_gradients(fcnn, xs, 1, steps=0)
+        S.integrated_gradients(fashion, xs, 1, steps=0)
 
 
 # -- Guided backprop and deconvnet -------------------------------------------------------------
@@ -312,13 +297,13 @@ def test_guided_backprop_rejects_functional_relus():
         S.deconvnet(net, torch.rand(1, 1, 6, 6), 0)
 
 
-def test_guided_backprop_hooks_removed_when_call_raises(fcnn, xs):
-    before = snapshot(fcnn)
+def test_guided_backprop_hooks_removed_when_call_raises(fashion, xs):
+    before = snapshot(fashion)
     with pytest.raises(ValueError, match="out of range"):
-        S.guided_backprop(fcnn, xs, 99)  # raises after the hooks are registered
-    assert same_state(before, snapshot(fcnn))
+        S.guided_backprop(fashion, xs, 99)  # raises after the hooks are registered
+    assert same_state(before, snapshot(fashion))
     # and a following call is not affected by leftovers
-    torch.testing.assert_close(S.guided_backprop(fcnn, xs, 1), S.guided_backprop(copy.deepcopy(fcnn), xs, 1))
+    torch.testing.assert_close(S.guided_backprop(fashion, xs, 1), S.guided_backprop(copy.deepcopy(fashion), xs, 1))
 
 
 # -- Occlusion -------------------------------------------------------------------------------
@@ -351,27 +336,27 @@ def _slow_occlusion(model, x, target, patch, stride, baseline, score):
 
 
 @pytest.mark.parametrize("patch,stride,score", [(7, 7, "prob"), (8, 5, "logit"), (8, 6, "prob"), (10, 7, "logit")])
-def test_occlusion_matches_slow_loop(fcnn, xs, patch, stride, score):
-    got = S.occlusion(fcnn, xs, 4, patch=patch, stride=stride, baseline=0.5, batch_size=7, progress=False, score=score)
-    expected = _slow_occlusion(fcnn, xs, 4, patch, stride, 0.5, score)
+def test_occlusion_matches_slow_loop(fashion, xs, patch, stride, score):
+    got = S.occlusion(fashion, xs, 4, patch=patch, stride=stride, baseline=0.5, batch_size=7, progress=False, score=score)
+    expected = _slow_occlusion(fashion, xs, 4, patch, stride, 0.5, score)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_occlusion_tensor_baseline_and_bad_arguments(fcnn, xs):
-    a = S.occlusion(fcnn, xs, 1, patch=14, stride=14, baseline=0.2, progress=False)
-    b = S.occlusion(fcnn, xs, 1, patch=14, stride=14, baseline=torch.full((1, 28, 28), 0.2), progress=False)
+def test_occlusion_tensor_baseline_and_bad_arguments(fashion, xs):
+    a = S.occlusion(fashion, xs, 1, patch=14, stride=14, baseline=0.2, progress=False)
+    b = S.occlusion(fashion, xs, 1, patch=14, stride=14, baseline=torch.full((1, 28, 28), 0.2), progress=False)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     with pytest.raises(ValueError, match="larger than the image"):
-        S.occlusion(fcnn, xs, 1, patch=29, progress=False)
+        S.occlusion(fashion, xs, 1, patch=29, progress=False)
     with pytest.raises(ValueError, match="score"):
-        S.occlusion(fcnn, xs, 1, score="probability", progress=False)
+        S.occlusion(fashion, xs, 1, score="probability", progress=False)
     with pytest.raises(ValueError, match="stride"):
-        S.occlusion(fcnn, xs, 1, stride=0, progress=False)
+        S.occlusion(fashion, xs, 1, stride=0, progress=False)
 
 
-def test_occlusion_no_drop_when_baseline_equals_image(fcnn, xs):
+def test_occlusion_no_drop_when_baseline_equals_image(fashion, xs):
     same = xs[:1].expand(1, 1, 28, 28)
-    out = S.occlusion(fcnn, same, 2, patch=7, stride=7, baseline=same.clone(), progress=False)
+    out = S.occlusion(fashion, same, 2, patch=7, stride=7, baseline=same.clone(), progress=False)
     assert out.abs().max().item() < 1e-6  # zero up to batch-size-dependent rounding
 
 
@@ -379,11 +364,11 @@ def test_occlusion_no_drop_when_baseline_equals_image(fcnn, xs):
 
 
 @pytest.mark.parametrize("fn", [S.vanilla_saliency, S.smoothgrad, S.occlusion, S.guided_backprop])
-def test_exercise_references_can_be_blocked(fcnn, xs, fn):
+def test_exercise_references_can_be_blocked(fashion, xs, fn):
     key = fn.__reference_key__
     _BLOCKED.add(key)
     try:
         with pytest.raises(ReferenceBlocked):
-            fn(fcnn, xs, 1)
+            fn(fashion, xs, 1)
     finally:
         _BLOCKED.discard(key)

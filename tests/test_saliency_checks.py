@@ -16,13 +16,7 @@ from coursekit.checks import saliency as sc
 SEEDS = [0, 1, 2]  # each check draws its own random cases from these seeds
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The cases are tiny: one thread avoids oversubscription on a busy machine (the checks do the same)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs: one thread is as fast, and much faster on a busy machine
 
 
 def _targets(target, n):

@@ -14,13 +14,7 @@ from coursekit.hooks import UnknownLayerError
 from coursekit.nets import FashionCNN
 from coursekit.saliency import vanilla_saliency
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 28x28 inputs: one thread is faster on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs: one thread is as fast, and much faster on a busy machine
 
 
 def edges(model, x, target):
