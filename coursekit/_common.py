@@ -1,4 +1,4 @@
-"""Small private helpers shared by :mod:`coursekit.filters` and :mod:`coursekit.receptive_fields`.
+"""Small private helpers shared by the lecture modules (filters, receptive_fields, saliency, cam).
 
 Argument checks that raise a readable error showing the bad value, the default choice of
 layers to look at, and drawing one input image on an axis.
@@ -16,15 +16,25 @@ from .images import to_numpy_image
 
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module (e.g. coursekit.load_model('fashion_cnn')), got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a torch nn.Module returning logits (e.g. coursekit.load_model(...)), got {type(model).__name__}"
+        )
 
 
 def _check_batch(x, what: str = "x") -> torch.Tensor:
+    """A non-empty float batch (N, C, H, W); the error says what to do otherwise."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor (N, C, H, W); use coursekit.load_image(...), got {type(x).__name__}")
+        raise TypeError(
+            f"{what} must be a torch.Tensor of shape (N, C, H, W) with values in [0, 1], got {type(x).__name__}; "
+            "use coursekit.load_image(...) to turn a picture into one."
+        )
     if x.dim() != 4:
-        hint = " Add a batch dimension with x[None]." if x.dim() == 3 else ""
+        hint = " Add a batch dimension with x[None] or x.unsqueeze(0)." if x.dim() == 3 else ""
         raise ValueError(f"{what} must be a 4-d batch (N, C, H, W), got shape {tuple(x.shape)}.{hint}")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must hold float pixels in [0, 1], got dtype {x.dtype}; convert with x.float() / 255.")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} is an empty batch (shape {tuple(x.shape)}); pass at least one image.")
     return x
 
 

@@ -43,6 +43,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._common import _check_batch as _check_x
+from ._common import _check_model, _positive_int
 from .checks import reference
 from .models import target_scores
 
@@ -62,35 +64,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------
 # shared plumbing
-
-
-def _check_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model must be a torch nn.Module returning logits (e.g. coursekit.load_model(...)), got {type(model).__name__}"
-        )
-
-
-def _check_x(x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"x must be a torch.Tensor of shape (N, C, H, W) with values in [0, 1], got {type(x).__name__}; "
-            "use coursekit.load_image(...) to turn a picture into one."
-        )
-    if x.dim() != 4:
-        hint = " Add a batch dimension with x[None] or x.unsqueeze(0)." if x.dim() == 3 else ""
-        raise ValueError(f"x must be a 4-d batch (N, C, H, W), got shape {tuple(x.shape)}.{hint}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must hold float pixels in [0, 1], got dtype {x.dtype}; convert with x.float() / 255.")
-    if x.shape[0] == 0:
-        raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); pass at least one image.")
-    return x
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _per_sample_target(target, n_images: int, repeats: int):
