@@ -4,12 +4,14 @@ Grad-CAM (Selvaraju et al. 2017) and its variants share one engine, :class:`CAM`
 activations ``A`` (N, K, h, w) of one layer and the gradients ``dS/dA`` of the target score in a
 single forward + partial backward pass, combine them into an (N, h, w) map, apply ReLU and
 upsample bilinearly to the input size. A variant overrides only :meth:`CAM.weights` (one weight
-per channel) or :meth:`CAM.combine` (the whole map):
+per channel), :meth:`CAM.combine` (the whole map) or, without gradients, :meth:`CAM.raw_maps`:
 
 ==========================  ==============================================================
 :class:`GradCAM`            ``alpha_k = mean_ij dS/dA_kij``; map = ReLU(sum_k alpha_k A_k)
 :class:`GradCAMPlusPlus`    higher-order weights of positive gradients (Chattopadhay 2018)
 :class:`HiResCAM`           map = ReLU(sum_k dS/dA_k * A_k), no averaging (Draelos & Carin 2020)
+:class:`XGradCAM`           ``alpha_k = sum_ij A_kij / sum_ab A_kab * dS/dA_kij`` (Fu et al. 2020)
+:class:`ScoreCAM`           gradient-free: weights from the scores of masked inputs (Wang 2020)
 ==========================  ==============================================================
 
 :func:`gradcam` is the one-call form, :func:`guided_gradcam` multiplies Grad-CAM with guided
@@ -27,17 +29,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import reference
+from ._reference import reference
+from .gradients import _fast_layout, gradient, layer_gradient
+from .guard import guarded
 from .hooks import UnknownLayerError, get_layer, list_layers, preserved
-from .models import Normalize, target_scores
-from .saliency import _check_model, _check_x, _fast_layout, _frozen, _rectifiers
+from .inputs import check_images, check_model, positive_int, target_indices, target_scores
+from .models import Normalize
+from .rules import GUIDED
 
 __all__ = [
     "CAM",
     "GradCAM",
     "GradCAMPlusPlus",
     "HiResCAM",
+    "ScoreCAM",
     "UnknownLayerError",
+    "XGradCAM",
     "candidate_layers",
     "default_layer",
     "gradcam",
@@ -90,7 +97,7 @@ def candidate_layers(model: nn.Module, input_size: tuple[int, int, int] | None =
         (e.g. ``net.features``) appear too, with the output of their last child; a CourseModel's
         input normalisation is left out.
     """
-    _check_model(model)
+    check_model(model)
     size = _guess_input_size(model, input_size)
     modules = dict(model.named_modules())
     return [
@@ -118,7 +125,7 @@ def default_layer(model: nn.Module, input_size: tuple[int, int, int] | None = No
     str
         A layer name accepted by :func:`coursekit.hooks.get_layer`.
     """
-    _check_model(model)
+    check_model(model)
     named = getattr(model, "layers", None)
     if isinstance(named, dict) and named.get("gradcam"):
         return named["gradcam"]
@@ -181,7 +188,7 @@ class CAM:
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None):
-        _check_model(model)
+        check_model(model)
         self.model = model
         self.layer_name, self.layer = get_layer(model, default_layer(model) if layer is None else layer)
 
@@ -198,77 +205,24 @@ class CAM:
         return (self.weights(activations, gradients) * activations).sum(dim=1)
 
     # -- shared machinery ------------------------------------------------------------------------
+    @reference
     def layer_maps(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations and gradients of the layer, each (N, K, h, w), from one forward + partial backward."""
-        act, grad, _ = self._run(x, target, guided=False)
+        act, grad = layer_gradient(self.model, x, target, self.layer, what=type(self).__name__)
+        if act.dim() != 4:
+            raise ValueError(
+                f"layer {self.layer_name!r} outputs shape {tuple(act.shape)}, not a (N, K, h, w) feature "
+                "map; pick a convolutional layer (coursekit.cam.candidate_layers(model) lists them)"
+            )
         return act, grad
 
-    def _run(self, x: torch.Tensor, target, guided: bool):
-        """One forward pass; the layer's activations and dS/dA; with ``guided``, also the guided-backprop
-        input gradient from a second backward pass through the same graph."""
-        x = _check_x(x).detach()
-        tapped: dict[str, torch.Tensor] = {}
-        rectify = {"on": False}  # guided rule switched on only for the second backward pass
+    def raw_maps(self, x: torch.Tensor, target) -> torch.Tensor:
+        """The map before ReLU and upsampling, (N, h, w). Gradient-free variants override this."""
+        act, grad = self.layer_maps(x, target)
+        return self.combine(act, grad)
 
-        def tap(module, inputs, output):
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(
-                    f"layer {self.layer_name!r} returns {type(output).__name__}, not a tensor; choose one of "
-                    "coursekit.cam.candidate_layers(model)"
-                )
-            if not output.requires_grad:
-                # nothing upstream needs gradients (frozen parameters, x without grad): the output
-                # becomes a leaf and the backward pass stops here (the trick of hooks.record)
-                output = output.detach().requires_grad_(True)
-                tapped["A"] = output
-                return output
-            tapped["A"] = output
-            return None
-
-        def positive_part(grad):
-            return grad.clamp(min=0) if rectify["on"] else None
-
-        def guided_hook(module, inputs, output):  # see coursekit.saliency._guided_hook
-            if output.requires_grad:
-                output.register_hook(positive_part)
-
-        rectifiers = _rectifiers(self.model) if guided else []
-        # Same technique as coursekit.hooks.record, with saliency._frozen's narrow guard instead of
-        # hooks.preserved (which rewrites every module's flags: ~3 ms per call on EfficientNet).
-        with _frozen(self.model, inplace_off=True):
-            handles = [self.layer.register_forward_hook(tap)]
-            try:
-                handles += [m.register_forward_hook(guided_hook) for m in rectifiers]
-                with torch.enable_grad():
-                    xi = _fast_layout(x)  # a fresh detached tensor (see saliency._fast_layout)
-                    xi = xi.requires_grad_(True) if guided else xi
-                    scores = target_scores(self.model(xi), target)  # (N,)
-                    if "A" not in tapped:
-                        raise RuntimeError(
-                            f"layer {self.layer_name!r} was not used in the forward pass; choose another "
-                            "(coursekit.cam.candidate_layers(model) lists the spatial ones)"
-                        )
-                    act = tapped["A"]
-                    if act.dim() != 4:
-                        raise ValueError(
-                            f"layer {self.layer_name!r} outputs shape {tuple(act.shape)}, not a (N, K, h, w) feature "
-                            "map; pick a convolutional layer (coursekit.cam.candidate_layers(model) lists them)"
-                        )
-                    if not scores.requires_grad:
-                        raise ValueError(f"the target score does not depend on layer {self.layer_name!r}")
-                    # images are independent: the gradient of the sum is the per-image gradient
-                    (grad,) = torch.autograd.grad(scores.sum(), act, retain_graph=guided)
-                    input_grad = None
-                    if guided:
-                        rectify["on"] = True
-                        (input_grad,) = torch.autograd.grad(scores.sum(), xi)
-            finally:
-                for h in handles:
-                    h.remove()
-        return act.detach(), grad.detach(), None if input_grad is None else input_grad.detach().contiguous()
-
-    def _finish(self, act, grad, size, normalize: bool) -> torch.Tensor:
-        cam = F.relu(self.combine(act, grad))  # (N, h, w)
+    def _finish(self, raw, size, normalize: bool) -> torch.Tensor:
+        cam = F.relu(raw)  # (N, h, w)
         cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         cam = cam.clamp(min=0)  # bilinear weights are convex, but keep exact zeros non-negative
         return normalize_maps(cam) if normalize else cam
@@ -289,9 +243,8 @@ class CAM:
         -------
         Tensor (N, H, W), non-negative, detached.
         """
-        x = _check_x(x)
-        act, grad = self.layer_maps(x, target)
-        return self._finish(act, grad, x.shape[-2:], normalize)
+        x = check_images(x, model=self.model)
+        return self._finish(self.raw_maps(x, target), x.shape[-2:], normalize)
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -340,6 +293,79 @@ class HiResCAM(CAM):
         return (gradients * activations).sum(dim=1)  # (N, h, w)
 
 
+class XGradCAM(CAM):
+    """XGrad-CAM (Fu et al. 2020, "Axiom-based Grad-CAM"): gradients weighted by the normalised
+    activations, ``alpha_k = sum_ij (A_kij / sum_ab A_kab) dS/dA_kij`` (``1e-7`` added to the
+    denominator, as pytorch-grad-cam does, so an all-zero channel gets weight 0)."""
+
+    def weights(self, activations, gradients):
+        total = activations.sum(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
+        return (gradients * activations / (total + 1e-7)).sum(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
+
+
+class ScoreCAM(CAM):
+    """Score-CAM (Wang et al. 2020): gradient-free; each channel's weight is the score of the image
+    masked by that channel's (upsampled, min-max normalised) activation map.
+
+    ``M_k = norm(up(A_k))``, ``s_k = score(x * M_k)``, ``w = softmax_k(s)``, map = ReLU(sum_k w_k A_k).
+    One forward pass per channel, batched (``batch_size`` masked images per pass); the score is the
+    target's logit and the weights a softmax over channels, as in pytorch-grad-cam. Upsampling is
+    bilinear with aligned corners (``nn.UpsamplingBilinear2d``).
+
+    Parameters
+    ----------
+    model, layer
+        As in :class:`CAM`.
+    batch_size : int
+        Masked images per forward pass.
+    progress : bool
+        A progress bar over the batches.
+    """
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, batch_size: int = 32,
+                 progress: bool = False):
+        super().__init__(model, layer)
+        self.batch_size = positive_int(batch_size, "batch_size")
+        self.progress = bool(progress)
+
+    def raw_maps(self, x, target):
+        from tqdm.auto import tqdm
+
+        x = check_images(x, model=self.model).detach()
+        n, k = x.shape[0], None
+        targets = target_indices(target, n)
+        maps = []
+        with guarded(self.model, what="ScoreCAM"), torch.inference_mode():
+            acts: dict[str, torch.Tensor] = {}
+            handle = self.layer.register_forward_hook(lambda m, i, o: acts.__setitem__("A", o))
+            try:
+                self.model(_fast_layout(x))
+            finally:
+                handle.remove()
+            act = acts["A"]  # (N, K, h, w)
+            if act.dim() != 4:
+                raise ValueError(f"layer {self.layer_name!r} outputs shape {tuple(act.shape)}, not (N, K, h, w)")
+            k = act.shape[1]
+            up = F.interpolate(act, size=x.shape[-2:], mode="bilinear", align_corners=True)  # (N, K, H, W)
+            lo = up.amin(dim=(2, 3), keepdim=True)
+            hi = up.amax(dim=(2, 3), keepdim=True)
+            masks = (up - lo) / (hi - lo + 1e-8)  # (N, K, H, W)
+            bar = tqdm(total=n * k, desc="Score-CAM", unit="mask", disable=not self.progress, leave=False)
+            for i in range(n):
+                tgt = targets if callable(targets) else targets[i : i + 1]
+                scores = []
+                for a in range(0, k, self.batch_size):
+                    m = masks[i, a : a + self.batch_size, None]  # (B, 1, H, W)
+                    batch = _fast_layout(x[i : i + 1] * m)  # (B, C, H, W)
+                    t = tgt if callable(tgt) else tgt.expand(batch.shape[0])
+                    scores.append(target_scores(self.model(batch), t))
+                    bar.update(m.shape[0])
+                w = torch.cat(scores).softmax(dim=0)  # (K,)
+                maps.append((w[:, None, None] * act[i]).sum(dim=0))  # (h, w)
+            bar.close()
+        return torch.stack(maps)
+
+
 def _gradcam(model, x, target, layer=None, normalize=False):
     return GradCAM(model, layer)(x, target, normalize=normalize)
 
@@ -359,16 +385,16 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target, layer: str | nn.Mo
     """Guided Grad-CAM (Selvaraju et al. 2017): guided backprop times the upsampled Grad-CAM map.
 
     High-resolution (pixel-level) detail from guided backpropagation, restricted to the
-    class-discriminative regions Grad-CAM finds. One forward pass serves both: a plain backward
-    from the score to the layer (Grad-CAM), then a backward to the input with the guided ReLU
-    rule switched on (see :func:`coursekit.saliency.guided_backprop` for the rule and its
-    requirement of ``nn.ReLU`` / ``nn.ReLU6`` modules).
+    class-discriminative regions Grad-CAM finds: a Grad-CAM pass (backward stops at the layer) and
+    a guided-backprop pass (the rules engine's :data:`coursekit.rules.GUIDED` composite; see
+    :func:`coursekit.saliency.guided_backprop` for its requirement of ``nn.ReLU`` / ``nn.ReLU6``
+    modules).
 
     Returns
     -------
     Tensor (N, C, H, W), detached.
     """
     engine = GradCAM(model, layer)
-    x = _check_x(x)
-    act, grad, guided = engine._run(x, target, guided=True)
-    return guided * engine._finish(act, grad, x.shape[-2:], normalize=False)[:, None]
+    x = check_images(x, model=model)
+    guided = gradient(model, x, target, composite=GUIDED, what="guided_gradcam")  # (N, C, H, W)
+    return guided * engine(x, target)[:, None]

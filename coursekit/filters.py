@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ._common import _check_batch, _check_model, _pair, _positive_int, _resolve_layers, _show_image
-from .checks import reference
+from ._reference import reference
 from .hooks import get_layer, preserved, record
 from .models import Normalize, target_scores
 from .receptive_fields import (  # re-exported: lecture 1 reaches them as coursekit.filters.*

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checks import reference
+from ._reference import reference
 
 __all__ = ["UnknownLayerError", "get_layer", "list_layers", "LayerInfo", "preserved", "Recorder", "record"]
 

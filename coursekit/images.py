@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checks import reference
+from ._reference import reference
 
 __all__ = ["SAMPLE_IMAGES", "sample_image", "load_image", "to_pil", "to_numpy_image"]
 

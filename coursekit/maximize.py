@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import reference
+from ._reference import reference
 from .hooks import preserved, record
 from .models import target_scores
 

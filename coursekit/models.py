@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checks import reference
+from ._reference import reference
+from .guard import guarded
+from .inputs import check_images, check_model, model_dtype, target_scores
 from .nets import FASHION_CLASSES, FashionCNN
 
 __all__ = [
@@ -40,6 +42,8 @@ class WeightsNotAvailableError(FileNotFoundError):
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel; mean and std are buffers so they follow ``.to(device)``."""
+
+    affine_passthrough = True  # an affine map: gradient-based composites pass it through (coursekit.rules)
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -80,7 +84,10 @@ class CourseModel(nn.Module):
         self.layers = dict(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N,C,H,W) in [0,1] -> (N,K) logits
-        _check_input(x, self.input_size[0], self.name)
+        x = check_images(x, f"{self.name}'s input", channels=self.input_size[0], finite=False)
+        dtype = model_dtype(self.net)
+        if x.dtype != dtype:  # float64 from numpy: compute in the model's dtype
+            x = x.to(dtype)
         return self.net(self.normalize(x))
 
     def class_index(self, name: str) -> int:
@@ -94,27 +101,6 @@ class CourseModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, classes={len(self.classes)}, input_size={self.input_size}"
-
-
-def _check_input(x: torch.Tensor, channels: int, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"{name} expects a torch.Tensor of shape (N, {channels}, H, W), got {type(x).__name__}; "
-            "use coursekit.load_image(...) to turn a picture into one."
-        )
-    if x.dim() != 4:
-        hint = " Add a batch dimension with x[None] or x.unsqueeze(0)." if x.dim() == 3 else ""
-        raise ValueError(f"{name} expects a 4-d batch (N, {channels}, H, W), got shape {tuple(x.shape)}.{hint}")
-    if x.shape[1] != channels:
-        raise ValueError(
-            f"{name} expects {channels} channel(s), got shape {tuple(x.shape)}; "
-            f"coursekit.load_image(src, channels={channels}) converts an image."
-        )
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{name} expects float pixels in [0, 1], got dtype {x.dtype}; "
-            "convert with x.float() / 255 or use coursekit.load_image."
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,45 +313,6 @@ def load_model(name: str = "efficientnet_lite0", device: str | torch.device = "c
 # predictions and targets
 
 
-def target_scores(output: torch.Tensor, target) -> torch.Tensor:
-    """The scalar per image that a method explains or maximises.
-
-    Parameters
-    ----------
-    output : Tensor (N, K)
-        Model output (logits).
-    target : int, sequence of int, Tensor (N,), or callable ``output -> (N,)`` or scalar
-        A class index for every image, one index per image, or any function of the output.
-
-    Returns
-    -------
-    Tensor (N,)
-    """
-    if callable(target) and not isinstance(target, torch.Tensor):
-        s = target(output)
-        if not isinstance(s, torch.Tensor):
-            raise TypeError(f"a target function must return a tensor, got {type(s).__name__}")
-        if s.dim() == 0:
-            s = s.expand(output.shape[0]) if output.shape[0] == 1 else s.reshape(1)
-        if s.dim() != 1:
-            raise ValueError(f"a target function must return shape (N,) or a scalar, got {tuple(s.shape)}")
-        return s
-    if isinstance(target, bool) or target is None:
-        raise TypeError(f"target must be a class index or a callable output -> score, got {target!r}")
-    idx = torch.as_tensor(target, device=output.device)
-    if idx.is_floating_point():
-        raise TypeError(f"target class indices must be integers, got {target!r}")
-    idx = idx.long().reshape(-1)
-    if idx.numel() == 1:
-        idx = idx.expand(output.shape[0])
-    if idx.numel() != output.shape[0]:
-        raise ValueError(f"got {idx.numel()} targets for a batch of {output.shape[0]} images")
-    k = output.shape[1]
-    if (idx < 0).any() or (idx >= k).any():
-        raise ValueError(f"target class index {target!r} out of range: the model has {k} classes (0..{k - 1})")
-    return output.gather(1, idx[:, None])[:, 0]
-
-
 @reference
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, k: int = 5, classes: Sequence[str] | None = None):
@@ -389,13 +336,11 @@ def predict(model: nn.Module, x: torch.Tensor, k: int = 5, classes: Sequence[str
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    check_model(model)
+    x = check_images(x, model=model)
     names = classes if classes is not None else getattr(model, "classes", None)
-    was_training = model.training
-    model.eval()
-    try:
+    with guarded(model, freeze=False, what="predict"):
         probs = model(x).softmax(dim=1)  # (N, K)
-    finally:
-        model.train(was_training)
     k = min(k, probs.shape[1])
     p, idx = probs.topk(k, dim=1)
     name = (lambda i: names[i]) if names is not None else str

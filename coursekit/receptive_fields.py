@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import _check_batch, _check_model, _pair, _positive_int, _resolve_layers, _show_image
-from .checks import reference
+from ._reference import reference
 from .hooks import get_layer
 from .models import Normalize
 

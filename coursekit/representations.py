@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checks import reference
+from ._reference import reference
 from .hooks import get_layer, preserved, record
 from .maximize import (
     MaximizationResult,

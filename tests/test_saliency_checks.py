@@ -210,7 +210,7 @@ def test_gradcam_with_coursekit_record_is_blocked():
         return rec.gradients
 
     report = run_check("saliency.gradcam", via_record, seed=0)
-    assert report.earned == 0 and "hook recorder" in report.parts[0].message
+    assert report.earned == 0 and "record()" in report.parts[0].message
 
 
 def test_blocking_is_undone_after_the_check():

@@ -27,7 +27,6 @@ not help; a student function that just calls coursekit's reference raises inside
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import io
 import sys
@@ -37,6 +36,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .._reference import _BLOCKED, ReferenceBlocked, blocked, reference  # noqa: F401  (re-exported)
+from .._reference import reference_key as _key
 
 __all__ = ["check", "exercise", "reference", "Report", "Mistake", "CheckFailed", "ReferenceBlocked", "EXERCISES"]
 
@@ -48,46 +50,12 @@ class CheckFailed(Exception):
         return [f"CheckFailed: {self}"]
 
 
-class ReferenceBlocked(RuntimeError):
-    """A student function called the coursekit function it is meant to re-implement."""
-
-
 class Mistake(Exception):
     """Raised inside a part to explain what is wrong; the part earns no points."""
 
 
 class StudentError(Exception):
     """The student's function raised; carries a readable explanation."""
-
-
-# ----------------------------------------------------------------------------------------------
-# reference functions can be blocked while a student's function runs
-
-_BLOCKED: set[str] = set()
-
-
-def reference(fn: Callable) -> Callable:
-    """Mark a coursekit function as the reference of an exercise, so a check can block it."""
-    key = f"{fn.__module__}.{fn.__qualname__}"
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if key in _BLOCKED:
-            raise ReferenceBlocked(
-                f"your function called coursekit's {fn.__qualname__}(), the reference this exercise asks you to "
-                "write yourself. Implement it with torch operations instead."
-            )
-        return fn(*args, **kwargs)
-
-    wrapper.__reference_key__ = key
-    return wrapper
-
-
-def _key(fn) -> str:
-    key = getattr(fn, "__reference_key__", None)
-    if key is None:
-        raise TypeError(f"{fn!r} is not decorated with coursekit.checks.reference and cannot be blocked")
-    return key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,10 +103,9 @@ class Report:
         """Call the student's function with the exercise's reference functions blocked."""
         if not callable(fn):
             raise StudentError(f"expected a function, got {type(fn).__name__}: {fn!r}")
-        saved = set(_BLOCKED)
-        _BLOCKED.update(self.forbid)
         try:
-            return fn(*args, **kwargs)
+            with blocked(self.forbid):
+                return fn(*args, **kwargs)
         except NotImplementedError:
             raise StudentError("not implemented yet: replace `raise NotImplementedError()` with your code") from None
         except ReferenceBlocked as e:
@@ -149,9 +116,6 @@ class Report:
                 tb = tb.tb_next
             where = f" (line {tb.tb_lineno} of {tb.tb_frame.f_code.co_name})" if tb is not None else ""
             raise StudentError(f"your function raised {type(e).__name__}: {e}{where}") from None
-        finally:
-            _BLOCKED.clear()
-            _BLOCKED.update(saved)
 
     # -- comparisons with diagnostics ------------------------------------------------------------
 

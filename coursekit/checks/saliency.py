@@ -10,22 +10,24 @@ Parts (exercise names ``saliency.<part>``):
 
 Every case is a fresh small random CNN (nn.ReLU modules, frozen, eval mode) and fresh random
 images, so the checks run in well under a second each. Expected values come from coursekit's
-references (blocked while the student's function runs, together with the private helpers that
-would do the work for them) or, for the occlusion grid, from an obviously-correct loop.
+references (blocked while the student's function runs, together with the engines that would do the
+work for them: the gradient path, the CAM base and the rules engine, all marked with coursekit's
+``@reference``) or, for the occlusion grid, from an obviously-correct loop.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import cam as _cam
+from .. import gradients as _grad
 from .. import hooks as _hooks
 from .. import saliency as _sal
-from . import Mistake, ReferenceBlocked, Report, exercise
+from ..guard import model_state
+from ..rules import Composite
+from . import Mistake, Report, exercise
 
 # ----------------------------------------------------------------------------------------------
 # random cases
@@ -77,34 +79,24 @@ def _classes(report: Report, n: int, k: int = 5) -> list[int]:
 
 
 def _snapshot(model: nn.Module, x: torch.Tensor) -> dict:
-    return {
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "hooks": [
-            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-            + len(getattr(m, "_backward_pre_hooks", {}))
-            for m in model.modules()
-        ],
-        "x": x.clone(),
-        "x_requires_grad": x.requires_grad,
-    }
+    return {"model": model_state(model, values=False), "x": x.clone(), "x_requires_grad": x.requires_grad}
 
 
 def _expect_unchanged(before: dict, model: nn.Module, x: torch.Tensor) -> None:
-    after = _snapshot(model, x)
-    if after["hooks"] != before["hooks"]:
-        left = sum(after["hooks"]) - sum(before["hooks"])
+    was, now = before["model"], model_state(model, values=False)
+    if now.hooks != was.hooks:
+        left = sum(now.hooks) - sum(was.hooks)
         raise Mistake(
             f"{left} hook(s) are still registered on the model after your function returned: keep the handles "
             "that register_*_hook returns and call handle.remove() on each, in a `finally:` block"
         )
-    if after["requires_grad"] != before["requires_grad"]:
+    if now.requires_grad != was.requires_grad:
         raise Mistake(
             "the model's parameters have a different requires_grad afterwards (the model came frozen): "
             "do not call model.requires_grad_(True); make the input require grad instead "
             "(x = x.clone().requires_grad_(True))"
         )
-    if after["training"] != before["training"]:
+    if now.training != was.training:
         raise Mistake("the model's train/eval mode changed: leave model.train()/model.eval() alone")
     if x.requires_grad != before["x_requires_grad"] or x.grad is not None:
         raise Mistake(
@@ -113,64 +105,20 @@ def _expect_unchanged(before: dict, model: nn.Module, x: torch.Tensor) -> None:
         )
     if not torch.equal(x, before["x"]):
         raise Mistake("your function modified the caller's image x in place: work on a copy")
+    other = was.differences(now)
+    if other:
+        raise Mistake("your function left the model changed: " + "; ".join(other))
 
 
-def _blocked(what: str):
-    def stub(*args, **kwargs):
-        raise ReferenceBlocked(
-            f"your function used coursekit's {what}, which does the work this exercise asks you to write "
-            "yourself. Implement it with torch operations (and your own hooks) instead."
-        )
-
-    return stub
+# The engines behind coursekit's attribution functions, all marked @reference: blocking them while
+# the student's function runs keeps "call coursekit and rename the result" from passing.
+_GRADIENT_ENGINE = [_grad.gradient]
+_GUIDED_RULE = [Composite.applied]
+_CAM_ENGINE = [_grad.layer_gradient, _cam.CAM.layer_maps, _hooks.record]
 
 
-@contextlib.contextmanager
-def blocking(*targets):
-    """Temporarily replace each ``(owner, attribute, description)`` with a stub raising ReferenceBlocked.
-
-    Class attributes (``CAM.layer_maps``, ``Recorder._hook``) are blocked however the student
-    imported the class; module globals are blocked for every function of that module that looks
-    them up at call time (which is how coursekit's public functions reach their private engines).
-    Attributes the owner does not define are skipped: the tests of this module
-    (``test_calling_the_reference_earns_nothing``) fail if a refactoring of coursekit makes a
-    reference reachable again.
-    """
-    saved = []
-    try:
-        for owner, attr, what in targets:
-            if attr in vars(owner):
-                saved.append((owner, attr, vars(owner)[attr]))
-                setattr(owner, attr, _blocked(what))
-        yield
-    finally:
-        for owner, attr, value in reversed(saved):
-            setattr(owner, attr, value)
-
-
-# The engines behind coursekit's attribution functions (input_gradient, smoothgrad, guided_backprop,
-# deconvnet, integrated gradients, the CAM family). Blocking them while the student's function runs
-# keeps "call coursekit and rename the result" from passing.
-_GRADIENT_ENGINE = [
-    (_sal, "_scores_and_grad", "gradient machinery (coursekit.saliency)"),
-    (_sal, "input_gradient", "input_gradient (coursekit.saliency)"),
-]
-_GUIDED_RULE = [
-    (_sal, "_modified_relu_gradient", "modified-ReLU backward (coursekit.saliency)"),
-    (_sal, "_guided_hook", "guided-backprop rule (coursekit.saliency)"),
-    (_cam.CAM, "_run", "CAM engine (coursekit.cam)"),
-]
-_CAM_ENGINE = [
-    (_cam.CAM, "layer_maps", "Grad-CAM engine (coursekit.cam)"),
-    (_cam.CAM, "_run", "Grad-CAM engine (coursekit.cam)"),
-    (_cam.CAM, "__call__", "Grad-CAM engine (coursekit.cam)"),
-]
-_RECORDER = [(_hooks.Recorder, "_hook", "hook recorder (coursekit.hooks.record)")]
-
-
-def _call(report: Report, student, *args, block=(), **kwargs):
-    with blocking(*block):
-        return report.call(student, *args, **kwargs)
+def _call(report: Report, student, *args, **kwargs):
+    return report.call(student, *args, **kwargs)
 
 
 def _gradient(model, x, target) -> torch.Tensor:
@@ -181,14 +129,14 @@ def _gradient(model, x, target) -> torch.Tensor:
 # saliency.vanilla
 
 
-@exercise("saliency.vanilla", forbid=[_sal.vanilla_saliency])
+@exercise("saliency.vanilla", forbid=[_sal.vanilla_saliency, *_GRADIENT_ENGINE])
 def check_vanilla(student, report: Report) -> None:
     seed = report.seed
     model = random_cnn(seed)
     x = random_images(report, n=3)
     target = int(report.rng.integers(0, 5))
     with report.part("returns a detached (N, H, W) tensor", points=1):
-        got = _call(report, student, model, x, target, block=_GRADIENT_ENGINE)
+        got = _call(report, student, model, x, target)
         if isinstance(got, torch.Tensor) and got.shape == x.shape:
             raise Mistake(
                 f"your result has shape {tuple(got.shape)}, the shape of the input (N, C, H, W): reduce the "
@@ -196,7 +144,7 @@ def check_vanilla(student, report: Report) -> None:
             )
         report.expect_tensor(got, shape=(3, 16, 16), detached=True)
     with report.part("values: max over channels of |d score / d x| (3-channel images, one target)", points=2):
-        got = _call(report, student, model, x, target, block=_GRADIENT_ENGINE)
+        got = _call(report, student, model, x, target)
         g = _gradient(model, x, target)  # (N, C, H, W)
         expected = g.abs().amax(dim=1)
         probs_grad = _gradient(model, x, lambda out: out.softmax(1)[:, target])
@@ -219,7 +167,7 @@ def check_vanilla(student, report: Report) -> None:
         x2 = random_images(report, n=3)
         targets = _classes(report, 3)
         before = _snapshot(model2, x2)
-        got = _call(report, student, model2, x2, targets, block=_GRADIENT_ENGINE)
+        got = _call(report, student, model2, x2, targets)
         _expect_unchanged(before, model2, x2)
         g2 = _gradient(model2, x2, targets)
         report.expect_close(
@@ -236,7 +184,7 @@ def check_vanilla(student, report: Report) -> None:
 # saliency.smoothgrad
 
 
-@exercise("saliency.smoothgrad", forbid=[_sal.smoothgrad])
+@exercise("saliency.smoothgrad", forbid=[_sal.smoothgrad, *_GRADIENT_ENGINE])
 def check_smoothgrad(student, report: Report) -> None:
     model = random_cnn(report.seed)
     # images with clearly different value ranges, so that range scaling matters
@@ -248,12 +196,12 @@ def check_smoothgrad(student, report: Report) -> None:
     g = torch.Generator().manual_seed(report.seed)
     noise = torch.randn(2, n_samples, *x.shape[1:], generator=g)  # (N, S, C, H, W) standard normal
     with report.part("returns a detached (N, C, H, W) tensor", points=1):
-        got = _call(report, student, model, x, target, noise, noise_level, block=_GRADIENT_ENGINE)
+        got = _call(report, student, model, x, target, noise, noise_level)
         if isinstance(got, torch.Tensor) and tuple(got.shape) == (2, 16, 16):
             raise Mistake("your result is a map (N, H, W); return the averaged gradient (N, C, H, W) itself")
         report.expect_tensor(got, shape=x.shape, detached=True)
     with report.part("values: mean gradient over x + noise_level * (max - min) of each image * noise", points=2):
-        got = _call(report, student, model, x, target, noise, noise_level, block=_GRADIENT_ENGINE)
+        got = _call(report, student, model, x, target, noise, noise_level)
 
         def sg(scale, magnitude=False):  # scale: (N,) standard deviation per image
             return _sal.smoothgrad(model, x, target, noise=noise * scale.view(-1, 1, 1, 1, 1), magnitude=magnitude)
@@ -364,20 +312,19 @@ def _mixed_sign_class(model, x, layer) -> int:
     return best
 
 
-@exercise("saliency.gradcam", forbid=[_cam.gradcam])
+@exercise("saliency.gradcam", forbid=[_cam.gradcam, *_CAM_ENGINE])
 def check_gradcam(student, report: Report) -> None:
     model = random_cnn(report.seed)
     layer = model[6]
     x = random_images(report, n=3)
     target = _mixed_sign_class(model, x, layer)
-    block = _CAM_ENGINE + _RECORDER
     with report.part("returns a detached (N, h, w) map at the layer's resolution", points=1):
-        got = _call(report, student, model, x, target, layer, block=block)
+        got = _call(report, student, model, x, target, layer)
         if isinstance(got, torch.Tensor) and tuple(got.shape) == (3, 16, 16):
             raise Mistake("your map is upsampled to the input size (16, 16); return it at the layer's resolution (8, 8)")
         report.expect_tensor(got, shape=(3, 8, 8), detached=True)
     with report.part("values: ReLU(sum_k alpha_k A_k), alpha_k = mean over positions of dS/dA_k", points=2):
-        got = _call(report, student, model, x, target, layer, block=block)
+        got = _call(report, student, model, x, target, layer)
         act, grad, expected = _gradcam_at_layer(model, x, target, layer)
         raw = (grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1)
         _, _, from_probs = _gradcam_at_layer(model, x, lambda out: out.softmax(1)[:, target], layer)
@@ -401,7 +348,7 @@ def check_gradcam(student, report: Report) -> None:
         x2 = random_images(report, n=3)
         targets = _classes(report, 3)
         before = _snapshot(model2, x2)
-        got = _call(report, student, model2, x2, targets, model2[6], block=block)
+        got = _call(report, student, model2, x2, targets, model2[6])
         _expect_unchanged(before, model2, x2)
         report.expect_close(got, _gradcam_at_layer(model2, x2, targets, model2[6])[2], rtol=1e-4, atol=1e-6,
                             what="your map with per-image targets")
@@ -411,19 +358,18 @@ def check_gradcam(student, report: Report) -> None:
 # saliency.guided
 
 
-@exercise("saliency.guided", forbid=[_sal.guided_backprop])
+@exercise("saliency.guided", forbid=[_sal.guided_backprop, *_GRADIENT_ENGINE, *_GUIDED_RULE])
 def check_guided(student, report: Report) -> None:
     model = random_cnn(report.seed)
     x = random_images(report, n=2)
     target = int(report.rng.integers(0, 5))
-    block = _GRADIENT_ENGINE + _GUIDED_RULE
     with report.part("returns a detached (N, C, H, W) tensor", points=1):
-        got = _call(report, student, model, x, target, block=block)
+        got = _call(report, student, model, x, target)
         if isinstance(got, torch.Tensor) and tuple(got.shape) == (2, 16, 16):
             raise Mistake("your result is a map (N, H, W); return the attribution (N, C, H, W) itself")
         report.expect_tensor(got, shape=x.shape, detached=True)
     with report.part("values: at every ReLU, grad_in = relu(grad_out) where the input was positive", points=1):
-        got = _call(report, student, model, x, target, block=block)
+        got = _call(report, student, model, x, target)
         expected = _sal.guided_backprop(model, x, target)
         report.expect_close(
             got, expected, rtol=1e-4, atol=1e-6,
@@ -440,6 +386,6 @@ def check_guided(student, report: Report) -> None:
         model2 = random_cnn(report.seed)
         x2 = random_images(report, n=2)
         before = _snapshot(model2, x2)
-        got = _call(report, student, model2, x2, target, block=block)
+        got = _call(report, student, model2, x2, target)
         _expect_unchanged(before, model2, x2)
         report.expect_close(got, _sal.guided_backprop(model2, x2, target), rtol=1e-4, atol=1e-6)

@@ -1,0 +1,167 @@
+"""The one input check and the one target normaliser that every method uses (bottom floor).
+
+* :func:`check_model` — an ``nn.Module``, or a clear ``TypeError``.
+* :func:`check_images` — a non-empty float batch ``(N, C, H, W)`` of finite pixels; float64 / float16
+  (what ``torch.from_numpy`` gives) is converted to the model's dtype instead of crashing deep inside
+  a convolution; a NaN or infinite pixel is an error, never a clean-looking empty map.
+* :func:`target_indices` / :func:`target_scores` — ``target`` is a class index, one index per image,
+  or a callable ``output -> (N,)``; the scalar per image that a method explains, maximises or attacks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["check_model", "check_images", "model_dtype", "target_indices", "target_scores", "positive_int"]
+
+
+def check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "model must be a torch nn.Module returning logits (e.g. coursekit.load_model(...)), "
+            f"got {type(model).__name__}"
+        )
+    return model
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's first parameter or buffer (float32 when it has none)."""
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    for t in model.buffers():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+def check_images(x, what: str = "x", model: nn.Module | None = None, channels: int | None = None,
+                 finite: bool = True, pixel_range: bool = False) -> torch.Tensor:
+    """A non-empty float batch ``(N, C, H, W)``; the error says what to do otherwise.
+
+    Parameters
+    ----------
+    x : Tensor
+    what : str
+        The argument's name, for messages.
+    model : nn.Module, optional
+        Pixels in another float dtype are converted to the model's dtype (float64 from numpy).
+    channels : int, optional
+        The channel count the model expects.
+    finite : bool
+        Reject NaN and infinite pixels.
+    pixel_range : bool
+        Reject values outside [0, 1] (attacks clamp to that box, so it must hold the input).
+
+    Returns
+    -------
+    Tensor (N, C, H, W), possibly converted; ``x`` itself is never modified.
+    """
+    if not isinstance(x, torch.Tensor):
+        hint = " (a numpy array: use torch.from_numpy(a).permute(2, 0, 1)[None] or coursekit.load_image)" \
+            if isinstance(x, np.ndarray) else "; use coursekit.load_image(...) to turn a picture into one"
+        raise TypeError(
+            f"{what} must be a torch.Tensor of shape (N, C, H, W) with values in [0, 1], got {type(x).__name__}{hint}"
+        )
+    if x.dim() != 4:
+        hint = " Add a batch dimension with x[None] or x.unsqueeze(0)." if x.dim() == 3 else ""
+        raise ValueError(f"{what} must be a 4-d batch (N, C, H, W), got shape {tuple(x.shape)}.{hint}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{what} must hold float pixels in [0, 1], got dtype {x.dtype}; convert with x.float() / 255 "
+            "or use coursekit.load_image."
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} is an empty batch (shape {tuple(x.shape)}); pass at least one image.")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(
+            f"{what} has {x.shape[1]} channel(s) (shape {tuple(x.shape)}) but the model expects {channels}; "
+            f"coursekit.load_image(src, channels={channels}) converts an image."
+        )
+    if finite:
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            n_bad = int(bad.sum())
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{what} contains {n_bad} NaN or infinite value(s) (first at index {first}); a map of such an "
+                "input would be meaningless. Check how the image was made (a division by zero?)."
+            )
+    if pixel_range:
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            hint = " (it looks like 0-255 pixels: divide by 255)" if hi > 1.5 else ""
+            hint = " (it looks normalised: pass [0, 1] pixels; the model normalises itself)" if lo < -0.01 else hint
+            raise ValueError(f"{what} must hold pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
+    if model is not None:
+        dtype = model_dtype(model)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+    return x
+
+
+def positive_int(value, what: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# targets
+
+
+def target_indices(target, n: int, repeats: int = 1, what: str = "target"):
+    """Normalise ``target`` for a batch of ``n`` images, each repeated ``repeats`` times (image-major).
+
+    Returns the callable unchanged, or a LongTensor ``(n * repeats,)`` of class indices.
+    """
+    if callable(target) and not isinstance(target, torch.Tensor):
+        return target
+    if isinstance(target, bool) or target is None:
+        raise TypeError(f"{what} must be a class index or a callable output -> score, got {target!r}")
+    try:
+        idx = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{what} must be a class index, one index per image, or a callable; got {target!r}") from err
+    if idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
+        raise TypeError(f"{what} class indices must be integers, got {target!r}")
+    idx = idx.long().reshape(-1)
+    if idx.numel() == 1:
+        return idx.expand(n * repeats)
+    if idx.numel() != n:
+        raise ValueError(f"got {idx.numel()} {what}s for a batch of {n} images; give one int, or one per image")
+    return idx.repeat_interleave(repeats) if repeats > 1 else idx
+
+
+def target_scores(output: torch.Tensor, target) -> torch.Tensor:
+    """The scalar per image that a method explains, maximises or attacks.
+
+    Parameters
+    ----------
+    output : Tensor (N, K)
+        Model output (logits).
+    target : int, sequence of int, Tensor (N,), or callable ``output -> (N,)`` or scalar
+        A class index for every image, one index per image, or any function of the output.
+
+    Returns
+    -------
+    Tensor (N,)
+    """
+    n = output.shape[0]
+    target = target_indices(target, n)
+    if callable(target):
+        s = target(output)
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"a target function must return a tensor, got {type(s).__name__}")
+        if s.dim() == 0:
+            s = s.expand(n) if n == 1 else s.reshape(1)
+        if s.dim() != 1:
+            raise ValueError(f"a target function must return shape (N,) or a scalar, got {tuple(s.shape)}")
+        return s
+    k = output.shape[1]
+    if (target < 0).any() or (target >= k).any():
+        bad = target[(target < 0) | (target >= k)][0]
+        raise ValueError(f"target class index {int(bad)} out of range: the model has {k} classes (0..{k - 1})")
+    return output.gather(1, target.to(output.device)[:, None])[:, 0]
