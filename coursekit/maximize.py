@@ -57,8 +57,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._reference import reference
-from .hooks import preserved, record
-from .models import target_scores
+from .gradients import gradient
+from .guard import guarded
+from .hooks import record
+from .inputs import check_images, target_scores
+from .optimize import Adam, NormalizedAscent, ascend
 
 __all__ = [
     "Context",
@@ -930,53 +933,44 @@ def maximize(
     if device is not None and any(t.device != device for t in param.parameters()):
         param.to_(device)  # pictures live where the model does
     tensors = param.parameters()
-    opt = torch.optim.Adam(tensors, lr=lr) if optimizer == "adam" else None
-    history, probs = [], []
+    rule = Adam(lr) if optimizer == "adam" else NormalizedAscent(lr)
+    probs: list[torch.Tensor] = []
 
-    from tqdm.auto import tqdm
-
-    with preserved(model), torch.enable_grad():
-        model.eval()
+    with guarded(model, what="maximize"):
         context = record(model, list(objective.layers)) if objective.layers else _no_record()
         with context as rec:
-            bar = tqdm(range(steps), desc=f"maximize {objective.name}"[:60], disable=not progress, leave=False)
-            for step in bar:
+            last: dict[str, torch.Tensor] = {}
+
+            def value_fn() -> torch.Tensor:  # (N,)
                 x = param.image()
                 inp = x
                 for t in transforms:
                     inp = t(inp, generator)
                 logits = model(inp)
+                last["logits"] = logits.detach()
                 ctx = Context(image=x, input=inp, logits=logits, activations=rec.outputs if rec else {})
-                values = objective(ctx)  # (N,)
-                grads = torch.autograd.grad(values.sum(), tensors)
-                with torch.no_grad():
-                    if opt is not None:
-                        for p, g in zip(tensors, grads):
-                            p.grad = -g  # Adam minimises: descend on minus the objective
-                        opt.step()
-                        for p in tensors:
-                            p.grad = None
-                    else:
-                        for p, g in zip(tensors, grads):
-                            rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)  # per image
-                            p.add_(lr * g / rms.view(-1, *([1] * (g.dim() - 1))))
-                    param.project_()
-                    if regularizers:
-                        pic = param.image()
-                        for r in regularizers:
-                            pic = r(pic, step)
-                        param.set_image_(pic)
-                history.append(values.detach())
+                return objective(ctx)
+
+            def after_step(step: int) -> None:
+                param.project_()
+                if regularizers:
+                    pic = param.image()
+                    for r in regularizers:
+                        pic = r(pic, step)
+                    param.set_image_(pic)
+
+            def on_value(step: int, values: torch.Tensor) -> None:
                 if track is not None:
-                    probs.append(target_scores(logits.detach().softmax(1), track))
-                if progress:
-                    bar.set_postfix(objective=f"{float(values.detach().mean()):.3g}")
+                    probs.append(target_scores(last["logits"].softmax(1), track))
+
+            history = ascend(value_fn, tensors, rule, steps, after_step=after_step, on_value=on_value,
+                             progress=progress, desc=f"maximize {objective.name}")
         with torch.no_grad():
             image = param.image().detach().clone()
             final = target_scores(model(image).softmax(1), track) if track is not None else None
     return MaximizationResult(
         image=image,
-        history=torch.stack(history),
+        history=history,
         probabilities=torch.stack(probs) if probs else None,
         final_probabilities=final,
         target=track,
@@ -1021,11 +1015,8 @@ def ascent_step(model: nn.Module, x: torch.Tensor, target, lr: float = 1.0) -> t
     Tensor (N, C, H, W)
         The new pictures, in [0, 1], detached.
     """
-    with preserved(model):
-        model.requires_grad_(False)
-        xg = x.detach().clone().requires_grad_(True)
-        score = target_scores(model(xg), target)  # (N,)
-        (g,) = torch.autograd.grad(score.sum(), xg)
+    x = check_images(x, model=model)
+    g = gradient(model, x, target, what="ascent_step")  # (N, C, H, W)
     rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
     return (x.detach() + lr * g / rms).clamp(0, 1)
 

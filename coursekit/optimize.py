@@ -1,0 +1,285 @@
+"""The input-optimisation engine: change a picture (not the model) until a value is large (bottom floor).
+
+One loop serves every lecture that optimises an input:
+
+* lecture 2 — class visualisation, feature inversion (:func:`coursekit.maximize.maximize`): Adam
+  or normalised gradient ascent;
+* lecture 5 — FGSM / BIM / PGD: a sign step (L-inf) or a normalised step (L2) followed by a
+  projection onto the epsilon-ball and the [0, 1] box;
+* lecture 6 — DeepDream (normalised ascent over :func:`octaves`, an image pyramid) and style
+  transfer (L-BFGS).
+
+The pieces::
+
+    rule = SignStep(step_size=2/255, eps=8/255, origin=x)      # a step rule (Adam, NormalizedAscent, LBFGS, ...)
+    history = ascend(value_fn, [x_adv], rule, steps=10)          # value_fn() -> (N,) values to maximise
+
+``ascend`` takes gradients w.r.t. the given tensors only (never the model's parameters: run it inside
+:func:`coursekit.guard.guarded`), applies the rule, calls ``after_step`` (projection, regularisers),
+and records the value at every step. A step rule ascends; to minimise a loss, ascend its negative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["StepRule", "Adam", "NormalizedAscent", "SignStep", "LBFGS", "ascend", "octaves", "project"]
+
+
+def _per_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))  # (N,) -> (N, 1, 1, 1)
+
+
+def project(x: torch.Tensor, origin: torch.Tensor, eps: float, norm: str = "linf", box=(0.0, 1.0)) -> torch.Tensor:
+    """Project ``x`` onto the ``norm``-ball of radius ``eps`` around ``origin``, then into ``box``.
+
+    For L-inf the two projections commute with clamping (both are per pixel), so the result is the
+    exact projection onto their intersection; for L2 it is the usual approximation (ball, then box).
+    """
+    delta = x - origin
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    elif norm == "l2":
+        n = delta.flatten(1).norm(dim=1).clamp_min(1e-12)  # (N,)
+        delta = delta * _per_image((eps / n).clamp(max=1.0), delta)
+    else:
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    out = origin + delta
+    return out.clamp(*box) if box is not None else out
+
+
+class StepRule:
+    """One update of the optimised tensors, given the gradients of the value to *maximise*."""
+
+    needs_closure = False
+
+    def reset(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Called once before the first step."""
+
+    def step(self, tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and not torch.is_tensor(v))
+        return f"{type(self).__name__}({args})"
+
+
+class Adam(StepRule):
+    """Adam (Kingma & Ba 2015) on the negative value: the default for feature visualisation."""
+
+    def __init__(self, lr: float = 0.05):
+        self.lr = float(lr)
+
+    def reset(self, tensors):
+        self._opt = torch.optim.Adam(list(tensors), lr=self.lr)
+
+    @torch.no_grad()
+    def step(self, tensors, grads):
+        for p, g in zip(tensors, grads):
+            p.grad = -g  # Adam minimises: descend on minus the value
+        self._opt.step()
+        for p in tensors:
+            p.grad = None
+
+
+class NormalizedAscent(StepRule):
+    """``x += lr * g / rms(g)`` per image: every image moves by ``lr`` per pixel on average, whatever
+    the gradient's scale (the Keras notebook's step; DeepDream's, Mordvintsev et al. 2015)."""
+
+    def __init__(self, lr: float = 1.0):
+        self.lr = float(lr)
+
+    @torch.no_grad()
+    def step(self, tensors, grads):
+        for p, g in zip(tensors, grads):
+            rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)  # (N,)
+            p.add_(self.lr * g / _per_image(rms, g))
+
+
+class SignStep(StepRule):
+    """A steepest-ascent step for a norm ball, then the projection (FGSM / BIM / PGD).
+
+    ``norm="linf"``: ``x += step_size * sign(g)`` (Goodfellow et al. 2015; Madry et al. 2018).
+    ``norm="l2"``: ``x += step_size * g / ||g||_2`` per image. After the step, ``x`` is projected
+    onto the ball of radius ``eps`` around ``origin`` (when given) and clamped to ``box``.
+
+    Parameters
+    ----------
+    step_size : float
+        Step length (pixel units in [0, 1]: 2/255, not 2).
+    eps : float, optional
+        Radius of the ball; no ball when None.
+    origin : Tensor, optional
+        Centre of the ball (the clean images).
+    norm : {"linf", "l2"}
+    box : (float, float) or None
+        Valid pixel range, enforced after every step.
+    """
+
+    def __init__(self, step_size: float, eps: float | None = None, origin: torch.Tensor | None = None,
+                 norm: str = "linf", box=(0.0, 1.0)):
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        if (eps is None) != (origin is None):
+            raise ValueError("give both eps and origin (the ball's radius and centre), or neither")
+        self.step_size, self.eps, self.norm, self.box = float(step_size), eps, norm, box
+        self._origin = None if origin is None else origin.detach()
+
+    @torch.no_grad()
+    def step(self, tensors, grads):
+        for p, g in zip(tensors, grads):
+            if self.norm == "linf":
+                p.add_(self.step_size * g.sign())
+            else:
+                n = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+                p.add_(self.step_size * g / _per_image(n, g))
+            if self._origin is not None:
+                p.copy_(project(p, self._origin, self.eps, self.norm, self.box))
+            elif self.box is not None:
+                p.clamp_(*self.box)
+
+
+class LBFGS(StepRule):
+    """L-BFGS (Liu & Nocedal 1989) with a strong-Wolfe line search, as in Gatys et al.'s style
+    transfer. One engine step is one L-BFGS iteration of up to ``max_eval`` function evaluations."""
+
+    needs_closure = True
+
+    def __init__(self, lr: float = 1.0, history_size: int = 50, max_iter: int = 1, max_eval: int | None = None):
+        self.lr, self.history_size, self.max_iter, self.max_eval = float(lr), int(history_size), int(max_iter), max_eval
+
+    def reset(self, tensors):
+        self._opt = torch.optim.LBFGS(list(tensors), lr=self.lr, history_size=self.history_size,
+                                      max_iter=self.max_iter, max_eval=self.max_eval, line_search_fn="strong_wolfe")
+
+    def step(self, tensors, grads, closure=None):
+        if closure is None:
+            raise ValueError("LBFGS needs a closure (ascend passes one)")
+        self._opt.step(closure)
+
+
+def ascend(
+    value_fn: Callable[[], torch.Tensor],
+    tensors: Sequence[torch.Tensor],
+    rule: StepRule,
+    steps: int,
+    *,
+    after_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+    desc: str = "optimise",
+    on_value: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Maximise ``value_fn()`` (one value per image) by changing ``tensors`` for ``steps`` steps.
+
+    Parameters
+    ----------
+    value_fn : callable () -> Tensor (N,)
+        Recomputes the values from the current tensors (a forward pass).
+    tensors : sequence of leaf tensors with ``requires_grad=True``
+    rule : StepRule
+    steps : int
+    after_step : callable(step), optional
+        Called after every update, under ``torch.no_grad`` (projection, regularisers).
+    progress : bool
+        A tqdm bar with the mean value.
+    desc : str
+        The bar's label.
+    on_value : callable(step, values), optional
+        Sees the (detached) values of every step, e.g. to record predictions or stop early by
+        raising :class:`StopIteration`.
+
+    Returns
+    -------
+    Tensor (steps_done, N)
+        The value at every step, before that step's update.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not isinstance(rule, StepRule):
+        raise TypeError(f"rule must be a StepRule (Adam, NormalizedAscent, SignStep, LBFGS), got {type(rule).__name__}")
+    tensors = list(tensors)
+    rule.reset(tensors)
+    history: list[torch.Tensor] = []
+    bar = tqdm(range(steps), desc=desc[:60], disable=not progress, leave=False)
+    with torch.enable_grad():
+        for step in bar:
+            if rule.needs_closure:
+                seen: list[torch.Tensor] = []
+                rule.step(tensors, None, closure=_closure(rule, value_fn, seen))
+                values = seen[0]
+            else:
+                values = value_fn()
+                grads = torch.autograd.grad(values.sum(), tensors)
+                rule.step(tensors, grads)
+                values = values.detach()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(step)
+            history.append(values)
+            if progress:
+                bar.set_postfix(value=f"{float(values.mean()):.3g}")
+            if on_value is not None:
+                try:
+                    on_value(step, values)
+                except StopIteration:
+                    break
+    bar.close()
+    return torch.stack(history)
+
+
+def _closure(rule: StepRule, value_fn: Callable[[], torch.Tensor], seen: list):
+    """What L-BFGS re-evaluates: minus the summed values, gradients in ``.grad``; values kept in ``seen``."""
+
+    def closure():
+        rule._opt.zero_grad()
+        values = value_fn()
+        loss = -values.sum()
+        loss.backward()
+        seen.append(values.detach())
+        return loss
+
+    return closure
+
+
+def octaves(image: torch.Tensor, run: Callable[[torch.Tensor, int], torch.Tensor], n_octaves: int = 3,
+            scale: float = 1.4, progress: bool = False) -> torch.Tensor:
+    """An image pyramid (DeepDream, Mordvintsev et al. 2015): optimise small first, carry the detail up.
+
+    The image is shrunk ``n_octaves - 1`` times by ``scale``. From the smallest octave up, the
+    current picture is ``resize(image) + upsampled detail``; ``run(picture, octave)`` optimises it
+    and returns the new picture; its difference from ``resize(image)`` is the detail carried up.
+
+    Parameters
+    ----------
+    image : Tensor (N, C, H, W)
+    run : callable (Tensor, int) -> Tensor
+        Optimises one octave (octave 0 is the smallest).
+    n_octaves : int
+    scale : float
+        Size ratio between neighbouring octaves (> 1).
+
+    Returns
+    -------
+    Tensor (N, C, H, W) at the input size.
+    """
+    if isinstance(n_octaves, bool) or not isinstance(n_octaves, int) or n_octaves < 1:
+        raise ValueError(f"n_octaves must be a positive int, got {n_octaves!r}")
+    if not scale > 1:
+        raise ValueError(f"scale must be > 1 (the size ratio between octaves), got {scale!r}")
+    h, w = image.shape[-2:]
+    sizes = [(max(1, round(h / scale**k)), max(1, round(w / scale**k))) for k in range(n_octaves)][::-1]
+    base = image.detach()
+    detail = torch.zeros_like(F.interpolate(base, size=sizes[0], mode="bilinear", align_corners=False))
+    out = base
+    for octave, size in enumerate(sizes):
+        resized = F.interpolate(base, size=size, mode="bilinear", align_corners=False) if size != (h, w) else base
+        if detail.shape[-2:] != size:
+            detail = F.interpolate(detail, size=size, mode="bilinear", align_corners=False)
+        out = run(resized + detail, octave)
+        detail = out.detach() - resized
+    return out
