@@ -13,12 +13,19 @@ nothing of exercises or grading, so every floor of the library can import it.
 
 Engines (the gradient path, the rules engine, the CAM base) are marked the same way, so a check
 blocks them by passing the functions themselves, never by patching private names.
+
+The wrapper is only the friendly first line (a clear error message). The marker also keeps the
+code object of every reference (:func:`reference_code`), so that :mod:`coursekit.checks` can
+notice the reference's code running however it was reached (the wrapper has no
+``__wrapped__``; a closure cell, a copy taken before the check or an emptied ``_BLOCKED`` do not
+help either).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 
 __all__ = ["ReferenceBlocked", "reference", "reference_key", "blocked", "is_blocked"]
@@ -29,13 +36,13 @@ class ReferenceBlocked(RuntimeError):
 
 
 _BLOCKED: set[str] = set()
+_ORIGINALS: dict[str, tuple[object, str]] = {}  # key -> (code object, module name)
 
 
 def reference(fn: Callable) -> Callable:
     """Mark ``fn`` (a function or method) as a reference that an exercise check may block."""
     key = f"{fn.__module__}.{fn.__qualname__}"
 
-    @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if _BLOCKED and key in _BLOCKED:
             raise ReferenceBlocked(
@@ -44,7 +51,14 @@ def reference(fn: Callable) -> Callable:
             )
         return fn(*args, **kwargs)
 
+    functools.update_wrapper(wrapper, fn)
+    del wrapper.__wrapped__  # no plain way back to the unguarded function
+    try:
+        wrapper.__signature__ = inspect.signature(fn)  # help() and signature() still show the real parameters
+    except (TypeError, ValueError):
+        pass  # a builtin without a signature: help() shows (*args, **kwargs)
     wrapper.__reference_key__ = key
+    _ORIGINALS[key] = (fn.__code__, fn.__module__)
     return wrapper
 
 
@@ -57,7 +71,18 @@ def reference_key(fn) -> str:
 
 
 def is_blocked(fn) -> bool:
+    """Whether the reference ``fn`` is blocked right now."""
     return reference_key(fn) in _BLOCKED
+
+
+def reference_code(key: str):
+    """The code object of the reference with this key (None for an unknown key)."""
+    return _ORIGINALS.get(key, (None, ""))[0]
+
+
+def reference_module(key: str) -> str:
+    """The name of the module that defines the reference with this key ("" for an unknown key)."""
+    return _ORIGINALS.get(key, (None, ""))[1]
 
 
 @contextlib.contextmanager

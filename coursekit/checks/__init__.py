@@ -20,8 +20,16 @@ Authoring a check (one module per exercise set, ``coursekit/checks/<set>.py``)::
         with report.part("values", points=2):
             report.expect_close(got, expected, mistakes={"forgot to divide by 255": expected * 255})
 
-Cases are drawn from a fresh, unseeded generator on every call, so knowing the test code does
-not help; a student function that just calls coursekit's reference raises inside the check.
+Cases are drawn from a fresh, unseeded generator on every call (a grader passes a seed of its
+own), so knowing the test code does not help. Each check starts with the cases that expose the
+mistakes it diagnoses, then draws random ones, so a known mistake never passes by luck.
+
+The student's function runs in a thread of its own under a guard (:mod:`._student`): running a
+blocked reference (however it was reached), an attribution library, or reading the check's frames
+fails the part and is recorded in :attr:`Report.tampering`; anything the function patches in
+torch or coursekit is put back and named (:mod:`._integrity`). A function that does nothing
+(returns ``None``, a constant, or its own input, in every call) earns no points at all, whatever
+the parts about shapes or side effects said.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import torch
 
 from .._reference import _BLOCKED, ReferenceBlocked, blocked, reference  # noqa: F401  (re-exported)
 from .._reference import reference_key as _key
+from . import _integrity, _student
 
 __all__ = ["check", "exercise", "reference", "Report", "Mistake", "CheckFailed", "ReferenceBlocked", "EXERCISES"]
 
@@ -79,6 +88,8 @@ class Report:
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     parts: list[PartResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tampering: list[str] = field(default_factory=list)  # for the instructor: what the guard caught
+    calls: list[tuple] = field(default_factory=list)  # (result, args) of every call of the student's function
 
     @property
     def seed(self) -> int:
@@ -100,15 +111,17 @@ class Report:
             res.earned = res.points
 
     def call(self, fn: Callable, *args, **kwargs):
-        """Call the student's function with the exercise's reference functions blocked."""
+        """Call the student's function (in its own thread, references blocked, patches undone)."""
         if not callable(fn):
             raise StudentError(f"expected a function, got {type(fn).__name__}: {fn!r}")
         try:
-            with blocked(self.forbid):
-                return fn(*args, **kwargs)
+            value = _student.call(fn, args, kwargs, self.forbid)
         except NotImplementedError:
             raise StudentError("not implemented yet: replace `raise NotImplementedError()` with your code") from None
         except ReferenceBlocked as e:
+            raise StudentError(str(e)) from None
+        except _student.Violation as e:
+            self.tampering += [t for t in str(e).split("; ") if t not in self.tampering]
             raise StudentError(str(e)) from None
         except Exception as e:  # the student's bug, reported as a verdict, not a crash of the check
             tb = e.__traceback__
@@ -116,6 +129,23 @@ class Report:
                 tb = tb.tb_next
             where = f" (line {tb.tb_lineno} of {tb.tb_frame.f_code.co_name})" if tb is not None else ""
             raise StudentError(f"your function raised {type(e).__name__}: {e}{where}") from None
+        finally:
+            patched = _integrity.restore()
+        if patched:
+            text = f"your function replaced {', '.join(patched)} (put back; the check does not accept that)"
+            self.tampering.append(text)
+            raise StudentError(text)
+        self.calls.append((value, args, kwargs))
+        return value
+
+    def did_nothing(self) -> bool:
+        """Whether every call returned None, a constant, or one of its own inputs."""
+        if not self.calls:
+            return False
+        scalars = [v for v, _, _ in self.calls if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(scalars) == len(self.calls) and len(self.calls) > 2 and len(set(scalars)) == 1:
+            return True
+        return all(_trivial(v, (*a, *k.values())) for v, a, k in self.calls)
 
     # -- comparisons with diagnostics ------------------------------------------------------------
 
@@ -184,6 +214,33 @@ class Report:
         return "\n".join(lines)
 
 
+def _same(value, arg) -> bool:
+    if value is arg:
+        return True
+    if isinstance(value, torch.Tensor) and isinstance(arg, (torch.Tensor, np.ndarray)):
+        other = torch.as_tensor(arg)
+        return value.shape == other.shape and bool((value.detach().cpu() == other.to(value.dtype)).all())
+    return False
+
+
+def _trivial(value, args: tuple) -> bool:
+    """None, a constant tensor, an input handed back, or a container of those."""
+    if value is None:
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_trivial(v, args) for v in value)
+    if isinstance(value, dict):
+        return all(_trivial(v, args) for v in value.values())
+    if any(_same(value, a) for a in args):
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return any(type(a) in (int, float) and a == value for a in args)
+    if isinstance(value, torch.Tensor) and value.numel() > 1:
+        flat = value.detach().flatten()
+        return bool((flat == flat[0]).all())
+    return False
+
+
 # ----------------------------------------------------------------------------------------------
 # registry and the entry point used by the notebooks
 
@@ -234,11 +291,14 @@ def run_check(name: str, student: Callable, seed: int | None = None) -> Report:
     """Run the check of exercise ``name`` on ``student`` and return the filled :class:`Report`."""
     ex = _lookup(name)
     report = Report(name, ex.forbid, rng=np.random.default_rng(seed))
+    patched = _integrity.restore()  # a cell that patched torch or coursekit does not change the verdict
+    if patched:
+        report.tampering.append(f"{', '.join(patched)} had been replaced before the check (put back)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         err = io.StringIO()
         saved_stderr = sys.stderr
-        sys.stderr = err  # nbgrader zeroes a cell that writes to stderr; keep the student's noise visible on stdout
+        sys.stderr = err  # keep the student's noise out of the verdict; shown below it as notes
         np_state = np.random.get_state()
         try:
             # the notebook's own seeded cells give the same numbers whether or not a check ran before them
@@ -254,6 +314,12 @@ def run_check(name: str, student: Callable, seed: int | None = None) -> Report:
         finally:
             np.random.set_state(np_state)
             sys.stderr = saved_stderr
+    if report.did_nothing() and report.earned > 0:
+        for p in report.parts:
+            p.earned = 0.0
+            p.message = p.message or "no points: see below"
+        report.notes.insert(0, "your function returns None, a constant or its own input in every case: a function "
+                               "that does nothing earns no points, whatever the parts above checked")
     noise = err.getvalue().strip()
     if caught or noise:
         report.notes += [f"warning: {w.category.__name__}: {w.message}" for w in caught] + ([noise] if noise else [])
