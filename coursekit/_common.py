@@ -1,55 +1,25 @@
-"""Small private helpers shared by the lecture modules (filters, receptive_fields, saliency, cam).
+"""Small private helpers shared by lecture 1's modules (filters, receptive_fields).
 
-Argument checks that raise a readable error showing the bad value, the default choice of
-layers to look at, and drawing one input image on an axis.
+A size given as an int or a pair, the default choice of layers to look at, and drawing one
+input image on an axis. The model / image / integer checks live in :mod:`coursekit.inputs`.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from .hooks import get_layer
 from .images import to_numpy_image
-
-
-def _check_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model must be a torch nn.Module returning logits (e.g. coursekit.load_model(...)), got {type(model).__name__}"
-        )
-
-
-def _check_batch(x, what: str = "x") -> torch.Tensor:
-    """A non-empty float batch (N, C, H, W); the error says what to do otherwise."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"{what} must be a torch.Tensor of shape (N, C, H, W) with values in [0, 1], got {type(x).__name__}; "
-            "use coursekit.load_image(...) to turn a picture into one."
-        )
-    if x.dim() != 4:
-        hint = " Add a batch dimension with x[None] or x.unsqueeze(0)." if x.dim() == 3 else ""
-        raise ValueError(f"{what} must be a 4-d batch (N, C, H, W), got shape {tuple(x.shape)}.{hint}")
-    if not x.is_floating_point():
-        raise TypeError(f"{what} must hold float pixels in [0, 1], got dtype {x.dtype}; convert with x.float() / 255.")
-    if x.shape[0] == 0:
-        raise ValueError(f"{what} is an empty batch (shape {tuple(x.shape)}); pass at least one image.")
-    return x
-
-
-def _positive_int(value, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+from .inputs import positive_int
 
 
 def _pair(value, what: str, minimum: int = 1) -> tuple[int, int]:
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"{what} must be an int or a pair (h, w), got {value!r}")
-        return _positive_int(value[0], what, minimum), _positive_int(value[1], what, minimum)
-    v = _positive_int(value, what, minimum)
+        return positive_int(value[0], what, minimum), positive_int(value[1], what, minimum)
+    v = positive_int(value, what, minimum)
     return v, v
 
 

@@ -19,8 +19,9 @@ The convention used everywhere in this module (and in the lecture):
    channels of a pixel together), so the fractions are ``0, 1/steps, ..., 1``.
 3. "Removed" means replaced by the same pixel of a **baseline** image: ``"blur"`` (a
    Gaussian-blurred copy, the default for both curves), ``"zeros"`` (black) or any tensor.
-4. The score is the softmax **probability** of the target class (``score="logit"`` for the raw
-   logit). A callable target receives the softmax output (or the logits).
+4. The score is the softmax **probability** of the target class (``score="probability"``, or
+   ``"prob"`` as in :func:`coursekit.saliency.occlusion`; ``score="logit"`` for the raw logit).
+   A callable target receives the softmax output (or the logits).
 5. AUC: trapezoid rule over the fractions in [0, 1] (:func:`auc`).
 
 Caveats the numbers carry: the perturbed images are out of the training distribution (a blurred
@@ -30,7 +31,6 @@ patch or a black hole is itself evidence for some classes), and the curves only 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import target_scores
+from .guard import guarded
+from .images import gaussian_blur
+from .inputs import check_images, check_model, positive_int, target_indices, target_scores
 from .saliency import to_map
 
 __all__ = [
@@ -56,18 +58,10 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# input validation and shared plumbing
+# maps, rankings, baselines
 
-
-def _check_images(x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor of images (N, C, H, W), got {type(x).__name__}")
-    if x.dim() != 4:
-        hint = " Add a batch dimension with x[None]." if x.dim() == 3 else ""
-        raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}.{hint}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must hold float pixels in [0, 1], got dtype {x.dtype}")
-    return x.detach()
+# score name -> what is scored; "prob" is the name saliency.occlusion uses
+_SCORES = {"probability": "probability", "prob": "probability", "logit": "logit"}
 
 
 def reduce_map(saliency_map, x: torch.Tensor) -> torch.Tensor:
@@ -157,22 +151,10 @@ def blurred(x: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
 
     Returns
     -------
-    Tensor (N, C, H, W)
+    Tensor (N, C, H, W), computed by :func:`coursekit.images.gaussian_blur`.
     """
-    x = _check_images(x)
-    h, w = x.shape[-2:]
-    sigma = max(h, w) / 20 if sigma is None else float(sigma)
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
-    radius = min(math.ceil(3 * sigma), (min(h, w) - 1) // 2)  # reflect padding needs radius < size
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()  # (K,)
-    c = x.shape[1]
-    out = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)  # along W
-    out = F.pad(out, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)  # along H
+    x = check_images(x)
+    return gaussian_blur(x, max(x.shape[-2:]) / 20 if sigma is None else sigma)
 
 
 def _baseline(x: torch.Tensor, baseline) -> torch.Tensor:
@@ -195,6 +177,12 @@ def _baseline(x: torch.Tensor, baseline) -> torch.Tensor:
     raise TypeError(f"baseline must be 'blur', 'zeros', a number or a tensor, got {type(baseline).__name__}")
 
 
+def _check_score(score) -> str:
+    if score not in _SCORES:
+        raise ValueError(f"score must be 'probability' (or 'prob') or 'logit', got {score!r}")
+    return _SCORES[score]
+
+
 def _scores(model: nn.Module, batch: torch.Tensor, target, score: str) -> torch.Tensor:  # (B,C,H,W) -> (B,)
     out = model(batch)  # (B, K)
     if score == "probability":
@@ -202,65 +190,50 @@ def _scores(model: nn.Module, batch: torch.Tensor, target, score: str) -> torch.
     return target_scores(out, target)
 
 
-def _per_image_targets(target, n: int) -> list:
-    """One target per image (an int or the callable), so each image's perturbed batch is scored alone."""
-    if callable(target) or isinstance(target, (int, np.integer)):
-        return [target] * n
-    t = torch.as_tensor(target).reshape(-1)
-    if t.numel() == 1:
-        return [int(t)] * n
-    if t.numel() != n:
-        raise ValueError(f"got {t.numel()} targets for {n} images")
-    return [int(v) for v in t]
+def _image_target(targets, i: int):
+    """The target of image ``i`` (from :func:`coursekit.inputs.target_indices`): its class index or the callable."""
+    return targets if callable(targets) else targets[i]
 
 
-def _endpoint_scores(model, x, base, per_image, score) -> np.ndarray:
+def _endpoint_scores(model, x, base, targets, score) -> np.ndarray:
     """(N, 2): the score of each unmodified image and of its baseline (the ends of both curves)."""
     out = np.zeros((x.shape[0], 2))
     for i in range(x.shape[0]):
-        out[i] = _scores(model, torch.stack([x[i], base[i]]), per_image[i], score).cpu().double().numpy()
+        out[i] = _scores(model, torch.stack([x[i], base[i]]), _image_target(targets, i), score).cpu().double().numpy()
     return out
 
 
 def _curve(model, x, target, saliency_map, *, kind: str, steps: int, baseline, batch_size: int,
            score: str, progress: bool, endpoints: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    x = _check_images(x)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if score not in ("probability", "logit"):
-        raise ValueError(f"score must be 'probability' or 'logit', got {score!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
+    x = check_images(x, model=model).detach()
+    steps = positive_int(steps, "steps")
+    batch_size = positive_int(batch_size, "batch_size")
+    score = _check_score(score)
     n, _, h, w = x.shape
     maps = reduce_map(saliency_map, x)  # (N,H,W)
     base = _baseline(x, baseline)  # (N,C,H,W)
     ranks = pixel_ranking(maps)  # (N,HW)
-    per_image = _per_image_targets(target, n)
+    targets = target_indices(target, n)  # LongTensor (N,) or the callable
     from tqdm.auto import tqdm
 
     probs = np.zeros((n, steps + 1))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if endpoints is None:  # compare_methods computes them once for all methods
-                endpoints = _endpoint_scores(model, x, base, per_image, score)
-            # fraction 0 and 1 are the unmodified image and the baseline, whatever the map:
-            # only the steps in between need a forward pass
-            first, last = (0, 1) if kind == "deletion" else (1, 0)
-            probs[:, 0], probs[:, -1] = endpoints[:, first], endpoints[:, last]
-            for i in tqdm(range(n), desc=f"{kind} curves", disable=not progress):
-                _, masks = perturbation_masks(ranks[i], steps)  # (S+1, HW)
-                masks = masks.view(steps + 1, 1, h, w).to(x.dtype)[1:-1]  # (S-1,1,H,W), 1 = pixel changed
-                start, end = (x[i], base[i]) if kind == "deletion" else (base[i], x[i])
-                for j in range(0, steps - 1, batch_size):
-                    m = masks[j : j + batch_size]  # (B,1,H,W)
-                    batch = start[None] * (1 - m) + end[None] * m  # (B,C,H,W)
-                    probs[i, 1 + j : 1 + j + len(m)] = _scores(model, batch, per_image[i], score).cpu().double().numpy()
-    finally:
-        model.train(was_training)
+    with guarded(model, what=f"{kind}_curve"), torch.no_grad():
+        if endpoints is None:  # compare_methods computes them once for all methods
+            endpoints = _endpoint_scores(model, x, base, targets, score)
+        # fraction 0 and 1 are the unmodified image and the baseline, whatever the map:
+        # only the steps in between need a forward pass
+        first, last = (0, 1) if kind == "deletion" else (1, 0)
+        probs[:, 0], probs[:, -1] = endpoints[:, first], endpoints[:, last]
+        for i in tqdm(range(n), desc=f"{kind} curves", disable=not progress):
+            _, masks = perturbation_masks(ranks[i], steps)  # (S+1, HW)
+            masks = masks.view(steps + 1, 1, h, w).to(x.dtype)[1:-1]  # (S-1,1,H,W), 1 = pixel changed
+            start, end = (x[i], base[i]) if kind == "deletion" else (base[i], x[i])
+            for j in range(0, steps - 1, batch_size):
+                m = masks[j : j + batch_size]  # (B,1,H,W)
+                batch = start[None] * (1 - m) + end[None] * m  # (B,C,H,W)
+                scores = _scores(model, batch, _image_target(targets, i), score)  # (B,)
+                probs[i, 1 + j : 1 + j + len(m)] = scores.cpu().double().numpy()
     return np.arange(steps + 1) / steps, probs
 
 
@@ -285,7 +258,7 @@ def deletion_curve(model: nn.Module, x: torch.Tensor, target, saliency_map, step
         What a removed pixel becomes.
     batch_size : int
         Perturbed images per forward pass.
-    score : "probability" or "logit"
+    score : "probability" (alias "prob") or "logit"
     progress : bool
         Show a progress bar over the images.
 
@@ -424,25 +397,22 @@ def compare_methods(model: nn.Module, x: torch.Tensor, target, maps: Mapping[str
     bad = [k for k in kinds if k not in ("deletion", "insertion")]
     if bad or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of ('deletion', 'insertion'), got {tuple(kinds)!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = positive_int(steps, "steps")
     from tqdm.auto import tqdm
 
-    x = _check_images(x)
+    check_model(model)
+    x = check_images(x, model=model).detach()
+    score = _check_score(score)
     base = _baseline(x, baseline)  # computed once for all methods
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            endpoints = _endpoint_scores(model, x, base, _per_image_targets(target, x.shape[0]), score)
-    finally:
-        model.train(was_training)
     result = FaithfulnessResult(np.arange(steps + 1) / steps, baseline=baseline if isinstance(baseline, str) else "tensor")
-    for name, m in tqdm(list(maps.items()), desc="deletion/insertion", disable=not progress):
-        for kind in kinds:
-            _, probs = _curve(model, x, target, m, kind=kind, steps=steps, baseline=base, batch_size=batch_size,
-                              score=score, progress=False, endpoints=endpoints)
-            getattr(result, kind)[name] = probs
+    with guarded(model, what="compare_methods"):  # one guard (and one train-mode warning) for all curves
+        with torch.no_grad():
+            endpoints = _endpoint_scores(model, x, base, target_indices(target, x.shape[0]), score)
+        for name, m in tqdm(list(maps.items()), desc="deletion/insertion", disable=not progress):
+            for kind in kinds:
+                _, probs = _curve(model, x, target, m, kind=kind, steps=steps, baseline=base, batch_size=batch_size,
+                                  score=score, progress=False, endpoints=endpoints)
+                getattr(result, kind)[name] = probs
     return result
 
 
@@ -499,7 +469,7 @@ def plot_curves(result: FaithfulnessResult, image: int | None = None, axes=None,
 
 def random_map(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A uniformly random ``(N, H, W)`` map: the chance level of deletion/insertion curves."""
-    x = _check_images(x)
+    x = check_images(x)
     g = torch.Generator().manual_seed(seed)
     return torch.rand(x.shape[0], *x.shape[-2:], generator=g).to(x.device)
 

@@ -32,10 +32,12 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from ._common import _check_batch, _check_model, _pair, _positive_int, _resolve_layers, _show_image
+from ._common import _pair, _resolve_layers, _show_image
 from ._reference import reference
-from .hooks import get_layer, preserved, record
-from .models import Normalize, target_scores
+from .guard import guarded
+from .hooks import get_layer, record
+from .inputs import check_images, check_model, positive_int, target_scores
+from .models import Normalize
 from .receptive_fields import (  # re-exported: lecture 1 reaches them as coursekit.filters.*
     EmpiricalReceptiveField,
     ReceptiveField,
@@ -103,7 +105,7 @@ def first_layer_filters(model: nn.Module, layer: str | nn.Module | None = None) 
         C is the number of image channels, so each filter can be drawn as a small image
         (Krizhevsky et al. 2012, fig. 3; Zeiler & Fergus 2014, fig. 2).
     """
-    _check_model(model)
+    check_model(model)
     name, module = get_layer(model, layer if layer is not None else _first_conv_name(model))
     if not isinstance(module, nn.Conv2d):
         raise TypeError(f"layer {name!r} is a {type(module).__name__}, not an nn.Conv2d: it has no filters to show")
@@ -187,9 +189,9 @@ def show_filters(
         raise TypeError(f"give a model or a weight tensor (K, C, kh, kw), got {type(model_or_weights).__name__}")
     if w.dim() != 4:
         raise ValueError(f"a filter bank has shape (K, C, kh, kw), got {tuple(w.shape)}")
-    ncols = _positive_int(ncols, "ncols")
-    max_filters = _positive_int(max_filters, "max_filters")
-    max_channels = _positive_int(max_channels, "max_channels")
+    ncols = positive_int(ncols, "ncols")
+    max_filters = positive_int(max_filters, "max_filters")
+    max_channels = positive_int(max_channels, "max_channels")
     k_all, c, kh, kw = w.shape
     if c not in (1, 3):  # one row per filter: keep the figure readable
         max_filters = min(max_filters, max_channels)
@@ -230,12 +232,11 @@ def show_filters(
 
 
 def _activation_maps(model: nn.Module, x: torch.Tensor, layers) -> dict[str, torch.Tensor]:
-    _check_model(model)
-    _check_batch(x)
+    check_model(model)
+    x = check_images(x, model=model)
     names = _resolve_layers(model, layers)
-    # eval mode (restored by `preserved`): in training mode batch norm would update its statistics
-    with torch.no_grad(), preserved(model), record(model, names) as rec:
-        model.eval()
+    # eval mode (restored by the guard): in training mode batch norm would update its statistics
+    with torch.no_grad(), guarded(model, what="activation_maps"), record(model, names) as rec:
         model(x)
     missing = [n for n in names if n not in rec.activations]
     if missing:
@@ -286,7 +287,7 @@ def show_activation_maps(
     blobs); deeper maps are coarser and respond to parts and textures (Zeiler & Fergus 2014).
     Returns the figure.
     """
-    channels = _positive_int(channels, "channels")
+    channels = positive_int(channels, "channels")
     acts = _activation_maps(model, x, layers)
     if not 0 <= image_index < x.shape[0]:
         raise ValueError(f"image_index {image_index} out of range for a batch of {x.shape[0]}")
@@ -338,8 +339,8 @@ def explore_activations(model: nn.Module, x: torch.Tensor, layers=None, static: 
     """
     from .widgets import explorer
 
-    _check_batch(x)
-    ranks = _positive_int(ranks, "ranks")
+    x = check_images(x)
+    ranks = positive_int(ranks, "ranks")
     acts = _activation_maps(model, x[:1], layers)
     flat = [n for n, a in acts.items() if a.dim() != 4]
     if flat:
@@ -457,17 +458,17 @@ def layer_inspector(model: nn.Module, x: torch.Tensor, target, layers=None, incl
         In forward order, computed in eval mode. The model is left exactly as it was: still
         frozen, in its own mode, no ``.grad`` set.
     """
-    _check_model(model)
-    _check_batch(x)
+    check_model(model)
+    x = check_images(x, model=model)
     names = _default_inspector_layers(model) if layers is None else _resolve_layers(model, layers)
     modules = dict(model.named_modules())
     weights = {n: modules[n].weight for n in names if isinstance(getattr(modules[n], "weight", None), nn.Parameter)}
     # Weight gradients need requires_grad=True on those weights, but coursekit models are frozen on
     # purpose (input-gradient methods must not pay for weight gradients). So we switch it on only for
-    # the inspected layers' weights, inside `preserved`, which restores every flag on exit, even on
-    # error; and we use torch.autograd.grad, not .backward(), so no .grad is ever stored on the model.
-    with preserved(model):
-        model.eval()  # as in the lectures; training-mode batch norm would also change its statistics
+    # the inspected layers' weights, inside the guard (eval mode, all other weights frozen), which
+    # restores every flag on exit, even on error; and we use torch.autograd.grad, not .backward(),
+    # so no .grad is ever stored on the model.
+    with guarded(model, what="layer_inspector"):
         for w in weights.values():
             w.requires_grad_(True)
         xin = x.detach().clone().requires_grad_(include_input)
@@ -559,7 +560,7 @@ def show_layer_inspector(records: Sequence[LayerRecord], image_index: int = 0, m
     """
     if not records or not all(isinstance(r, LayerRecord) for r in records):
         raise TypeError("show_layer_inspector takes the list returned by layer_inspector(...)")
-    max_channels = _positive_int(max_channels, "max_channels")
+    max_channels = positive_int(max_channels, "max_channels")
     if table:
         print(inspector_table(records))
     figs = []
@@ -614,8 +615,8 @@ def conv_param_count(in_channels: int, out_channels: int, kernel_size, bias: boo
     Weights: ``out_channels * (in_channels / groups) * kh * kw``; biases: ``out_channels``. The
     lecture's LeNet example: 16 filters of 5x5x3 -> 16*5*5*3 + 16 = 1216.
     """
-    cin, cout = _positive_int(in_channels, "in_channels"), _positive_int(out_channels, "out_channels")
-    groups = _positive_int(groups, "groups")
+    cin, cout = positive_int(in_channels, "in_channels"), positive_int(out_channels, "out_channels")
+    groups = positive_int(groups, "groups")
     kh, kw = _pair(kernel_size, "kernel_size")
     if cin % groups or cout % groups:
         raise ValueError(f"in_channels ({cin}) and out_channels ({cout}) must both be divisible by groups ({groups})")

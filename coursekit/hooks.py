@@ -2,7 +2,8 @@
 
 Every hook owner here is a context manager whose handles are removed in ``finally``, and
 :func:`preserved` puts the model back exactly as it was (train/eval mode of every module,
-``requires_grad`` of every parameter, ``inplace`` flags), even when the body raises.
+``requires_grad`` of every parameter, ``inplace`` flags), even when the body raises. Both run
+on the one guard, :func:`coursekit.guard.guarded`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .guard import guarded
+from .inputs import check_model
 
 __all__ = ["UnknownLayerError", "get_layer", "list_layers", "LayerInfo", "preserved", "Recorder", "record"]
 
@@ -84,15 +87,13 @@ def list_layers(
 
             return hook
 
-        with preserved(model):
+        with guarded(model, what="list_layers"), torch.no_grad():
             try:
                 for n, m in named:
                     hooks.append(m.register_forward_hook(hook_for(n)))
-                model.eval()
                 p = next(model.parameters(), None)
                 device = p.device if p is not None else "cpu"
-                with torch.no_grad():
-                    model(torch.zeros(1, *size, device=device))
+                model(torch.zeros(1, *size, device=device))
             finally:
                 for h in hooks:
                     h.remove()
@@ -104,23 +105,14 @@ def list_layers(
 
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[nn.Module]:
-    """Restore every module's mode and ``inplace`` flag and every parameter's ``requires_grad`` on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    inplace = [(m, m.inplace) for m in model.modules() if isinstance(getattr(m, "inplace", None), bool)]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        yield model
-    finally:
-        # write back only what changed: on a 275-module network this keeps the guard nearly free
-        for m, t in modes:
-            if m.training != t:
-                m.training = t
-        for m, f in inplace:
-            if m.inplace != f:
-                m.inplace = f
-        for p, g in grads:
-            if p.requires_grad != g:
-                p.requires_grad_(g)
+    """Restore every module's mode and ``inplace`` flag and every parameter's ``requires_grad`` on exit.
+
+    The block may call ``model.eval()``, ``requires_grad_(...)`` or switch ``inplace`` flags freely;
+    whatever it changed is put back, even when it raises. A thin wrapper over
+    :func:`coursekit.guard.guarded` that changes nothing on entry.
+    """
+    with guarded(check_model(model), eval_mode=False, freeze=False) as m:
+        yield m
 
 
 class Recorder:
@@ -137,8 +129,14 @@ class Recorder:
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str | nn.Module], gradients: bool = False):
+        check_model(model)
         if isinstance(layers, (str, nn.Module)):
             layers = [layers]
+        if not isinstance(layers, Iterable):
+            raise TypeError(
+                "layers must be a layer name (e.g. 'net.features.0'), a module of the model, or a list of them; "
+                f"got {type(layers).__name__}. List the names with coursekit.list_layers(model)."
+            )
         self.model = model
         self.layers = {}
         for layer in layers:
@@ -200,10 +198,7 @@ def record(model: nn.Module, layers, gradients: bool = False) -> Iterator[Record
     seen by hooks: record the module that produces their input instead.
     """
     rec = Recorder(model, layers, gradients)
-    with preserved(model):
-        for m in model.modules():
-            if isinstance(getattr(m, "inplace", None), bool):
-                m.inplace = False
+    with guarded(model, eval_mode=False, freeze=False, inplace_off=True, what="record"):
         try:
             for key, module in rec.layers.items():
                 rec.handles.append(module.register_forward_hook(rec._hook(key)))

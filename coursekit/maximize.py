@@ -60,7 +60,7 @@ from ._reference import reference
 from .gradients import gradient
 from .guard import guarded
 from .hooks import record
-from .inputs import check_images, target_scores
+from .inputs import check_images, check_model, positive_int, target_indices, target_scores
 from .optimize import Adam, NormalizedAscent, ascend
 
 __all__ = [
@@ -219,19 +219,14 @@ def _check_layer(layer) -> str:
     return layer
 
 
-def _indices(index, n: int, what: str) -> torch.Tensor:
-    """An int (same for every image) or one int per image -> LongTensor (n,)."""
-    if isinstance(index, bool):
-        raise TypeError(f"{what} must be an int or one int per image, got {index!r}")
-    t = torch.as_tensor(index)
-    if t.is_floating_point():
-        raise TypeError(f"{what} must be an int or one int per image, got {index!r}")
-    t = t.long().reshape(-1)
-    if t.numel() == 1:
-        return t.expand(n)
-    if t.numel() != n:
-        raise ValueError(f"got {t.numel()} {what}s for a batch of {n} images; give one int, or one per image")
-    return t
+def _channel_indices(index, a: torch.Tensor, layer: str) -> torch.Tensor:
+    """An int (same for every image) or one int per image -> LongTensor (N,) of valid channels of ``a``."""
+    if callable(index):
+        raise TypeError(f"a channel index is an int or one int per image, got {index!r}")
+    idx = target_indices(index, a.shape[0], what="channel index").to(a.device)  # (N,)
+    if (idx < 0).any() or (idx >= a.shape[1]).any():
+        raise ValueError(f"channel index {index!r} out of range: layer {layer!r} has {a.shape[1]} channels")
+    return idx
 
 
 def _layer_output(ctx: Context, layer: str) -> torch.Tensor:
@@ -250,9 +245,7 @@ def channel(layer: str, index) -> Objective:
 
     def fn(ctx):
         a = _layer_output(ctx, layer)  # (N, C, H, W) or (N, D)
-        idx = _indices(index, a.shape[0], "channel index").to(a.device)
-        if (idx < 0).any() or (idx >= a.shape[1]).any():
-            raise ValueError(f"channel index {index!r} out of range: layer {layer!r} has {a.shape[1]} channels")
+        idx = _channel_indices(index, a, layer)  # (N,)
         sel = a.gather(1, idx.view(-1, *([1] * (a.dim() - 1))).expand(-1, 1, *a.shape[2:]))[:, 0]
         return sel.flatten(1).mean(1) if sel.dim() > 1 else sel
 
@@ -272,9 +265,7 @@ def neuron(layer: str, index, y: int | None = None, x: int | None = None) -> Obj
         xx = w // 2 if x is None else x
         if not (0 <= yy < h and 0 <= xx < w):
             raise ValueError(f"position (y={yy}, x={xx}) is outside layer {layer!r}'s {h}x{w} map")
-        idx = _indices(index, a.shape[0], "channel index").to(a.device)
-        if (idx < 0).any() or (idx >= a.shape[1]).any():
-            raise ValueError(f"channel index {index!r} out of range: layer {layer!r} has {a.shape[1]} channels")
+        idx = _channel_indices(index, a, layer)  # (N,)
         return a[torch.arange(a.shape[0], device=a.device), idx, yy, xx]
 
     return Objective(fn, [layer], f"neuron({layer!r}, {index}, y={y}, x={x})")
@@ -902,14 +893,12 @@ def maximize(
         ``image`` (N, C, H, W), ``history`` (steps, N), ``probabilities`` (steps, N) or None,
         ``final_probabilities`` (N,) or None.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     if not isinstance(objective, Objective):
         raise TypeError(f"objective must be an Objective (see coursekit.maximize.objectives), got {type(objective).__name__}")
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = positive_int(steps, "steps")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     for fn in list(transforms) + list(regularizers):
@@ -921,8 +910,7 @@ def maximize(
         if size is None:
             size = (h0, w0)
         h, w = (size, size) if isinstance(size, int) else tuple(size)
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        batch = positive_int(batch, "batch")
         param = pixel_image((batch, channels, h, w), seed=seed)
     elif not isinstance(param, ImageParam):
         raise TypeError(f"param must be an ImageParam (pixel_image(...) or fourier_image(...)), got {type(param).__name__}")

@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import _check_batch, _check_model, _pair, _positive_int, _resolve_layers, _show_image
+from ._common import _pair, _resolve_layers, _show_image
 from ._reference import reference
 from .hooks import get_layer
+from .inputs import check_images, check_model, positive_int
 from .models import Normalize
 
 __all__ = [
@@ -272,7 +273,7 @@ def _input_hw(model: nn.Module, input_size) -> tuple[int, int] | None:
         return None
     if not isinstance(size, (tuple, list)) or len(size) not in (2, 3):
         raise ValueError(f"input_size must be (C, H, W) or (H, W), got {size!r}")
-    return _positive_int(size[-2], "input height"), _positive_int(size[-1], "input width")
+    return positive_int(size[-2], "input height"), positive_int(size[-1], "input width")
 
 
 def receptive_fields(model: nn.Module, input_size: tuple[int, ...] | None = None) -> list[ReceptiveField]:
@@ -316,7 +317,7 @@ def receptive_fields(model: nn.Module, input_size: tuple[int, ...] | None = None
 
 
 def _analytic_fields(model: nn.Module, input_size, until: str | None = None) -> list[ReceptiveField]:
-    _check_model(model)
+    check_model(model)
     n = _input_hw(model, input_size)
     out: list[ReceptiveField] = []
     _walk("", model, _Geometry((1, 1), (1, 1), (0.0, 0.0), n), out, until)
@@ -454,7 +455,7 @@ def empirical_receptive_field(model: nn.Module, layer: str | nn.Module, input_si
     by the identity and max pooling by average pooling, in float64 on a single channel, so the
     measurement is cheap even for VGG16 and nothing cancels.
     """
-    _check_model(model)
+    check_model(model)
     name, _ = get_layer(model, layer)
     hw = _required_hw(model, input_size)
     probe = _support_probe(model)
@@ -477,7 +478,7 @@ def _required_hw(model: nn.Module, input_size) -> tuple[int, int]:
 
 def _input_channels(model: nn.Module, input_size) -> int:
     if input_size is not None and len(input_size) == 3:
-        return _positive_int(input_size[0], "input channels")
+        return positive_int(input_size[0], "input channels")
     return getattr(model, "input_size", (1,))[0]
 
 
@@ -554,7 +555,7 @@ def unit_windows(model: nn.Module, layer: str | nn.Module, input_size: tuple[int
     input where that window covers the whole image). When even 8 times the input cuts the field
     off, ``clipped`` is True and ``size`` is a lower bound.
     """
-    _check_model(model)
+    check_model(model)
     name, _ = get_layer(model, layer)
     hw = _required_hw(model, input_size)
     try:
@@ -685,7 +686,7 @@ def plot_receptive_fields(model: nn.Module, input_size: tuple[int, ...] | None =
 
 def draw_receptive_fields(model: nn.Module, image: torch.Tensor, layers, ax=None, unit: str = "center"):
     """Draw, on the image, the receptive field of the central unit of each layer; returns the axes."""
-    _check_batch(image, "image")
+    image = check_images(image, "image")
     size = tuple(image.shape[1:])
     names = _resolve_layers(model, layers)
     fields = {f.layer: f for f in receptive_fields(model, size)}
@@ -726,11 +727,11 @@ def conv_output_size(size: int, kernel_size: int, stride: int = 1, padding: int 
     ``floor((size + 2 padding - dilation (kernel_size - 1) - 1) / stride) + 1``, as in
     ``torch.nn.Conv2d``'s documentation.
     """
-    size = _positive_int(size, "size")
-    kernel_size = _positive_int(kernel_size, "kernel_size")
-    stride = _positive_int(stride, "stride")
-    padding = _positive_int(padding, "padding", minimum=0)
-    dilation = _positive_int(dilation, "dilation")
+    size = positive_int(size, "size")
+    kernel_size = positive_int(kernel_size, "kernel_size")
+    stride = positive_int(stride, "stride")
+    padding = positive_int(padding, "padding", minimum=0)
+    dilation = positive_int(dilation, "dilation")
     out = (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
     if out < 1:
         raise ValueError(f"a kernel of {kernel_size} (dilation {dilation}) does not fit in {size} pixels + 2x{padding} padding")
@@ -750,7 +751,7 @@ def receptive_field_size(layers: Sequence[tuple[int, int]]) -> int:
     for i, layer in enumerate(layers):
         if not isinstance(layer, (tuple, list)) or len(layer) != 2:
             raise ValueError(f"layer {i} must be a pair (kernel, stride), got {layer!r}")
-        k, s = _positive_int(layer[0], f"kernel of layer {i}"), _positive_int(layer[1], f"stride of layer {i}")
+        k, s = positive_int(layer[0], f"kernel of layer {i}"), positive_int(layer[1], f"stride of layer {i}")
         r += (k - 1) * j
         j *= s
     return r

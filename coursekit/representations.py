@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from ._reference import reference
-from .hooks import get_layer, preserved, record
+from .guard import guarded
+from .hooks import get_layer, record
+from .inputs import check_images, check_model, positive_int
 from .maximize import (
     MaximizationResult,
     feature_match,
@@ -48,20 +50,6 @@ __all__ = [
 ]
 
 
-def _check_images(images) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(
-            f"images must be a float tensor (N, C, H, W) in [0, 1], got {getattr(images, 'shape', type(images).__name__)}"
-        )
-    return images
-
-
-def _check_batch_size(batch_size) -> int:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
-
-
 @torch.no_grad()
 def layer_features(model: nn.Module, images: torch.Tensor, layer, batch_size: int = 250, flatten: bool = True) -> torch.Tensor:
     """The output of ``layer`` for every image, computed in batches without gradients.
@@ -82,12 +70,12 @@ def layer_features(model: nn.Module, images: torch.Tensor, layer, batch_size: in
     -------
     Tensor (N, D) or (N, ...)
     """
-    images = _check_images(images)
-    batch_size = _check_batch_size(batch_size)
+    check_model(model)
+    images = check_images(images, "images", model=model)
+    batch_size = positive_int(batch_size, "batch_size")
     _, module = get_layer(model, layer)
     out = []
-    with preserved(model):
-        model.eval()
+    with guarded(model, what="layer_features"):
         for start in range(0, images.shape[0], batch_size):
             a = _forward_until(model, module, images[start : start + batch_size])
             out.append(a.flatten(1) if flatten else a)
@@ -213,18 +201,18 @@ def top_activating(model: nn.Module, images: torch.Tensor, layer, channel, k: in
     -------
     DatasetExamples, or a list of them (one per channel) when ``channel`` is a list
     """
-    images = _check_images(images)
+    check_model(model)
+    images = check_images(images, "images", model=model)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= images.shape[0]:
         raise ValueError(f"k must be an int between 1 and the number of images ({images.shape[0]}), got {k!r}")
     channels = [channel] if not isinstance(channel, (list, tuple)) else list(channel)
     if not channels or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in channels):
         raise TypeError(f"channel must be an int or a list of ints, got {channel!r}")
     channels = [int(c) for c in channels]
-    batch_size = _check_batch_size(batch_size)
+    batch_size = positive_int(batch_size, "batch_size")
     name, module = get_layer(model, layer)
     scores, positions = [], []
-    with preserved(model):
-        model.eval()
+    with guarded(model, what="top_activating"):
         for start in range(0, images.shape[0], batch_size):
             a = _forward_until(model, module, images[start : start + batch_size])
             bad = [c for c in channels if not 0 <= c < a.shape[1]]
@@ -321,7 +309,8 @@ def invert_features(
     -------
     InversionResult
     """
-    image = _check_images(image)
+    check_model(model)
+    image = check_images(image, "image", model=model)
     if image.shape[0] != 1:
         raise ValueError(f"invert_features reconstructs one picture, got a batch of {image.shape[0]}; pass image[i:i+1]")
     if parameterization not in ("pixel", "fourier"):
@@ -331,8 +320,7 @@ def invert_features(
     names = [get_layer(model, layer)[0] for layer in layers]
     if not names:
         raise ValueError("give at least one layer to invert")
-    with torch.no_grad(), preserved(model), record(model, names) as rec:
-        model.eval()
+    with torch.no_grad(), guarded(model, what="invert_features"), record(model, names) as rec:
         model(image)
         targets = {n: rec.activations[n].clone() for n in names}
     n_layers = len(names)
@@ -343,8 +331,7 @@ def invert_features(
     objective = per_image([feature_match(n, targets[n]) - tv for n in names])
     run = maximize(model, objective, param=param, steps=steps, lr=lr, seed=seed, progress=progress)
     x = run.image
-    with torch.no_grad(), preserved(model), record(model, names) as rec:
-        model.eval()
+    with torch.no_grad(), guarded(model, what="invert_features"), record(model, names) as rec:
         model(x)
         feature_error = torch.stack(
             [

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .hooks import get_layer
+from .inputs import check_images, check_model
 from .saliency import to_map
 
 __all__ = [
@@ -252,10 +253,8 @@ def _resolve_steps(model_copy: nn.Module, original: nn.Module, layers) -> list[t
 
 
 def _run(model, x, target, methods, layers, seed, metrics, keep_maps, cascading, progress) -> RandomizationResult:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a tensor of images (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+    check_model(model)
+    x = check_images(x, model=model)
     if not isinstance(methods, Mapping) or not methods:
         raise ValueError("methods must be a non-empty dict {name: callable(model, x, target) -> map}")
     for name, fn in methods.items():
@@ -268,8 +267,7 @@ def _run(model, x, target, methods, layers, seed, metrics, keep_maps, cascading,
         raise ValueError(f"metrics must be chosen from {sorted(_METRICS)}, got {tuple(metrics)!r}")
     from tqdm.auto import tqdm
 
-    twin = copy.deepcopy(model)  # the user's model is never modified
-    twin.eval()
+    twin = copy.deepcopy(model).eval()  # the user's model is never modified: no guard needed
     steps = _resolve_steps(twin, model, layers)
     trained = {k: v.clone() for k, v in twin.state_dict().items()} if not cascading else None
     x = x.detach()

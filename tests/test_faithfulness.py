@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from coursekit import faithfulness as fa
+from coursekit.guard import TrainModeWarning, model_state
 from coursekit.saliency import occlusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs: one thread is as fast, and much faster on a busy machine
@@ -120,10 +121,29 @@ def test_tensor_and_number_baselines():
     np.testing.assert_allclose(a[:, -1], probs_of(model, torch.full_like(x, 0.5), 0), rtol=1e-5)
 
 
-def test_model_mode_is_restored():
-    model = tiny_model(5).train()
-    fa.deletion_curve(model, torch.rand(1, 3, 8, 8), 0, torch.rand(1, 8, 8), steps=2)
-    assert model.training and all(not p.requires_grad for p in model.parameters())
+def test_model_in_train_mode_is_evaluated_in_eval_mode_and_restored():
+    model = tiny_model(5)
+    x, m = torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8)
+    _, eval_probs = fa.deletion_curve(model, x, 0, m, steps=2)
+    model.add_module("drop", nn.Dropout(0.9))  # dropout would scramble a train-mode curve
+    model.train().requires_grad_(True)
+    before = model_state(model)
+    with pytest.warns(TrainModeWarning, match="deletion_curve"):
+        _, probs = fa.deletion_curve(model, x, 0, m, steps=2)
+    assert before.differences(model_state(model)) == []
+    np.testing.assert_allclose(probs, eval_probs, rtol=1e-6)
+
+
+def test_prob_is_an_alias_of_probability_and_float64_input_works():
+    model = tiny_model(6)
+    x, m = torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8)
+    _, a = fa.deletion_curve(model, x, 1, m, steps=3, score="probability")
+    _, b = fa.insertion_curve(model, x, 1, m, steps=3, score="prob")
+    _, c = fa.deletion_curve(model, x.double(), 1, m, steps=3, score="prob")
+    np.testing.assert_allclose(b, fa.insertion_curve(model, x, 1, m, steps=3)[1])
+    np.testing.assert_allclose(c, a, rtol=1e-6)
+    res = fa.compare_methods(model, x, 1, {"m": m}, steps=3, score="prob", progress=False)
+    np.testing.assert_allclose(res.deletion["m"], a)
 
 
 def test_blur_keeps_constants_and_smooths():
@@ -173,7 +193,7 @@ def test_auc_bad_input(fractions, probs, match):
         ({"baseline": "black"}, ValueError, "'blur', 'zeros'"),
         ({"baseline": [0.0]}, TypeError, "baseline"),
         ({"baseline": torch.zeros(2, 3, 8, 8)}, ValueError, "broadcast"),
-        ({"score": "prob"}, ValueError, "probability"),
+        ({"score": "probs"}, ValueError, "probability"),
         ({"target": [0, 1]}, ValueError, "2 targets"),
     ],
 )

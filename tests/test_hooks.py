@@ -96,9 +96,15 @@ def test_preserved_restores_everything(model_state):
     assert model_state(model) == before
 
 
-def test_record_needs_layers():
+def test_record_needs_layers_and_a_model():
     with pytest.raises(ValueError):
         with record(tiny(), []):
+            pass
+    with pytest.raises(TypeError, match="layers must be a layer name"):
+        with record(tiny(), None):
+            pass
+    with pytest.raises(TypeError, match="nn.Module"):
+        with record(None, "0"):
             pass
 
 

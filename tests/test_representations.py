@@ -53,8 +53,14 @@ def test_layer_features_match_a_recorded_forward(fashion, subset, model_state):
     assert f.shape == (100, 128) and maps.shape == (10, 64, 14, 14)
     with pytest.raises(ValueError, match="batch_size"):
         layer_features(fashion, x, "classifier.2", batch_size=0)
-    with pytest.raises(ValueError, match="float tensor"):
+    with pytest.raises(ValueError, match="4-d batch"):
         layer_features(fashion, x[0], "classifier.2")
+    with pytest.raises(ValueError, match="empty batch"):
+        layer_features(fashion, x[:0], "classifier.2")
+    with pytest.raises(ValueError, match="NaN"):
+        layer_features(fashion, torch.full((1, 1, 28, 28), float("nan")), "classifier.2")
+    # float64 (what torch.from_numpy gives) is computed in the model's dtype
+    torch.testing.assert_close(layer_features(fashion, x[:3].double(), "classifier.2"), f[:3])
 
 
 # ----------------------------------------------------------------------------------------------
