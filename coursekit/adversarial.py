@@ -1,0 +1,663 @@
+"""Adversarial examples (lecture 5): attacks in [0, 1] pixel space, sweeps, transfer, training.
+
+Every attack here changes the *input* of a model that holds its own normalisation
+(:class:`coursekit.models.CourseModel` takes [0, 1] pixels) and leaves the model exactly as it was
+(:func:`coursekit.guard.guarded`: eval mode, frozen parameters, restored even on error). The loop
+is the shared input-optimisation engine, :func:`coursekit.optimize.ascend` with a
+:class:`coursekit.optimize.SignStep`, which projects onto the epsilon-ball and clamps to [0, 1]
+after every step.
+
+* :func:`fgsm` — the fast gradient sign method (Goodfellow, Shlens & Szegedy 2015).
+* :func:`pgd` — projected gradient descent under L-inf or L2 with random start and restarts
+  (Madry et al. 2018); ``random_start=False`` is the basic iterative method, BIM
+  (Kurakin, Goodfellow & Bengio 2017): :func:`bim`.
+* targeted versions (``target=``), cross-entropy or margin loss on logits (Carlini & Wagner 2017).
+* :func:`eps_sweep` — accuracy against epsilon on a whole test set, batched.
+* :func:`random_sphere` — Szegedy et al. (2014): random points twice as far do not change the label.
+* :func:`noise_attack` — a trainable noise layer with an L2 penalty and early stopping.
+* :func:`evolve_fooling_images` — Nguyen, Yosinski & Clune (2015), direct encoding.
+* :func:`transfer_matrix`, :func:`train_classifier` (with Goodfellow's adversarial loss
+  ``alpha J(x) + (1 - alpha) J(x + eps sign grad J)``).
+
+Units: pixels, epsilons and step sizes are in [0, 1] units, ``8/255`` and not ``8``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._reference import reference
+from .gradients import gradient
+from .guard import guarded
+from .inputs import check_images, check_model, positive_int, target_indices
+from .optimize import Adam, SignStep, ascend
+
+__all__ = [
+    "LogitsExpectedWarning", "check_eps", "attack_objective", "margin", "fgsm", "pgd", "bim",
+    "predict_labels", "accuracy", "eps_sweep", "Sweep", "random_sphere", "SphereResult", "NoiseLayer",
+    "noise_attack", "NoiseAttackResult", "quantize_8bit", "evolve_fooling_images", "transfer_matrix",
+    "TransferResult", "adversarial_loss", "train_classifier",
+]
+
+LOSSES = ("ce", "margin")
+
+
+class LogitsExpectedWarning(UserWarning):
+    """The model's outputs look like probabilities; attack losses are defined on logits."""
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def check_eps(eps, norm: str = "linf", numel: int | None = None, what: str = "eps") -> float:
+    """A radius in [0, 1] pixel units; a clear error for a negative one or one in 0-255 units.
+
+    Under L-inf, ``eps`` bounds each pixel's change, so ``eps > 1`` is meaningless: ``eps=8`` almost
+    always meant ``8/255``. Under L2, ``eps`` may exceed 1 but not the box's diagonal ``sqrt(numel)``.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        if isinstance(eps, torch.Tensor) and eps.numel() == 1:
+            eps = float(eps)
+        else:
+            raise TypeError(f"{what} must be a number (pixel units in [0, 1], e.g. 8/255), got {eps!r}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{what} must be >= 0 (a radius), got {eps!r}")
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    limit = 1.0 if norm == "linf" else (math.sqrt(numel) if numel else math.inf)
+    if eps > limit:
+        hint = f" It looks like 0-255 units: pass {eps:g}/255 = {eps / 255:.4g}." if 1 < eps <= 255 else ""
+        where = "each pixel lies in [0, 1]" if norm == "linf" else f"the [0, 1] box has diagonal {limit:.3g}"
+        raise ValueError(f"{what}={eps!r} is larger than any useful {norm} radius ({where}).{hint}")
+    return eps
+
+
+def _check_loss(loss: str) -> str:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES} (both on logits), got {loss!r}")
+    return loss
+
+
+def _warn_if_probabilities(logits: torch.Tensor) -> None:
+    """Rows in [0, 1] that sum to 1 are probabilities: a softmax at the end of the model."""
+    z = logits.detach()
+    if z.shape[1] > 1 and z.min() >= 0 and z.max() <= 1 and torch.allclose(z.sum(1), torch.ones(len(z)), atol=1e-4):
+        warnings.warn(
+            "the model's outputs are in [0, 1] and sum to 1: they look like probabilities, not logits. "
+            "Attack losses (cross-entropy, margin) expect logits; a softmax at the end flattens the gradient "
+            "(the attack stalls). Remove the final softmax.", LogitsExpectedWarning, stacklevel=3)
+
+
+def _labels(model, x, labels, batch_size) -> torch.Tensor:
+    """True labels as a LongTensor (N,); the model's own predictions when ``labels`` is None."""
+    if labels is None:
+        return predict_labels(model, x, batch_size=batch_size)
+    y = target_indices(labels, x.shape[0], what="label")
+    if callable(y):
+        raise TypeError("labels must be class indices (one int, or one per image), not a function")
+    return y.to(x.device)
+
+
+def _targets(target, y: torch.Tensor, explicit_labels: bool) -> torch.Tensor | None:
+    if target is None:
+        return None
+    t = target_indices(target, y.shape[0], what="target")
+    if callable(t):
+        raise TypeError("target must be a class index or one per image for a targeted attack, not a function")
+    t = t.to(y.device)
+    same = t == y
+    if explicit_labels and bool(same.any()):
+        i = int(same.nonzero()[0])
+        raise ValueError(
+            f"targeted attack: target {int(t[i])} equals the true label of image {i}; there is nothing to fool. "
+            "Choose another class, e.g. (labels + 1) % n_classes.")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# losses on logits
+
+
+def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``max_{j != y} z_j - z_y`` per image (Carlini & Wagner 2017): > 0 exactly when misclassified.
+
+    logits (N, K), labels (N,) -> (N,)
+    """
+    z_y = logits.gather(1, labels[:, None])[:, 0]  # (N,)
+    others = logits.scatter(1, labels[:, None], float("-inf"))  # the true class masked out
+    return others.max(1).values - z_y
+
+
+def attack_objective(logits: torch.Tensor, labels: torch.Tensor, loss: str = "ce",
+                     target: torch.Tensor | None = None) -> torch.Tensor:
+    """The value per image that an attack *ascends*.
+
+    untargeted: ``CE(z, y)`` or ``margin(z, y)``; targeted at ``t``: ``-CE(z, t)`` or ``-margin(z, t)``
+    (towards the target, i.e. ``z_t - max_{j != t} z_j``).
+
+    logits (N, K), labels (N,), target (N,) or None -> (N,)
+    """
+    _check_loss(loss)
+    if target is None:
+        return F.cross_entropy(logits, labels, reduction="none") if loss == "ce" else margin(logits, labels)
+    return -F.cross_entropy(logits, target, reduction="none") if loss == "ce" else -margin(logits, target)
+
+
+def _fooled(logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    pred = logits.argmax(1)
+    return pred != labels if target is None else pred == target
+
+
+# ----------------------------------------------------------------------------------------------
+# attacks
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
+    """A uniform point of the eps-ball around ``x``, clamped to [0, 1]."""
+    if norm == "linf":
+        delta = (torch.rand(x.shape, generator=gen) * 2 - 1) * eps
+    else:  # uniform in the L2 ball: a Gaussian direction, radius eps * u^(1/d)
+        d = x[0].numel()
+        direction = torch.randn(x.shape, generator=gen)
+        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = direction * eps * torch.rand(x.shape[0], generator=gen).pow(1 / d).view(-1, 1, 1, 1)
+    return (x + delta.to(x)).clamp(0, 1)
+
+
+def _run_attack(model, x, y, t, eps, norm, steps, step_size, start, loss, progress, desc):
+    """One attack run on a batch from ``start``; returns (x_adv, fooled (N,), objective (N,))."""
+    x_adv = start.clone().requires_grad_(True)
+    rule = SignStep(step_size, eps=eps, origin=x, norm=norm, box=(0.0, 1.0))
+    first = []
+
+    def value():
+        logits = model(x_adv)  # (N, K)
+        if not first:
+            _warn_if_probabilities(logits)
+            first.append(True)
+        return attack_objective(logits, y, loss, t)
+
+    ascend(value, [x_adv], rule, steps, progress=progress, desc=desc)
+    with torch.no_grad():
+        logits = model(x_adv)
+        return x_adv.detach(), _fooled(logits, y, t), attack_objective(logits, y, loss, t)
+
+
+def _chunks(n: int, batch_size: int | None):
+    step = n if batch_size is None else batch_size
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+@reference
+def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, steps: int = 10,
+        step_size: float | None = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
+        loss: str = "ce", target=None, seed: int | None = 0, batch_size: int | None = None,
+        progress: bool = False) -> torch.Tensor:
+    """Projected gradient descent (Madry et al. 2018): sign (L-inf) or normalised (L2) steps on the
+    loss, each followed by the projection onto the eps-ball around ``x`` and the [0, 1] box.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Takes [0, 1] pixels, returns logits (N, K). Run in eval mode, frozen, left as it was.
+    x : Tensor (N, C, H, W)
+        Clean images in [0, 1].
+    labels : int, sequence or Tensor (N,), optional
+        True labels; the model's predictions on ``x`` when None.
+    eps : float
+        Radius of the ball in [0, 1] pixel units (8/255, not 8).
+    steps : int
+    step_size : float, optional
+        Default ``2.5 * eps / steps`` (Madry et al.).
+    norm : {"linf", "l2"}
+    random_start : bool
+        Start from a uniform point of the ball (PGD) or from ``x`` (BIM).
+    restarts : int
+        Independent random starts; per image, the first that fools the model is kept (else the one
+        with the highest loss).
+    loss : {"ce", "margin"}
+        Cross-entropy or the Carlini-Wagner margin, both on logits.
+    target : int, sequence or Tensor (N,), optional
+        Targeted attack: push every image towards this class (must differ from the true label).
+    seed : int or None
+        Seed of the random start (a private generator); None draws from the global one.
+    batch_size : int, optional
+        Images per forward/backward pass (all at once when None).
+    progress : bool
+        A progress bar over batches and restarts.
+
+    Returns
+    -------
+    Tensor (N, C, H, W), detached, in [0, 1], within ``eps`` of ``x``.
+    """
+    check_model(model)
+    x = check_images(x, model=model, pixel_range=True).detach()
+    eps = check_eps(eps, norm, x[0].numel())
+    steps = positive_int(steps, "steps")
+    restarts = positive_int(restarts, "restarts")
+    step_size = 2.5 * eps / steps if step_size is None else check_eps(step_size, norm, x[0].numel(), "step_size")
+    _check_loss(loss)
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "batch_size")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator().manual_seed(
+        int(torch.randint(0, 2**62, ())))
+    with guarded(model, what="pgd"):
+        y = _labels(model, x, labels, batch_size)
+        t = _targets(target, y, labels is not None)
+        out = x.clone()
+        from tqdm.auto import tqdm
+
+        jobs = [(a, b, r) for a, b in _chunks(len(x), batch_size) for r in range(restarts)]
+        best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        best_value = torch.full((len(x),), -math.inf, device=x.device)
+        for a, b, _r in tqdm(jobs, desc="pgd", disable=not progress, leave=False):
+            xb = x[a:b]
+            start = _random_start(xb, eps, norm, gen) if random_start else xb
+            tb = None if t is None else t[a:b]
+            adv, fooled, value = _run_attack(model, xb, y[a:b], tb, eps, norm, steps, step_size, start, loss,
+                                             False, "pgd")
+            # keep: fooled beats not fooled; among equals, the higher objective
+            better = (fooled & ~best_fooled[a:b]) | ((fooled == best_fooled[a:b]) & (value > best_value[a:b]))
+            out[a:b][better] = adv[better]
+            best_fooled[a:b] |= fooled
+            best_value[a:b] = torch.where(better, value, best_value[a:b])
+    return out
+
+
+def bim(model, x, labels=None, eps: float = 8 / 255, *, steps: int = 10, step_size: float | None = None, **kw):
+    """The basic iterative method (Kurakin et al. 2017): :func:`pgd` from ``x`` (no random start),
+    step ``eps / steps`` by default (the ball's edge is just reachable)."""
+    step_size = check_eps(eps) / positive_int(steps, "steps") if step_size is None else step_size
+    return pgd(model, x, labels, eps, steps=steps, step_size=step_size, random_start=False, **kw)
+
+
+@reference
+def fgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, loss: str = "ce",
+         target=None, batch_size: int | None = None) -> torch.Tensor:
+    """The fast gradient sign method (Goodfellow et al. 2015): ``clamp(x + eps * sign(grad), 0, 1)``.
+
+    One step of :func:`pgd` of size ``eps`` from ``x`` (targeted: a step *down* the loss of the
+    target class). Parameters as in :func:`pgd`. Returns (N, C, H, W) in [0, 1].
+    """
+    eps = check_eps(eps)
+    return pgd(model, x, labels, eps, steps=1, step_size=eps, random_start=False, loss=loss, target=target,
+               batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation: predictions, accuracy, sweeps
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, x: torch.Tensor, batch_size: int | None = 1000) -> torch.Tensor:
+    """Predicted classes (N,) in eval mode, batched; the model is left as it was."""
+    check_model(model)
+    x = check_images(x, model=model)
+    with guarded(model, what="predict_labels"):
+        return torch.cat([model(x[a:b]).argmax(1) for a, b in _chunks(len(x), batch_size)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, labels, batch_size: int | None = 1000) -> float:
+    """Fraction of ``x`` (N, C, H, W) classified as ``labels`` (N,)."""
+    y = target_indices(labels, x.shape[0], what="label")
+    return float((predict_labels(model, x, batch_size).cpu() == y.cpu()).float().mean())
+
+
+@dataclass
+class Sweep:
+    """Accuracy against epsilon (what :func:`eps_sweep` returns)."""
+
+    attack: str
+    eps: list[float]
+    accuracy: list[float]
+    n_images: int
+    model: str = "model"
+    seconds: float = 0.0
+    per_image: torch.Tensor | None = field(default=None, repr=False)  # (len(eps), N) bool: still correct
+
+    def table(self, digits: int = 3) -> str:
+        """The PyTorch FGSM tutorial's table: one row per epsilon."""
+        rows = [f"{self.model} — {self.attack}, {self.n_images} images", f"{'eps':>8} {'eps*255':>8} {'accuracy':>9}"]
+        rows += [f"{e:8.3f} {e * 255:8.1f} {a:9.{digits}f}" for e, a in zip(self.eps, self.accuracy)]
+        return "\n".join(rows)
+
+    def plot(self, ax=None, **kw):
+        """Accuracy against epsilon; returns the axes."""
+        import matplotlib.pyplot as plt
+
+        ax = ax if ax is not None else plt.subplots(figsize=(5, 3.5), dpi=100)[1]
+        ax.plot(self.eps, self.accuracy, "o-", label=kw.pop("label", f"{self.model} {self.attack}"), **kw)
+        ax.set(xlabel="epsilon (L-inf, pixel units)", ylabel="accuracy", ylim=(0, 1),
+               title=f"Accuracy under attack ({self.n_images} test images)")
+        ax.grid(alpha=0.3)
+        return ax
+
+
+def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[float], attack: str = "fgsm", *,
+              batch_size: int = 500, progress: bool = True, name: str | None = None, **attack_kw) -> Sweep:
+    """Accuracy under ``attack`` for every epsilon, on a whole test set, batched.
+
+    FGSM's direction ``sign(grad)`` does not depend on epsilon, so it is computed once per batch
+    (one forward + backward) and every epsilon costs one forward pass. PGD runs per epsilon
+    (``attack_kw`` go to :func:`pgd`: ``steps``, ``step_size`` as a fraction via
+    ``step_ratio`` = step / eps, ``restarts``, ...). Epsilon 0 is the clean accuracy.
+
+    Returns
+    -------
+    Sweep
+        ``.accuracy[i]`` for ``.eps[i]``; ``.table()``, ``.plot()``.
+    """
+    check_model(model)
+    x = check_images(x, model=model, pixel_range=True)
+    y = target_indices(labels, x.shape[0], what="label")
+    if callable(y):
+        raise TypeError("labels must be class indices, not a function")
+    eps_values = [check_eps(e) for e in eps_values]
+    if not eps_values:
+        raise ValueError("eps_values is empty; give e.g. [0, 0.05, 0.1, 0.2]")
+    if attack not in ("fgsm", "pgd"):
+        raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
+    batch_size = positive_int(batch_size, "batch_size")
+    loss = _check_loss(attack_kw.pop("loss", "ce"))
+    step_ratio = attack_kw.pop("step_ratio", None)
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool)
+    with guarded(model, what="eps_sweep"):
+        for a, b in tqdm(_chunks(len(x), batch_size), desc=f"{attack} sweep", disable=not progress, leave=False):
+            xb, yb = x[a:b], y[a:b].to(x.device)
+            if attack == "fgsm":
+                direction = gradient(model, xb, lambda z, yb=yb: attack_objective(z, yb, loss), what="eps_sweep").sign()
+                with torch.no_grad():
+                    for i, e in enumerate(eps_values):
+                        correct[i, a:b] = (model((xb + e * direction).clamp(0, 1)).argmax(1) == yb).cpu()
+            else:
+                for i, e in enumerate(eps_values):
+                    if e == 0:
+                        with torch.no_grad():
+                            adv = xb
+                    else:
+                        kw = dict(attack_kw)
+                        if step_ratio is not None:
+                            kw["step_size"] = step_ratio * e
+                        adv = pgd(model, xb, yb, e, loss=loss, **kw)
+                    with torch.no_grad():
+                        correct[i, a:b] = (model(adv).argmax(1) == yb).cpu()
+    acc = correct.float().mean(1).tolist()
+    return Sweep(attack.upper(), eps_values, acc, len(x), name or getattr(model, "name", type(model).__name__),
+                 time.perf_counter() - start, correct)
+
+
+# ----------------------------------------------------------------------------------------------
+# the seeds' experiments
+
+
+@dataclass
+class SphereResult:
+    """Labels of random points on a sphere around an image (what :func:`random_sphere` returns)."""
+
+    radius: float
+    label: int  # the model's label of the centre
+    labels: torch.Tensor  # (n,) labels of the sphere points
+
+    @property
+    def changed(self) -> int:
+        return int((self.labels != self.label).sum())
+
+
+@torch.no_grad()
+def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 1000, *, batch_size: int = 100,
+                  seed: int = 0, clamp: bool = False) -> SphereResult:
+    """Classify ``n`` points drawn uniformly on the L2 sphere of ``radius`` around one image.
+
+    Szegedy et al. (2014) / Fleuret's slides: at twice the distance of an adversarial example, random
+    directions change nothing. ``clamp=True`` clamps the points to [0, 1] (they then leave the sphere).
+
+    x (1, C, H, W) -> SphereResult (labels (n,))
+    """
+    check_model(model)
+    x = check_images(x, model=model)
+    if x.shape[0] != 1:
+        raise ValueError(f"random_sphere takes one image (1, C, H, W), got a batch of {x.shape[0]}")
+    if not float(radius) > 0:
+        raise ValueError(f"radius must be > 0, got {radius!r}")
+    n, batch_size = positive_int(n, "n"), positive_int(batch_size, "batch_size")
+    gen = torch.Generator().manual_seed(seed)
+    with guarded(model, what="random_sphere"):
+        label = int(model(x).argmax(1))
+        labels = []
+        for a, b in _chunks(n, batch_size):
+            d = torch.randn((b - a, *x.shape[1:]), generator=gen).to(x)
+            pts = x + float(radius) * d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # (b-a, C, H, W)
+            labels.append(model(pts.clamp(0, 1) if clamp else pts).argmax(1).cpu())
+    return SphereResult(float(radius), label, torch.cat(labels))
+
+
+class NoiseLayer(nn.Module):
+    """A trainable additive noise in front of a frozen model: ``clamp(x + noise, 0, 1)``.
+
+    The Keras notebook's ``AddNoise`` layer (seed 004); the noise is the only parameter.
+    """
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        self.noise = nn.Parameter(torch.zeros(1, *shape))  # (1, C, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, H, W)
+        return (x + self.noise).clamp(0, 1)
+
+
+@dataclass
+class NoiseAttackResult:
+    x_adv: torch.Tensor  # (1, C, H, W)
+    noise: torch.Tensor  # (1, C, H, W), the best noise (restored as in Keras' restore_best_weights)
+    steps: int  # steps run before early stopping
+    loss: torch.Tensor  # (steps,) l2_weight * ||noise||^2 - log p_target
+    prob_target: float  # p(target | x_adv)
+    relative_change: float  # ||x_adv - x|| / ||x||
+
+
+def noise_attack(model: nn.Module, x: torch.Tensor, target, *, l2_weight: float = 0.1, lr: float = 0.01,
+                 max_steps: int = 300, patience: int = 10, min_delta: float = 1e-4,
+                 progress: bool = False) -> NoiseAttackResult:
+    """Train a :class:`NoiseLayer` so that ``model`` sees ``target`` (seed 004's dog-to-cat noise).
+
+    Minimises ``l2_weight * ||noise||^2 - log p(target | clamp(x + noise))`` with Adam and stops
+    early when the loss has not improved by ``min_delta`` for ``patience`` steps; the best noise is
+    kept. ``l2_weight`` trades the size of the change against the probability of the target.
+    """
+    check_model(model)
+    x = check_images(x, model=model, pixel_range=True)
+    if x.shape[0] != 1:
+        raise ValueError(f"noise_attack takes one image (1, C, H, W), got a batch of {x.shape[0]}")
+    if not float(l2_weight) >= 0:
+        raise ValueError(f"l2_weight must be >= 0, got {l2_weight!r}")
+    t = target_indices(target, 1)
+    if callable(t):
+        raise TypeError("target must be a class index for noise_attack, not a function")
+    t = int(t[0])
+    max_steps, patience = positive_int(max_steps, "max_steps"), positive_int(patience, "patience")
+    layer = NoiseLayer(x.shape[1:]).to(x)
+    noise = layer.noise
+    best = {"loss": math.inf, "noise": noise.detach().clone(), "since": 0}
+
+    def value():
+        log_p = F.log_softmax(model(layer(x)), dim=1)[:, t]  # (1,)
+        loss = l2_weight * noise.pow(2).sum() - log_p  # (1,)
+        if float(loss.detach()) < best["loss"] - min_delta:
+            best.update(loss=float(loss.detach()), noise=noise.detach().clone(), since=0)
+        else:
+            best["since"] += 1
+        return -loss  # ascend the negative loss
+
+    def stop(step, values):
+        if best["since"] >= patience:
+            raise StopIteration
+
+    with guarded(model, what="noise_attack"):
+        history = ascend(value, [noise], Adam(lr), max_steps, progress=progress, desc="noise layer", on_value=stop)
+        with torch.no_grad():
+            x_adv = (x + best["noise"]).clamp(0, 1)
+            p = float(F.softmax(model(x_adv), 1)[0, t])
+    rel = float((x_adv - x).norm() / x.norm())
+    return NoiseAttackResult(x_adv, best["noise"], len(history), -history[:, 0], p, rel)
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Round [0, 1] pixels to the 256 levels of an 8-bit image file: ``round(255 x) / 255``."""
+    x = check_images(x, pixel_range=True)
+    return (x * 255).round() / 255
+
+
+@torch.no_grad()
+def evolve_fooling_images(model: nn.Module, classes: Sequence[int], shape: Sequence[int], *, population: int = 32,
+                          generations: int = 100, mutation_rate: float = 0.05, mutation_scale: float = 0.3,
+                          seed: int = 0, progress: bool = False):
+    """Fooling images by evolution from uniform noise, no gradient (Nguyen et al. 2015, direct encoding).
+
+    For each class, a population of pixel images evolves: the best half survives (elitism), each
+    survivor has one child in which every pixel mutates with probability ``mutation_rate`` by a
+    Gaussian of std ``mutation_scale`` (clamped to [0, 1]). Fitness is the softmax probability of the
+    class. Only forward passes: the model is a black box.
+
+    Returns
+    -------
+    (Tensor (len(classes), C, H, W), Tensor (generations, len(classes)))
+        The fittest image per class and the best probability per generation.
+    """
+    check_model(model)
+    classes = [int(c) for c in classes]
+    population, generations = positive_int(population, "population", 2), positive_int(generations, "generations")
+    if not 0 < mutation_rate <= 1:
+        raise ValueError(f"mutation_rate must be in (0, 1], got {mutation_rate!r}")
+    gen = torch.Generator().manual_seed(seed)
+    k, p, keep = len(classes), population, population // 2
+    pop = torch.rand((k, p, *shape), generator=gen)  # (K, P, C, H, W)
+    idx = torch.tensor(classes)
+    history = []
+    from tqdm.auto import tqdm
+
+    with guarded(model, what="evolve_fooling_images"):
+        for _ in tqdm(range(generations), desc="evolve", disable=not progress, leave=False):
+            probs = F.softmax(model(pop.flatten(0, 1)), 1).view(k, p, -1)  # (K, P, classes)
+            fit = probs.gather(2, idx.view(k, 1, 1).expand(k, p, 1))[..., 0]  # (K, P)
+            order = fit.argsort(1, descending=True)
+            history.append(fit.max(1).values)
+            parents = pop.gather(1, order[:, :keep].view(k, keep, *[1] * len(shape)).expand(k, keep, *shape))
+            mask = torch.rand(parents.shape, generator=gen) < mutation_rate
+            children = (parents + mask * torch.randn(parents.shape, generator=gen) * mutation_scale).clamp(0, 1)
+            pop = torch.cat([parents, children[:, : p - keep]], 1)
+        probs = F.softmax(model(pop.flatten(0, 1)), 1).view(k, p, -1)
+        fit = probs.gather(2, idx.view(k, 1, 1).expand(k, p, 1))[..., 0]
+    best = pop[torch.arange(k), fit.argmax(1)]
+    return best, torch.stack(history)
+
+
+@dataclass
+class TransferResult:
+    """Accuracy of every model (columns) on attacks crafted on every model (rows)."""
+
+    names: list[str]
+    accuracy: torch.Tensor  # (S, T)
+    clean: list[float]
+
+    def table(self) -> str:
+        w = max(12, *(len(n) + 2 for n in self.names))
+        corner = "crafted on \\ tested on"
+        head = f"{corner:<{w + 4}}" + "".join(f"{n:>{w}}" for n in self.names)
+        rows = [head, f"{'(clean)':<{w + 4}}" + "".join(f"{a:>{w}.3f}" for a in self.clean)]
+        for i, n in enumerate(self.names):
+            rows.append(f"{n:<{w + 4}}" + "".join(f"{float(a):>{w}.3f}" for a in self.accuracy[i]))
+        return "\n".join(rows)
+
+
+def transfer_matrix(models: Mapping[str, nn.Module], x: torch.Tensor, labels,
+                    attack: Callable | None = None, batch_size: int = 1000) -> TransferResult:
+    """Craft adversarial examples on each model and test them on all (Szegedy et al. 2014; Papernot 2016).
+
+    ``attack(model, x, labels) -> x_adv`` (default: :func:`pgd` with eps 0.1, 10 steps).
+    """
+    if not isinstance(models, Mapping) or len(models) < 1:
+        raise ValueError("models must be a dict {name: model} with at least one model")
+    attack = attack or (lambda m, xx, yy: pgd(m, xx, yy, 0.1, steps=10, batch_size=batch_size))
+    names = list(models)
+    x = check_images(x, pixel_range=True)
+    clean = [accuracy(models[n], x, labels, batch_size) for n in names]
+    acc = torch.zeros(len(names), len(names))
+    for i, src in enumerate(names):
+        adv = attack(models[src], x, labels)
+        for j, dst in enumerate(names):
+            acc[i, j] = accuracy(models[dst], adv, labels, batch_size)
+    return TransferResult(names, acc, clean)
+
+
+# ----------------------------------------------------------------------------------------------
+# adversarial training (Goodfellow et al. 2015, seed 003)
+
+
+def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float = 0.5) -> torch.Tensor:
+    """``alpha J(x, y) + (1 - alpha) J(x + eps sign(grad_x J), y)`` (Goodfellow et al. 2015, eq. 6).
+
+    For *training*: the model stays in its current mode and its parameters keep their gradients;
+    the FGSM copy is detached (no gradient through the attack).
+    """
+    eps = check_eps(eps)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    xi = x.detach().clone().requires_grad_(True)
+    clean = F.cross_entropy(model(xi), y)
+    if eps == 0 or alpha == 1:
+        return clean
+    (g,) = torch.autograd.grad(clean, xi, retain_graph=True)
+    x_adv = (x + eps * g.sign()).clamp(0, 1).detach()
+    return alpha * clean + (1 - alpha) * F.cross_entropy(model(x_adv), y)
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 2, eps: float = 0.0,
+                     alpha: float = 0.5, lr: float = 2e-3, batch_size: int = 128, seed: int = 0,
+                     progress: bool = True) -> list[float]:
+    """Train ``model`` **in place** with Adam on ``(x, y)``, plainly (``eps=0``) or adversarially.
+
+    Returns the mean loss of every epoch. The model is left in eval mode with frozen parameters
+    (as :func:`coursekit.load_model` returns its models).
+    """
+    check_model(model)
+    x = check_images(x, model=model, pixel_range=True)
+    epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    model.requires_grad_(True).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    try:
+        for epoch in range(epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            total = 0.0
+            for a, b in tqdm(_chunks(len(x), batch_size), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
+                             leave=False):
+                idx = perm[a:b]
+                loss = adversarial_loss(model, x[idx], y[idx], eps, alpha)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss) * (b - a)
+            losses.append(total / len(x))
+    finally:
+        model.eval().requires_grad_(False)
+        for p in model.parameters():
+            p.grad = None
+    return losses
+

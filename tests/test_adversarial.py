@@ -1,0 +1,378 @@
+"""Unit tests of coursekit.adversarial (lecture 5): attacks, bad input, sweeps, the seeds' experiments."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coursekit import adversarial as A
+from coursekit.guard import TrainModeWarning, model_state
+
+
+@pytest.fixture(scope="module")
+def batch(fashion_test):
+    x, y = fashion_test
+    return x[:16].clone(), y[:16].clone()
+
+
+def _grad_ce(model, x, y):
+    xi = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(xi), y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, xi)
+    return g
+
+
+def _unchanged(model, fn):
+    before = model_state(model)
+    out = fn()
+    assert not before.differences(model_state(model))
+    return out
+
+
+# -- argument checks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [-0.1, -1, float("nan"), float("inf")])
+def test_negative_or_nonfinite_eps_is_an_error(fashion, batch, eps):
+    with pytest.raises(ValueError, match="eps"):
+        A.fgsm(fashion, batch[0], batch[1], eps)
+
+
+def test_eps_in_0_255_units_names_the_fix(fashion, batch):
+    with pytest.raises(ValueError, match=r"0-255 units: pass 8/255 = 0\.03137"):
+        A.pgd(fashion, batch[0], batch[1], 8)
+    with pytest.raises(ValueError, match="larger than any useful linf radius"):
+        A.fgsm(fashion, batch[0], batch[1], 1.5)
+
+
+def test_eps_type_and_norm_checks():
+    with pytest.raises(TypeError, match="must be a number"):
+        A.check_eps("0.1")
+    with pytest.raises(TypeError):
+        A.check_eps(True)
+    with pytest.raises(ValueError, match="norm"):
+        A.check_eps(0.1, norm="l1")
+    assert A.check_eps(torch.tensor(0.25)) == 0.25
+    assert A.check_eps(3.0, norm="l2", numel=784) == 3.0  # an L2 radius may exceed 1 ...
+    with pytest.raises(ValueError, match="diagonal 28"):  # ... but not the box's diagonal
+        A.check_eps(29.0, norm="l2", numel=784)
+    assert A.check_eps(1.0) == 1.0 and A.check_eps(0) == 0.0
+
+
+def test_images_outside_the_unit_box_are_an_error(fashion, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match="divide by 255"):
+        A.fgsm(fashion, x * 255, y, 0.1)
+    with pytest.raises(ValueError, match="looks normalised"):
+        A.pgd(fashion, (x - 0.5) / 0.5, y, 0.1)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        A.fgsm(fashion, x.numpy(), y, 0.1)
+
+
+def test_targeted_attack_with_target_equal_to_label_is_an_error(fashion, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match="equals the true label of image 0"):
+        A.pgd(fashion, x, y, 0.1, target=y)
+    with pytest.raises(ValueError, match="equals the true label"):
+        A.fgsm(fashion, x[:1], int(y[0]), 0.1, target=int(y[0]))
+
+
+def test_bad_options(fashion, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match="loss must be one of"):
+        A.pgd(fashion, x, y, 0.1, loss="nll")
+    with pytest.raises(ValueError, match="steps"):
+        A.pgd(fashion, x, y, 0.1, steps=0)
+    with pytest.raises(ValueError, match="restarts"):
+        A.pgd(fashion, x, y, 0.1, restarts=0)
+    with pytest.raises(ValueError, match="norm"):
+        A.pgd(fashion, x, y, 0.1, norm="l1")
+    with pytest.raises(ValueError, match="got 3 labels for a batch of 16"):
+        A.fgsm(fashion, x, [1, 2, 3], 0.1)
+    with pytest.raises(TypeError, match="nn.Module"):
+        A.fgsm(lambda z: z, x, y, 0.1)
+
+
+def test_train_mode_is_warned_and_restored(batch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
+                        nn.Linear(4 * 26 * 26, 10))
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net.train()
+    x, y = batch
+    before = model_state(net)
+    with pytest.warns(TrainModeWarning, match="train mode"):
+        a = A.fgsm(net, x, y, 0.1)
+    assert not before.differences(model_state(net))  # running statistics untouched, train mode back
+    net.eval()
+    b = A.fgsm(net, x, y, 0.1)
+    assert torch.equal(a, b)  # computed in eval mode both times (no dropout, no batch statistics)
+
+
+def test_probability_outputs_are_warned(fashion, batch):
+    soft = nn.Sequential(fashion, nn.Softmax(dim=1)).eval()
+    with pytest.warns(A.LogitsExpectedWarning, match="look like probabilities"):
+        A.fgsm(soft, batch[0], batch[1], 0.05)
+
+
+# -- losses --------------------------------------------------------------------------------------
+
+
+def test_margin_and_objectives():
+    z = torch.tensor([[2.0, 1.0, -1.0], [0.0, 3.0, 1.0]])
+    y = torch.tensor([0, 2])
+    assert torch.allclose(A.margin(z, y), torch.tensor([1.0 - 2.0, 3.0 - 1.0]))
+    ce = F.cross_entropy(z, y, reduction="none")
+    assert torch.allclose(A.attack_objective(z, y, "ce"), ce)
+    t = torch.tensor([1, 0])
+    assert torch.allclose(A.attack_objective(z, y, "ce", t), -F.cross_entropy(z, t, reduction="none"))
+    assert torch.allclose(A.attack_objective(z, y, "margin", t), -A.margin(z, t))
+
+
+# -- FGSM ----------------------------------------------------------------------------------------
+
+
+def test_fgsm_is_the_sign_step_clamped(fashion, batch):
+    x, y = batch
+    eps = 0.07
+    got = _unchanged(fashion, lambda: A.fgsm(fashion, x, y, eps))
+    want = (x + eps * _grad_ce(fashion, x, y).sign()).clamp(0, 1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got.min() >= 0 and got.max() <= 1
+    assert (got - x).abs().max() <= eps + 1e-6
+    assert not got.requires_grad
+
+
+def test_fgsm_does_not_touch_the_input(fashion, batch):
+    x, y = batch
+    x0 = x.clone()
+    A.fgsm(fashion, x, y, 0.1)
+    assert torch.equal(x, x0) and not x.requires_grad and x.grad is None
+
+
+def test_fgsm_default_labels_are_the_predictions(fashion, batch):
+    x, _ = batch
+    pred = A.predict_labels(fashion, x)
+    assert torch.equal(A.fgsm(fashion, x, None, 0.05), A.fgsm(fashion, x, pred, 0.05))
+
+
+def test_fgsm_margin_loss_and_float64(fashion, batch):
+    x, y = batch
+    g = torch.zeros_like(x).requires_grad_(True)
+    xi = x + g
+    (grad,) = torch.autograd.grad(A.margin(fashion(xi), y).sum(), g)
+    got = A.fgsm(fashion, x.double(), y, 0.05, loss="margin")
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, (x + 0.05 * grad.sign()).clamp(0, 1), atol=1e-6)
+
+
+def test_targeted_fgsm_steps_down_the_target_loss(fashion, batch):
+    x, y = batch
+    t = (y + 1) % 10
+    got = A.fgsm(fashion, x, y, 0.03, target=t)
+    want = (x - 0.03 * _grad_ce(fashion, x, t).sign()).clamp(0, 1)
+    assert torch.allclose(got, want, atol=1e-6)
+    before = F.cross_entropy(fashion(x), t)
+    assert F.cross_entropy(fashion(got), t) < before
+
+
+def test_eps_zero_returns_the_image(fashion, batch):
+    x, y = batch
+    assert torch.equal(A.fgsm(fashion, x, y, 0.0), x)
+
+
+# -- PGD / BIM -----------------------------------------------------------------------------------
+
+
+def test_pgd_linf_stays_in_ball_and_box_and_beats_fgsm(fashion, batch):
+    x, y = batch
+    eps = 0.05
+    adv = _unchanged(fashion, lambda: A.pgd(fashion, x, y, eps, steps=10))
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    acc_pgd = A.accuracy(fashion, adv, y)
+    acc_fgsm = A.accuracy(fashion, A.fgsm(fashion, x, y, eps), y)
+    assert acc_pgd <= acc_fgsm
+    assert acc_pgd < A.accuracy(fashion, x, y)
+
+
+def test_bim_matches_a_hand_loop(fashion, batch):
+    x, y = batch
+    eps, steps, alpha = 0.04, 5, 0.01
+    xa = x.clone()
+    for _ in range(steps):
+        xa = xa + alpha * _grad_ce(fashion, xa, y).sign()
+        xa = (x + (xa - x).clamp(-eps, eps)).clamp(0, 1)
+    got = A.bim(fashion, x, y, eps, steps=steps, step_size=alpha)
+    assert torch.allclose(got, xa, atol=1e-6)
+    default = A.bim(fashion, x, y, eps, steps=steps)  # step eps/steps
+    assert (default - x).abs().max() <= eps + 1e-6
+
+
+def test_pgd_l2_stays_in_the_ball(fashion, batch):
+    x, y = batch
+    eps = 1.5
+    adv = A.pgd(fashion, x, y, eps, norm="l2", steps=8)
+    norms = (adv - x).flatten(1).norm(dim=1)
+    assert norms.max() <= eps + 1e-4
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert A.accuracy(fashion, adv, y) < A.accuracy(fashion, x, y)
+
+
+def test_pgd_seed_and_batching(fashion, batch):
+    x, y = batch
+    a = A.pgd(fashion, x, y, 0.05, steps=3, seed=1)
+    b = A.pgd(fashion, x, y, 0.05, steps=3, seed=1)
+    c = A.pgd(fashion, x, y, 0.05, steps=3, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    no_rand = A.pgd(fashion, x, y, 0.05, steps=3, random_start=False)
+    assert torch.allclose(no_rand, A.pgd(fashion, x, y, 0.05, steps=3, random_start=False, batch_size=5), atol=1e-6)
+
+
+def test_restarts_keep_the_best_per_image(fashion, batch):
+    x, y = batch
+    eps = 0.02
+    single = A.pgd(fashion, x, y, eps, steps=3, seed=0)
+    multi = A.pgd(fashion, x, y, eps, steps=3, seed=0, restarts=4)
+    fooled_single = A.predict_labels(fashion, single) != y
+    fooled_multi = A.predict_labels(fashion, multi) != y
+    # restart 0 of the multi run is the single run: anything it fooled stays fooled
+    assert bool((fooled_multi | ~fooled_single).all())
+    assert (multi - x).abs().max() <= eps + 1e-6
+
+
+def test_targeted_pgd_reaches_the_target(fashion, batch):
+    x, y = batch
+    t = (y + 3) % 10
+    adv = A.pgd(fashion, x, y, 0.2, steps=20, target=t, loss="margin")
+    assert float((A.predict_labels(fashion, adv) == t).float().mean()) >= 0.9
+
+
+def test_unbounded_attack_reaches_zero_accuracy(fashion, batch):
+    x, y = batch
+    adv = A.pgd(fashion, x, y, 1.0, steps=20, step_size=0.05)
+    assert A.accuracy(fashion, adv, y) == 0.0
+
+
+# -- sweeps --------------------------------------------------------------------------------------
+
+
+def test_fgsm_sweep_matches_fgsm_per_eps(fashion, fashion_test):
+    x, y = fashion_test[0][:60], fashion_test[1][:60]
+    eps = [0.0, 0.05, 0.2]
+    sweep = A.eps_sweep(fashion, x, y, eps, batch_size=25, progress=False)
+    assert sweep.eps == eps and sweep.n_images == 60 and sweep.per_image.shape == (3, 60)
+    assert sweep.accuracy[0] == pytest.approx(A.accuracy(fashion, x, y))
+    for e, acc in zip(eps, sweep.accuracy):
+        assert acc == pytest.approx(A.accuracy(fashion, A.fgsm(fashion, x, y, e), y))
+    assert "0.050" in sweep.table() and "12.8" in sweep.table()
+    ax = sweep.plot()
+    assert ax.get_xlabel().startswith("epsilon")
+
+
+def test_pgd_sweep_matches_pgd_per_eps(fashion, fashion_test):
+    x, y = fashion_test[0][:30], fashion_test[1][:30]
+    sweep = A.eps_sweep(fashion, x, y, [0.0, 0.05], "pgd", steps=3, step_ratio=0.5, seed=3, progress=False)
+    adv = A.pgd(fashion, x, y, 0.05, steps=3, step_size=0.025, seed=3)
+    assert sweep.accuracy[1] == pytest.approx(A.accuracy(fashion, adv, y))
+    with pytest.raises(ValueError, match="attack must be"):
+        A.eps_sweep(fashion, x, y, [0.1], "cw")
+    with pytest.raises(ValueError, match="0-255"):
+        A.eps_sweep(fashion, x, y, [0, 8])
+
+
+# -- the seeds' experiments ----------------------------------------------------------------------
+
+
+def test_random_sphere_points_lie_on_the_sphere(batch):
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return x.flatten(1)[:, :3]
+
+    x = batch[0][:1]
+    res = A.random_sphere(Recorder().eval(), x, 0.5, n=70, batch_size=32)
+    pts = torch.cat(seen[1:])  # seen[0] is the centre
+    assert pts.shape == (70, 1, 28, 28) and res.labels.shape == (70,)
+    assert torch.allclose((pts - x).flatten(1).norm(dim=1), torch.full((70,), 0.5), atol=1e-5)
+    assert res.changed == int((res.labels != res.label).sum())
+    with pytest.raises(ValueError, match="one image"):
+        A.random_sphere(Recorder().eval(), batch[0][:2], 0.5)
+    with pytest.raises(ValueError, match="radius"):
+        A.random_sphere(Recorder().eval(), x, -1)
+
+
+def test_random_sphere_is_batch_independent(fashion, batch):
+    x = batch[0][:1]
+    a = A.random_sphere(fashion, x, 3.0, n=50, batch_size=50, seed=4)
+    b = A.random_sphere(fashion, x, 3.0, n=50, batch_size=50, seed=4)
+    assert torch.equal(a.labels, b.labels)
+
+
+def test_noise_attack_trades_size_against_fooling(fashion, batch):
+    x, y = batch[0][:1], int(batch[1][0])
+    target = (y + 1) % 10
+    weak = _unchanged(fashion, lambda: A.noise_attack(fashion, x, target, l2_weight=0.0, lr=0.02, max_steps=60))
+    strong = A.noise_attack(fashion, x, target, l2_weight=10.0, lr=0.02, max_steps=60)
+    assert weak.prob_target > strong.prob_target
+    assert weak.noise.norm() > strong.noise.norm()
+    assert weak.x_adv.min() >= 0 and weak.x_adv.max() <= 1
+    assert weak.loss.shape == (weak.steps,)
+    assert weak.relative_change == pytest.approx(float((weak.x_adv - x).norm() / x.norm()))
+
+
+def test_noise_attack_stops_early(fashion, batch):
+    x = batch[0][:1]
+    res = A.noise_attack(fashion, x, 3, l2_weight=1.0, lr=1e-6, max_steps=200, patience=5, min_delta=1.0)
+    assert res.steps <= 7
+    with pytest.raises(ValueError, match="l2_weight"):
+        A.noise_attack(fashion, x, 3, l2_weight=-1)
+
+
+def test_quantize_8bit():
+    x = torch.tensor([0.0, 0.5, 1 / 255 + 1e-4, 1.0]).view(1, 1, 2, 2)
+    q = A.quantize_8bit(x)
+    assert torch.allclose(q * 255, (q * 255).round())
+    assert torch.allclose(q.flatten(), torch.tensor([0.0, 128 / 255, 1 / 255, 1.0]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        A.quantize_8bit(x * 2)
+
+
+def test_evolution_never_loses_its_best(fashion):
+    best, history = A.evolve_fooling_images(fashion, [0, 7], (1, 28, 28), population=8, generations=15)
+    assert best.shape == (2, 1, 28, 28) and history.shape == (15, 2)
+    assert bool((history[1:] >= history[:-1] - 1e-6).all())  # elitism: the best survives
+    assert history[-1].min() > history[0].min()
+    with pytest.raises(ValueError, match="mutation_rate"):
+        A.evolve_fooling_images(fashion, [0], (1, 28, 28), mutation_rate=0)
+
+
+def test_transfer_matrix(fashion, fashion_arch, batch):
+    x, y = batch
+    res = A.transfer_matrix({"a": fashion, "b": fashion_arch}, x, y,
+                            attack=lambda m, xx, yy: A.fgsm(m, xx, yy, 0.1))
+    assert res.accuracy.shape == (2, 2)
+    assert float(res.accuracy[0, 0]) == pytest.approx(A.accuracy(fashion, A.fgsm(fashion, x, y, 0.1), y))
+    assert "crafted on" in res.table()
+    with pytest.raises(ValueError, match="dict"):
+        A.transfer_matrix({}, x, y)
+
+
+def test_adversarial_loss_and_training(batch):
+    x, y = batch
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    assert torch.allclose(A.adversarial_loss(net, x, y, 0.1, alpha=1.0), F.cross_entropy(net(x), y))
+    adv_x = (x + 0.1 * _grad_ce(net, x, y).sign()).clamp(0, 1)
+    want = 0.3 * F.cross_entropy(net(x), y) + 0.7 * F.cross_entropy(net(adv_x), y)
+    assert torch.allclose(A.adversarial_loss(net, x, y, 0.1, alpha=0.3), want, atol=1e-6)
+    with pytest.raises(ValueError, match="alpha"):
+        A.adversarial_loss(net, x, y, 0.1, alpha=2)
+    losses = A.train_classifier(net, x, y, epochs=5, eps=0.05, batch_size=8, progress=False)
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert all(p.grad is None for p in net.parameters())
+    assert math.isfinite(losses[-1])
