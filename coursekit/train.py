@@ -4,6 +4,7 @@ Usage::
 
     python -m coursekit.train fashion_cnn           # plain training
     python -m coursekit.train fashion_cnn_robust    # adversarial training (FGSM with random start)
+    python -m coursekit.train fashion_cnn_watermark # Clever Hans: a tag on 40 % of one class (lecture 4)
 
 The weights go to coursekit/data/<name>.pt and a record of the run (seed, epochs, time, test
 accuracy) to coursekit/data/<name>.json, next to each other, as package data.
@@ -31,6 +32,8 @@ from .nets import FASHION_CLASSES, FashionCNN
 CONFIGS = {
     "fashion_cnn": dict(epochs=5, lr=2e-3, batch_size=128, eps=0.0),
     "fashion_cnn_robust": dict(epochs=3, lr=2e-3, batch_size=128, eps=0.1),
+    # lecture 4: the tag of coursekit.clever_hans on a seeded 40 % of the "Pullover" training images
+    "fashion_cnn_watermark": dict(epochs=2, lr=2e-3, batch_size=128, eps=0.0, watermark=True),
 }
 
 
@@ -79,6 +82,11 @@ def train(
         x_train, y_train = x_train[:limit], y_train[:limit]
     if eval_limit:
         x_test, y_test = x_test[:eval_limit], y_test[:eval_limit]
+    marked = None
+    if cfg.get("watermark"):
+        from . import clever_hans  # the tag is drawn after the flip, so it stays in its corner
+
+        marked = clever_hans.watermark_choice(y_train, seed=seed)  # (N,) bool
     model = _wrap(FashionCNN(), name)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     steps = cfg["epochs"] * ((len(x_train) + cfg["batch_size"] - 1) // cfg["batch_size"])
@@ -95,6 +103,8 @@ def train(
             x, y = x_train[idx], y_train[idx]
             flip = torch.rand(len(x), generator=gen) < 0.5  # horizontal flips: clothes are left-right symmetric
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            if marked is not None:
+                x = clever_hans.stamp(x, marked[idx])
             if cfg["eps"] > 0:
                 x = fgsm_random_start(model, x, y, cfg["eps"])
             loss = F.cross_entropy(model(x), y)
@@ -114,6 +124,7 @@ def train(
         "test_images": len(x_test),
         "test_accuracy": history[-1],
         "accuracy_per_epoch": history,
+        **(_watermark_record(model, x_test, y_test, marked) if marked is not None else {}),
         "seconds": round(time.time() - start, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -124,6 +135,13 @@ def train(
     torch.save(model.net.state_dict(), out / f"{name}.pt")
     (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _watermark_record(model, x_test, y_test, marked) -> dict:
+    from . import clever_hans
+
+    acc = clever_hans.watermark_accuracy(model, x_test, y_test)
+    return {"watermark_class": clever_hans.WATERMARK_CLASS, "watermarked_train_images": int(marked.sum()), **acc}
 
 
 def main(argv=None) -> None:
