@@ -1,0 +1,65 @@
+"""Layer-wise relevance propagation (lecture 4), built on the shared rules engine.
+
+* :mod:`.rules` — the LRP rules, each a parameter setting of one generic backward rule;
+* :mod:`.composites` — which rule for which layer (zennit's composites and Montavon et al. 2019);
+* :mod:`.canonizers` — batch-norm merging and explicit residual sums (timm EfficientNet);
+* :mod:`.analysis` — :func:`lrp`, conservation layer by layer, plots.
+
+::
+
+    import coursekit as ck
+    from coursekit import lrp
+    model = ck.load_model("efficientnet_lite0")
+    R = lrp.lrp(model, x, target=967, composite="EpsilonGammaBox")   # (N, 3, 224, 224), sums to the logit
+"""
+
+from .analysis import (
+    Conservation,
+    conservation,
+    default_canonizers,
+    lrp,
+    plot_conservation,
+    plot_relevance,
+)
+from .canonizers import EfficientNetCanonizer, MergeBatchNorm, Residual, Sum, merge_batchnorm
+from .composites import (
+    BASE_RULES,
+    COMPOSITES,
+    LRPComposite,
+    epsilon_alpha2_beta1,
+    epsilon_alpha2_beta1_flat,
+    epsilon_gamma_box,
+    epsilon_plus,
+    epsilon_plus_flat,
+    lrp_epsilon,
+    lrp_zero,
+    make_composite,
+    montavon2019,
+)
+from .rules import (
+    WINNER_TAKE_ALL,
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    GradientRule,
+    Group,
+    LRPRule,
+    Norm,
+    ProportionalPool,
+    Relay,
+    Term,
+    WSquare,
+    ZBox,
+    ZPlus,
+    stabilize,
+)
+
+__all__ = [
+    "lrp", "conservation", "Conservation", "plot_conservation", "plot_relevance", "default_canonizers",
+    "EfficientNetCanonizer", "MergeBatchNorm", "Residual", "Sum", "merge_batchnorm",
+    "BASE_RULES", "COMPOSITES", "LRPComposite", "make_composite", "lrp_zero", "lrp_epsilon", "epsilon_plus",
+    "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "epsilon_gamma_box", "montavon2019",
+    "LRPRule", "Term", "Group", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "Norm",
+    "ProportionalPool", "Relay", "GradientRule", "WINNER_TAKE_ALL", "stabilize",
+]

@@ -1,0 +1,223 @@
+"""Running LRP and looking at it: heatmaps, conservation layer by layer (lecture 4).
+
+:func:`lrp` is the input gradient of the shared gradient path (:func:`coursekit.gradients.gradient`)
+with an LRP composite attached and the relevance at the top set to the explained logit, so the
+map sums to that logit when every layer conserves. Because it is an ordinary attribution method
+``(model, x, target) -> (N, C, H, W)``, ``coursekit.gradients.smooth(lrp)`` is SmoothGrad of LRP
+and :mod:`coursekit.faithfulness` / :mod:`coursekit.sanity` take it like any other method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..gradients import gradient
+from ..inputs import check_images, check_model, target_indices, target_scores
+from ..rules import Canonizer
+from .canonizers import EfficientNetCanonizer
+from .composites import make_composite
+
+__all__ = ["lrp", "default_canonizers", "Conservation", "conservation", "plot_conservation", "plot_relevance"]
+
+
+def default_canonizers(model: nn.Module) -> list[Canonizer]:
+    """The canonizers a model needs: :class:`EfficientNetCanonizer` for timm EfficientNets, else none."""
+    if any(type(m).__name__ == "EfficientNet" for m in model.modules()):
+        return [EfficientNetCanonizer()]
+    return []
+
+
+def _canonizers(model, canonizers):
+    if canonizers == "auto":
+        return default_canonizers(model)
+    if canonizers is None:
+        return []
+    canonizers = list(canonizers) if isinstance(canonizers, (list, tuple)) else [canonizers]
+    for c in canonizers:
+        if not isinstance(c, Canonizer):
+            raise TypeError(f"canonizers must be Canonizer objects (or 'auto' / None), got {type(c).__name__}")
+    return canonizers
+
+
+def _relevance_target(target, n: int, start: str):
+    """A target callable whose gradient at the output is the logit itself (``start='logit'``) or 1."""
+    if start not in ("logit", "one"):
+        raise ValueError(f"start must be 'logit' (relevance at the top = the logit) or 'one', got {start!r}")
+    targets = target_indices(target, n)
+
+    def score(output):  # (N, K) -> (N,)
+        s = target_scores(output, targets)
+        return s * s.detach() if start == "logit" else s  # d(s * s0)/ds = s0: the top relevance is the logit
+
+    return score
+
+
+def lrp(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGammaBox", canonizers="auto",
+        *, start: str = "logit") -> torch.Tensor:
+    """Layer-wise relevance propagation (Bach et al. 2015) of ``target`` for a batch.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Pixels ``(N, C, H, W)`` in [0, 1] -> logits. Left exactly as it was (the shared guard).
+    x : Tensor (N, C, H, W)
+    target : int, sequence of int, Tensor (N,), or callable ``output -> (N,)``
+    composite : str or LRPComposite
+        Rules per layer: a name from :data:`coursekit.lrp.COMPOSITES` or a composite object.
+    canonizers : "auto", None or sequence of Canonizer
+        "auto": :func:`default_canonizers` (the EfficientNet canonizer for timm EfficientNets).
+        They are undone afterwards, even on error.
+    start : {"logit", "one"}
+        Relevance put on the explained output: its value (the map then sums to the logit when
+        relevance is conserved) or 1 (a fraction of the logit).
+
+    Returns
+    -------
+    Tensor (N, C, H, W): relevance per pixel and channel, detached.
+    """
+    check_model(model)
+    x = check_images(x, model=model)
+    composite = make_composite(composite)
+    score = _relevance_target(target, x.shape[0], start)
+    return gradient(model, x, score, composite=composite, canonizers=_canonizers(model, canonizers), what="LRP")
+
+
+@dataclass
+class Conservation:
+    """Relevance sums layer by layer, from the logit down to the pixels.
+
+    Attributes
+    ----------
+    layers : list of str
+        Each layer in the order the backward pass crosses it (the top layer first), ``"pixels"`` last.
+    kinds : list of str
+        Layer type and rule.
+    sums : ndarray (L, N)
+        Total relevance at each layer's **output** (everything that arrived there from above; the
+        first row is the logit), and the pixel map's sum last.
+    in_branch : list of bool
+        The layer sits inside a residual branch: its output carries only that branch's share.
+    """
+
+    layers: list[str]
+    kinds: list[str]
+    sums: np.ndarray
+    in_branch: list[bool]
+
+    @property
+    def ratios(self) -> np.ndarray:
+        """``sums / sums[0]`` (L, N): 1 everywhere when every layer conserves relevance."""
+        return self.sums / self.sums[:1]
+
+    def main_path(self) -> Conservation:
+        """Only the layers outside residual branches: the relevance of the whole cut through the network."""
+        keep = [i for i, b in enumerate(self.in_branch) if not b]
+        return Conservation([self.layers[i] for i in keep], [self.kinds[i] for i in keep], self.sums[keep],
+                            [False] * len(keep))
+
+    def table(self, image: int = 0, decimals: int = 6) -> str:
+        """One line per layer: name, type/rule, relevance sum at its output and the ratio to the logit."""
+        width = max(len(n) for n in self.layers)
+        rows = [f"{'layer (relevance at its output)':{width}s}  {'type / rule':36s} {'sum':>12s} {'ratio':>10s}"]
+        for name, kind, s, r in zip(self.layers, self.kinds, self.sums[:, image], self.ratios[:, image]):
+            rows.append(f"{name:{width}s}  {kind:36s} {s:12.{max(decimals - 2, 1)}f} {r:10.{decimals}f}")
+        return "\n".join(rows)
+
+
+def conservation(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGammaBox", canonizers="auto") -> Conservation:
+    """Sum of relevance at the output of every layer on the way down (one LRP pass that writes them out).
+
+    Parameters
+    ----------
+    model, x, target, composite, canonizers
+        As in :func:`lrp`.
+
+    Returns
+    -------
+    Conservation
+    """
+    check_model(model)
+    x = check_images(x, model=model)
+    store: list = []
+    comp = make_composite(composite).recording(store)
+    score = _relevance_target(target, x.shape[0], "logit")
+    pixels = gradient(model, x, score, composite=comp, canonizers=_canonizers(model, canonizers), what="LRP")
+    if not store:
+        raise RuntimeError("no layer reported relevance; is the composite attached to this model?")
+    layers = [name for name, *_ in store] + ["pixels"]
+    kinds = [f"{kind} / {rule}" for _, kind, rule, _, _ in store] + ["input map"]
+    sums = [out for *_, out, _ in store] + [pixels.flatten(1).sum(1)]
+    in_branch = [".branch." in f".{name}." for name in layers]
+    return Conservation(layers, kinds, torch.stack([s.float().cpu() for s in sums]).numpy(), in_branch)
+
+
+def plot_conservation(results: dict, image: int = 0, ax=None, title: str = "Relevance conservation, logit -> pixels",
+                      main_path: bool = True, labels: bool | None = None):
+    """Relevance sum / logit per layer for one or more :class:`Conservation` results (one line each).
+
+    Parameters
+    ----------
+    results : dict of label -> Conservation
+    image : int
+        Which image of the batch.
+    ax : matplotlib Axes, optional
+    main_path : bool
+        Leave out layers inside residual branches (their sums are one branch's share only).
+    labels : bool, optional
+        Layer names on the x axis (default: when there are at most 30 points).
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.8), dpi=110)
+    for label, res in results.items():
+        res = res.main_path() if main_path else res
+        keep = [i for i, k in enumerate(res.kinds) if "Relay" not in k]  # element-wise layers repeat the value
+        ax.plot(np.arange(len(keep)), res.ratios[keep, image], marker="o", ms=3, label=label)
+        show = labels if labels is not None else len(keep) <= 30
+        if show:
+            ax.set_xticks(np.arange(len(keep)), [res.layers[i] for i in keep], rotation=60, ha="right", fontsize=7)
+        else:
+            ax.set_xlabel(f"{len(keep)} layers, from the logit (left) to the pixels (right)")
+    ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+    ax.set_ylabel("relevance sum / logit")
+    ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    return ax
+
+
+def plot_relevance(image, relevance: torch.Tensor, ax=None, title: str | None = None, colorbar: bool = True,
+                   percentile: float = 99.5, alpha_image: float = 0.0):
+    """A signed relevance map (summed over channels) on a zero-centred diverging colour map.
+
+    Parameters
+    ----------
+    image : Tensor (C, H, W) in [0, 1] or None
+        Drawn in grey underneath when ``alpha_image`` > 0.
+    relevance : Tensor (C, H, W) or (H, W)
+    percentile : float
+        The colour scale ends at this percentile of |relevance| (a few extreme pixels would wash it out).
+    """
+    import matplotlib.pyplot as plt
+
+    r = relevance.detach().float().cpu()
+    if r.dim() == 3:
+        r = r.sum(0)  # (H, W)
+    r = r.numpy()
+    lim = float(np.percentile(np.abs(r), percentile)) or 1e-12
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.2, 3.2), dpi=110)
+    if image is not None and alpha_image > 0:
+        grey = image.detach().float().cpu().mean(0).numpy()
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
+    im = ax.imshow(r, cmap="bwr", vmin=-lim, vmax=lim, alpha=1 - alpha_image if alpha_image else 1.0)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    if colorbar:
+        plt.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="relevance")
+    return ax

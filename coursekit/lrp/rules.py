@@ -1,0 +1,454 @@
+"""LRP rules: parameters of one generic rule of the shared rules engine (lecture 4).
+
+Layer-wise relevance propagation (Bach et al. 2015; overview: Montavon et al. 2019) sends the
+score back through the network layer by layer, keeping the total ("conservation"). For a layer
+``z_j = sum_i x_i w_ij + b_j`` every rule has the same shape::
+
+    R_i = sum_k  c_k * x_i^(k) * sum_j w_ij^(k) * R_j / stab(z_j^*)
+
+with a few *terms* ``k`` (a modified input ``x^(k)`` times modified weights ``w^(k)``), a
+denominator ``z^*`` that sums the terms' outputs, and a coefficient ``c_k``. The zennit "gradient
+trick" (Anders et al. 2021) computes the inner sum as a vector-Jacobian product:
+``sum_j w_ij s_j`` is the gradient of ``z(x)`` w.r.t. ``x`` with output gradient ``s = R / z^*``,
+so one rule object works for dense, convolutional, pooling and sum layers.
+
+=====================  ===========================================  =========================
+rule                   terms (input, weights, bias)                 used for
+=====================  ===========================================  =========================
+``Epsilon(eps)``       (x, w, b); ``Epsilon(0)`` is LRP-0           top / middle layers
+``Gamma(gamma)``       (x+, w + gamma w+) ... (Andeol et al. 2021)  lower convolutions
+``AlphaBeta(a, b)``    alpha (x+w+ + x-w-) - beta (x+w- + x-w+)     convolutions (a - b = 1)
+``ZPlus()``            alpha=1, beta=0                              convolutions
+``ZBox(low, high)``    (x, w) - (low, w+) - (high, w-)              the pixel layer
+``Flat()``             (1, 1): spread evenly over the receptive field  the pixel layer
+``WSquare()``          (1, w^2)                                     the pixel layer
+``Norm()``             (x, the layer itself)                        average pooling, sums
+``ProportionalPool()`` (x, average pooling in place of max)         max pooling
+``Relay()``            relevance unchanged                          ReLU, ReLU6, normalisation
+=====================  ===========================================  =========================
+
+Max pooling's winner-take-all rule is its plain gradient (``coursekit.rules.Pass``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..rules import BackwardRule, Pass
+
+__all__ = [
+    "Term", "Group", "LRPRule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare",
+    "Norm", "ProportionalPool", "Relay", "GradientRule", "stabilize",
+]
+
+
+def stabilize(z: torch.Tensor, epsilon: float, relative: bool = False) -> torch.Tensor:
+    """``z + epsilon * sign(z)`` with sign(0) = +1 (zennit's convention); ``epsilon=0``: zeros -> inf (R/z = 0).
+
+    ``relative=True`` scales ``epsilon`` by each sample's root-mean-square of ``z`` (Montavon et al.
+    2019 use ``0.25 * std`` of the layer's outputs).
+    """
+    if epsilon == 0:
+        return z.masked_fill(z == 0, float("inf"))
+    eps = epsilon * z.pow(2).mean(dim=tuple(range(1, z.dim())), keepdim=True).sqrt() if relative else epsilon
+    return z + eps * (2 * (z >= 0).to(z) - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# modifiers: what a term does to the input, the weights and the bias
+
+
+def _same(t):
+    return t
+
+
+def _pos(t):
+    return t.clamp(min=0)
+
+
+def _neg(t):
+    return t.clamp(max=0)
+
+
+def _ones(t):
+    return torch.ones_like(t)
+
+
+def _square(t):
+    return t * t
+
+
+def _gamma(gamma: float, part: Callable) -> Callable:
+    def modify(t):
+        return t + gamma * part(t)
+
+    return modify
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term of a rule: ``x -> input(x)``, ``w -> weight(w)``, ``b -> bias(b)`` (None: no bias).
+
+    ``sign`` enters the denominator and the redistributed relevance (z^B subtracts its bound terms).
+    ``input`` may return a fixed bound (ZBox) and ``op`` replaces the layer's own map (max -> average).
+    """
+
+    input: Callable = _same
+    weight: Callable = _same
+    bias: Callable | None = _same
+    sign: float = 1.0
+    op: Callable | None = None  # (module, x) -> z for parameter-free layers computed differently
+
+    @property
+    def unmodified(self) -> bool:
+        return self.input is _same and self.weight is _same and self.bias is _same and self.op is None
+
+
+@dataclass(frozen=True)
+class Group:
+    """Terms that share a denominator, scaled by ``scale``; ``where`` masks by the sign of the layer's output."""
+
+    terms: tuple[Term, ...]
+    scale: float = 1.0
+    where: str = "all"  # "all" | "positive" | "negative"
+
+
+# ----------------------------------------------------------------------------------------------
+# the layer maps a rule needs: forward with given parameters, and its vector-Jacobian product
+
+
+@contextlib.contextmanager
+def _parameters(module: nn.Module, weight, bias):
+    """Temporarily give ``module`` other weight/bias tensors (put back in ``finally``)."""
+    saved = {k: module._parameters[k] for k in ("weight", "bias") if k in module._parameters}
+    try:
+        if "weight" in saved:
+            module._parameters["weight"] = weight
+        if "bias" in saved:
+            module._parameters["bias"] = bias
+        yield module
+    finally:
+        module._parameters.update(saved)
+
+
+_CONV = {nn.Conv1d: (F.conv1d, torch.nn.grad.conv1d_input), nn.Conv2d: (F.conv2d, torch.nn.grad.conv2d_input),
+         nn.Conv3d: (F.conv3d, torch.nn.grad.conv3d_input)}
+
+
+def _fast(module: nn.Module) -> bool:
+    """Plain Linear / Conv layers: forward and backward with explicit weights, no autograd graph."""
+    if type(module) is nn.Linear:
+        return True
+    return type(module) in _CONV and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def _forward(module: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    if type(module) is nn.Linear:
+        return F.linear(x, weight, bias)
+    if _fast(module):
+        conv = _CONV[type(module)][0]
+        return conv(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
+    with _parameters(module, weight, bias):  # e.g. timm's Conv2dSame: its own padding, our weights
+        return module.forward(x)  # .forward: the rule's own hook must not fire again
+
+
+def _vjp(module: nn.Module, x: torch.Tensor, weight, s: torch.Tensor) -> torch.Tensor:
+    """``J^T s`` of the layer's linear part at ``x`` (weights ``weight``): ``sum_j w_ij s_j``."""
+    if type(module) is nn.Linear:
+        return s @ weight  # (N, out) @ (out, in) -> (N, in)
+    if _fast(module):
+        grad = _CONV[type(module)][1]
+        return grad(x.shape, weight, s, module.stride, module.padding, module.dilation, module.groups)
+    xi = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z = _forward(module, xi, weight, None)
+        (g,) = torch.autograd.grad(z, xi, s)
+    return g
+
+
+# ----------------------------------------------------------------------------------------------
+# the generic rule
+
+
+class LRPRule(BackwardRule):
+    """The generic LRP rule; every named rule below is this class with other terms.
+
+    Parameters
+    ----------
+    groups : sequence of Group
+        Terms with a shared denominator each; the relevance of a group is multiplied by its scale.
+    stabilizer : float
+        ``epsilon`` of :func:`stabilize`, added to every denominator with its sign.
+    bias : bool
+        False: every term leaves the bias out (the layer's relevance is then exactly conserved).
+    name : str
+    relative : bool
+        Scale the stabilizer by the root-mean-square of each sample's denominator.
+    """
+
+    def __init__(self, groups: Sequence[Group], stabilizer: float = 1e-6, bias: bool = True, name: str = "lrp",
+                 relative: bool = False):
+        if not isinstance(stabilizer, (int, float)) or isinstance(stabilizer, bool) or stabilizer < 0:
+            raise ValueError(f"the stabilizer (epsilon) must be a number >= 0, got {stabilizer!r}")
+        self.relative = bool(relative)
+        self.groups = tuple(groups)
+        self.stabilizer = float(stabilizer)
+        self.bias = bool(bias)
+        self.name = name
+
+    def __repr__(self) -> str:
+        extra = "" if self.bias else ", bias=False"
+        return f"{self.name}(stabilizer={self.stabilizer:g}{extra})"
+
+    def backward(self, module, inputs, output, grad_out):
+        """Relevance at the inputs from relevance ``grad_out`` at the output (the gradient trick)."""
+        xs = [t.detach() for t in inputs]
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None) if self.bias else None
+        weight = weight.detach() if isinstance(weight, torch.Tensor) else None
+        bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+        relevance = [torch.zeros_like(x) for x in xs]
+        for group in self.groups:
+            if group.scale == 0:
+                continue
+            parts, z = [], None
+            for term in group.terms:
+                tx = [term.input(x) for x in xs]
+                w = term.weight(weight) if weight is not None else None
+                b = term.bias(bias) if (bias is not None and term.bias is not None) else None
+                if b is None and all(not t.any() for t in tx):
+                    continue  # a zero input without bias adds nothing (e.g. x- after a ReLU)
+                if (term.unmodified and weight is not None and self.bias) or term.op is _own_map:
+                    zk = output.detach()  # the layer's own output: no second forward
+                elif term.op is not None:
+                    zk = term.op(module, *tx)
+                elif weight is None:
+                    zk = module.forward(*tx)
+                else:
+                    zk = _forward(module, tx[0], w, b)
+                z = term.sign * zk if z is None else z + term.sign * zk
+                parts.append((term, tx, w))
+            if z is None:
+                continue
+            s = grad_out / stabilize(z, self.stabilizer, self.relative)  # (N, out...)
+            if group.where != "all":
+                s = s * ((output > 0) if group.where == "positive" else (output < 0)).to(s)
+            for term, tx, w in parts:
+                if weight is not None:
+                    grads = [_vjp(module, tx[0], w, s)]
+                else:
+                    grads = _param_free_vjp(module, term, tx, s)
+                for i, (t, g) in enumerate(zip(tx, grads)):
+                    relevance[i] = relevance[i] + (group.scale * term.sign) * t * g
+        return tuple(relevance)
+
+
+def _param_free_vjp(module, term: Term, tx, s):
+    leaves = [t.detach().requires_grad_(True) for t in tx]
+    with torch.enable_grad():
+        z = term.op(module, *leaves) if term.op is not None else module.forward(*leaves)
+        return torch.autograd.grad(z, leaves, s)
+
+
+# ----------------------------------------------------------------------------------------------
+# the named rules
+
+
+class Epsilon(LRPRule):
+    """LRP-epsilon (Bach et al. 2015): ``R_i = sum_j x_i w_ij / (z_j + eps sign(z_j)) R_j``; LRP-0 at eps=0.
+
+    A larger ``epsilon`` absorbs the relevance of weak, contradictory activations (a sparser, less
+    noisy map) at the price of conservation.
+    """
+
+    def __init__(self, epsilon: float = 1e-6, bias: bool = True, relative: bool = False):
+        super().__init__([Group((Term(),))], stabilizer=epsilon, bias=bias, name="Epsilon", relative=relative)
+        self.epsilon = self.stabilizer
+
+    def __repr__(self) -> str:
+        extra = ("" if self.bias else ", bias=False") + (", relative=True" if self.relative else "")
+        return f"Epsilon({self.epsilon:g}{extra})" if self.epsilon else f"LRP-0({extra.lstrip(', ')})"
+
+
+class Gamma(LRPRule):
+    """LRP-gamma (Montavon et al. 2019), generalised to negative inputs (Andeol et al. 2021, as in zennit).
+
+    Positive outputs: ``(x+ (w + gamma w+) + x- (w + gamma w-))``; negative outputs the mirror image.
+    ``gamma`` favours positive contributions; ``gamma -> inf`` approaches z+ (alpha=1, beta=0).
+    """
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, bias: bool = True):
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma < 0:
+            raise ValueError(f"gamma must be a number >= 0, got {gamma!r}")
+        up, down = _gamma(gamma, _pos), _gamma(gamma, _neg)
+        positive = Group((Term(_pos, up, up), Term(_neg, down, None)), where="positive")
+        negative = Group((Term(_pos, down, down), Term(_neg, up, None)), where="negative")
+        super().__init__([positive, negative], stabilizer=stabilizer, bias=bias, name="Gamma")
+        self.gamma = float(gamma)
+
+    def __repr__(self) -> str:
+        return f"Gamma({self.gamma:g})"
+
+
+class AlphaBeta(LRPRule):
+    """LRP-alpha-beta (Bach et al. 2015): ``alpha * R+ - beta * R-`` with ``alpha - beta = 1``.
+
+    ``R+`` redistributes with the positive contributions ``x+ w+ + x- w-`` only, ``R-`` with the
+    negative ones; ``alpha=1, beta=0`` (z+) keeps only what speaks for the class,
+    ``alpha=2, beta=1`` also shows what speaks against it.
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, bias: bool = True):
+        for v, n in ((alpha, "alpha"), (beta, "beta")):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{n} must be a number >= 0, got {v!r}")
+        if abs(alpha - beta - 1) > 1e-12:
+            raise ValueError(
+                f"alpha - beta must be 1 so that relevance is conserved, got alpha={alpha}, beta={beta}; "
+                "common choices are (1, 0) and (2, 1)"
+            )
+        plus = Group((Term(_pos, _pos, _pos), Term(_neg, _neg, None)), scale=float(alpha))
+        minus = Group((Term(_pos, _neg, _neg), Term(_neg, _pos, None)), scale=-float(beta))
+        super().__init__([plus, minus], stabilizer=stabilizer, bias=bias, name="AlphaBeta")
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def __repr__(self) -> str:
+        return f"AlphaBeta({self.alpha:g}, {self.beta:g})"
+
+
+class ZPlus(AlphaBeta):
+    """z+ = alpha-beta with alpha=1, beta=0 (Montavon et al. 2017, deep Taylor decomposition)."""
+
+    def __init__(self, stabilizer: float = 1e-6, bias: bool = True):
+        super().__init__(1.0, 0.0, stabilizer=stabilizer, bias=bias)
+
+    def __repr__(self) -> str:
+        return "ZPlus()"
+
+
+class ZBox(LRPRule):
+    """z^B for the pixel layer (Montavon et al. 2017): inputs bounded by ``low <= x <= high``.
+
+    ``R_i = sum_j (x_i w_ij - l_i w_ij+ - h_i w_ij-) / z_j^B R_j``. Give ``low`` and ``high`` in
+    **pixel units** ([0, 1] for the course's models): an LRP composite converts them through the
+    model's normalisation layer (``(low - mean) / std``), because the first convolution sees
+    normalised values. Bounds given in normalised units would be converted twice.
+
+    Parameters
+    ----------
+    low, high : float or Tensor broadcastable to (1, C, 1, 1)
+    stabilizer : float
+    mean, std : Tensor (1, C, 1, 1), optional
+        The normalisation in front of the layer (set by the composite, see :meth:`through`).
+    """
+
+    def __init__(self, low=0.0, high=1.0, stabilizer: float = 1e-6, mean=None, std=None):
+        low_t, high_t = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+        if (low_t > high_t).any():
+            raise ValueError(f"ZBox needs low <= high, got low={low!r}, high={high!r}")
+        self.low, self.high, self.mean, self.std = low, high, mean, std
+        lo, hi = low_t, high_t
+        if mean is not None:
+            lo, hi = (lo - mean) / std, (hi - mean) / std  # pixel bounds -> the units the layer sees
+        self._bounds = (lo, hi)
+        terms = (Term(), Term(self._lower, _pos, _pos, -1.0), Term(self._upper, _neg, _neg, -1.0))
+        super().__init__([Group(terms)], stabilizer=stabilizer, bias=True, name="ZBox")
+
+    def _bound(self, b, x):
+        b = b.to(x)
+        return b.view(1, -1, *([1] * (x.dim() - 2))).expand_as(x) if b.dim() == 1 else b.expand_as(x)
+
+    def _lower(self, x):
+        return self._bound(self._bounds[0], x)
+
+    def _upper(self, x):
+        return self._bound(self._bounds[1], x)
+
+    def through(self, mean, std) -> ZBox:
+        """The same pixel bounds behind a normalisation ``(x - mean) / std``."""
+        return ZBox(self.low, self.high, self.stabilizer, mean=mean, std=std)
+
+    def __repr__(self) -> str:
+        return f"ZBox(low={self.low}, high={self.high})"
+
+
+class Flat(LRPRule):
+    """Flat (Lapuschkin et al. 2019): the relevance of a unit spread evenly over its receptive field."""
+
+    def __init__(self, stabilizer: float = 1e-6):
+        super().__init__([Group((Term(_ones, _ones, None),))], stabilizer=stabilizer, bias=False, name="Flat")
+
+    def __repr__(self) -> str:
+        return "Flat()"
+
+
+class WSquare(LRPRule):
+    """w^2 (Montavon et al. 2017): ``R_i = sum_j w_ij^2 / sum_i' w_i'j^2 R_j``, for unbounded inputs."""
+
+    def __init__(self, stabilizer: float = 1e-6):
+        super().__init__([Group((Term(_ones, _square, None),))], stabilizer=stabilizer, bias=False, name="WSquare")
+
+    def __repr__(self) -> str:
+        return "WSquare()"
+
+
+class Norm(LRPRule):
+    """Proportional to each input's share of the output: average pooling and sums (residual additions)."""
+
+    def __init__(self, stabilizer: float = 1e-6):
+        super().__init__([Group((Term(op=_own_map),))], stabilizer=stabilizer, name="Norm")
+
+    def __repr__(self) -> str:
+        return "Norm()"
+
+
+def _own_map(module, *xs):
+    return module.forward(*xs)
+
+
+def _average_instead(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    kernel, stride, pad = module.kernel_size, module.stride, module.padding
+    if getattr(module, "dilation", 1) not in (1, (1, 1)):
+        raise ValueError(f"ProportionalPool does not support dilated max pooling (dilation={module.dilation})")
+    pool = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}[x.dim()]
+    return pool(x, kernel, stride, pad, ceil_mode=module.ceil_mode, count_include_pad=False)
+
+
+class ProportionalPool(LRPRule):
+    """Max pooling, relevance shared in proportion to the inputs of each window (not winner-take-all)."""
+
+    def __init__(self, stabilizer: float = 1e-6):
+        super().__init__([Group((Term(op=_average_instead),))], stabilizer=stabilizer, name="ProportionalPool")
+
+    def __repr__(self) -> str:
+        return "ProportionalPool()"
+
+
+class Relay(BackwardRule):
+    """Relevance passes unchanged (element-wise layers: ReLU, ReLU6, normalisation, batch-norm left in place)."""
+
+    name = "relay"
+
+    def backward(self, module, inputs, output, grad_out):
+        return (grad_out,) + tuple(torch.zeros_like(t) for t in inputs[1:])
+
+
+class GradientRule(BackwardRule):
+    """The layer's plain gradient as a backward rule (what :class:`coursekit.rules.Pass` does, but observable)."""
+
+    name = "gradient"
+
+    def backward(self, module, inputs, output, grad_out):
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        with torch.enable_grad():
+            z = module.forward(*leaves)
+            return torch.autograd.grad(z, leaves, grad_out)
+
+
+WINNER_TAKE_ALL = Pass()  # max pooling: the gradient routes each window's relevance to its maximum
