@@ -10,6 +10,7 @@ from torch import nn
 
 from coursekit import faithfulness as fa
 from coursekit.guard import TrainModeWarning, model_state
+from coursekit.images import gaussian_blur
 from coursekit.saliency import occlusion
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs: one thread is as fast, and much faster on a busy machine
@@ -152,6 +153,7 @@ def test_blur_keeps_constants_and_smooths():
     x = torch.rand(1, 1, 28, 28)
     assert fa.blurred(x).std() < 0.5 * x.std()
     assert fa.blurred(x).shape == x.shape
+    torch.testing.assert_close(fa.blurred(x), gaussian_blur(x, max(x.shape[-2:]) / 20))  # the one blur
     with pytest.raises(ValueError, match="sigma"):
         fa.blurred(x, sigma=0)
 

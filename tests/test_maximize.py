@@ -356,6 +356,21 @@ def test_gaussian_blur_matches_scipy():
         gaussian_blur(x, 0.0)
 
 
+def test_one_blur_and_every_name_still_importable_from_maximize():
+    import coursekit.image_params as ip
+    import coursekit.images as images
+    import coursekit.maximize as mx
+    import coursekit.objectives as ob
+    from coursekit.faithfulness import blurred
+
+    assert gaussian_blur is images.gaussian_blur and ip.gaussian_blur is images.gaussian_blur
+    x = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(blurred(x), gaussian_blur(x, 2.0))  # default sigma max(H, W) / 20
+    assert [n for n in mx.__all__ if not hasattr(mx, n)] == []  # the split modules are re-exported
+    assert mx.edge_energy is ob.edge_energy and mx.PixelImage is ip.PixelImage
+    assert mx.objectives.channel is ob.channel and mx.params.fourier_image is ip.fourier_image
+
+
 def test_relative_l2():
     a = torch.ones(2, 1, 2, 2)
     torch.testing.assert_close(relative_l2(a * 1.1, a), torch.full((2,), 0.1))
