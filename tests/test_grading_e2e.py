@@ -1,8 +1,11 @@
-"""coursekit-grade end to end on fabricated 00_warmup submissions (nbgrader autograde/export/feedback).
+"""coursekit-grade end to end: a fabricated class of 03_saliency graded twice, each student's score and note.
 
-Students: a correct one, one with one part wrong (partial credit), one whose function raises in one
-exercise and loops forever in another, one who replaced a check cell by ``print("ok")``, and a
-corrupt file.
+The class covers what was found when the grader was tried as students would: correct work with
+stderr and logging, a dying process, an endless loop, stripped metadata, a replaced ``check``,
+patched ``torch.allclose`` and ``run_check``, the reference reached through its closure and an
+emptied ``_BLOCKED``, captum, frame inspection, ``getsource`` + ``exec``, a vandal who tries to
+delete a classmate's notebook and overwrite the results, a process-group kill, a known mistake,
+an edited check cell, doing nothing, and a corrupt file.
 """
 
 from __future__ import annotations
@@ -14,125 +17,189 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from coursekit.checks import run_check
 from coursekit.grading import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SET = "00_warmup"
+SET = "03_saliency"
 STUB = ROOT / "exercises" / SET / f"{SET}.ipynb"
 SOLUTION = ROOT / "solutions" / SET / f"{SET}.ipynb"
-TIMEOUT = 20  # seconds per cell during this test (the default is 60)
-
-WRONG_TO_INPUT = {
-    # float64 instead of float32: one part (dtype) of to_input wrong
-    "float64": "import torch\ndef to_input(image):\n    return torch.from_numpy(image / 255).permute(2, 0, 1)[None]\n",
-    # forgot / 255
-    "no_division": "import torch\ndef to_input(image):\n    return torch.from_numpy(image).permute(2, 0, 1)[None].float()\n",
-}
-RAISING_TOP_K = "def top_k(model, x, k):\n    raise ValueError('something went wrong')\n"
-LOOPING_LAYER = "def layer_activation(model, x, layer_name):\n    while True:\n        pass\n"
+TIMEOUT = 8
+FULL = {"check_vanilla": 4.0, "check_smoothgrad": 3.0, "check_occlusion": 3.0, "check_gradcam": 4.0, "check_guided": 3.0}
+ZERO = {k: 0.0 for k in FULL}
 
 
-def _cells_by_id(nb) -> dict:
+def _cells(nb) -> dict:
     return {c.metadata["nbgrader"]["grade_id"]: c for c in nb.cells if "nbgrader" in c.metadata}
 
 
-def _submission(replace: dict[str, str]) -> nbformat.NotebookNode:
-    """The released stub with the solution cells filled from solutions/, then cells replaced by grade_id."""
+def _submission(replace: dict[str, str] | None = None, extra: list[tuple[int, str]] = (), strip: bool = False):
+    """The released notebook with the solutions filled in, cells replaced by grade_id, cells inserted."""
     nb = nbformat.read(STUB, as_version=4)
-    solved = _cells_by_id(nbformat.read(SOLUTION, as_version=4))
-    cells = _cells_by_id(nb)
-    for gid, cell in cells.items():
+    solved = _cells(nbformat.read(SOLUTION, as_version=4))
+    for gid, cell in _cells(nb).items():
         if cell.metadata["nbgrader"].get("solution"):
             cell.source = solved[gid].source
-    for gid, source in replace.items():
-        cells[gid].source = source
+    for gid, source in (replace or {}).items():
+        _cells(nb)[gid].source = source
+    for at, source in extra:
+        nb.cells.insert(at, nbformat.v4.new_code_cell(source))
+    if strip:
+        for cell in nb.cells:
+            cell.metadata = {}
     return nb
 
 
-def _points(name: str, source: str) -> float:
-    namespace: dict = {}
-    exec(source, namespace)  # noqa: S102 -- the fabricated student's code
-    return run_check(f"warmup.{name}", namespace[name]).earned
+NONE_FUNCTIONS = {f"{k}_solution": f"def {f}(*args, **kwargs):\n    return None\n" for k, f in (
+    ("vanilla", "vanilla_saliency"), ("smoothgrad", "smoothgrad"), ("occlusion", "occlusion_grid"),
+    ("gradcam", "gradcam"), ("guided", "guided_backprop"))}
+ZERO_FUNCTIONS = {k: v.replace("return None", "import torch\n    return torch.zeros(3, 16, 16)") for k, v in NONE_FUNCTIONS.items()}
+NOISY = ("import logging, sys\n_vanilla = vanilla_saliency\n"
+         "def vanilla_saliency(model, x, target):\n    print('computing', file=sys.stderr)\n"
+         "    logging.getLogger('carol').warning('saliency for %s', target)\n    return _vanilla(model, x, target)\n")
+DIES = "import os\ndef occlusion_grid(model, x, target, patch, stride, fill=0.0):\n    os._exit(3)\n"
+LOOPS = "def gradcam(model, x, target, layer):\n    while True:\n        pass\n"
+OFF_BY_ONE = ("import torch\ndef occlusion_grid(model, x, target, patch, stride, fill=0.0):\n"
+              "    n, _, h, w = x.shape\n    target = torch.as_tensor(target).reshape(-1).expand(n)\n"
+              "    rows = torch.arange(n)\n    starts_r, starts_c = range(0, h - patch, stride), range(0, w - patch, stride)\n"
+              "    with torch.no_grad():\n        p = model(x).softmax(1)[rows, target]\n"
+              "        grid = torch.zeros(n, len(starts_r), len(starts_c))\n"
+              "        for i, r in enumerate(starts_r):\n            for j, c in enumerate(starts_c):\n"
+              "                hid = x.clone()\n                hid[:, :, r:r + patch, c:c + patch] = fill\n"
+              "                grid[:, i, j] = p - model(hid).softmax(1)[rows, target]\n    return grid\n")
+CLOSURE = ("import coursekit.saliency, coursekit.checks\n"
+           "def vanilla_saliency(model, x, target):\n"
+           "    return coursekit.saliency.vanilla_saliency.__closure__[0].cell_contents(model, x, target)\n"
+           "def smoothgrad(model, x, target, noise, noise_level=0.15):\n    coursekit.checks._BLOCKED.clear()\n"
+           "    sigma = noise_level * (x.amax((1, 2, 3)) - x.amin((1, 2, 3)))\n"
+           "    return coursekit.saliency.smoothgrad(model, x, target, noise=noise * sigma.view(-1, 1, 1, 1, 1))\n")
+CAPTUM = ("from captum.attr import Saliency\n"
+          "def vanilla_saliency(model, x, target):\n"
+          "    return Saliency(model).attribute(x.clone(), target=target, abs=True).amax(1).detach()\n")
+FRAMES = ("import sys\ndef vanilla_saliency(model, x, target):\n    for frame in sys._current_frames().values():\n"
+          "        while frame is not None:\n            if 'expected' in frame.f_locals:\n"
+          "                return frame.f_locals['expected']\n            frame = frame.f_back\n    return None\n")
+GETSOURCE = ("import inspect, coursekit.saliency as S\nns = {'__name__': 'coursekit.copy', '__package__': 'coursekit'}\n"
+             "exec(inspect.getsource(S), ns)\nsmoothgrad_copy = ns['smoothgrad']\n"
+             "def smoothgrad(model, x, target, noise, noise_level=0.15):\n"
+             "    sigma = noise_level * (x.amax((1, 2, 3)) - x.amin((1, 2, 3)))\n"
+             "    return smoothgrad_copy(model, x, target, noise=noise * sigma.view(-1, 1, 1, 1, 1))\n")
+PATCH_TORCH = "import torch\ntorch.allclose = lambda *a, **k: True\ntorch.Tensor.allclose = lambda *a, **k: True\n"
+PATCH_CHECKS = ("import coursekit.checks as C\nclass _R:\n    earned = points = 17.0\n    notes = tampering = []\n"
+                "    def summary(self):\n        return 'saliency: 17/17 points'\nC.run_check = lambda *a, **k: _R()\n")
+REDEFINE_CHECK = "def check(name, fn):\n    print(name + ': 4/4 points')\n    return 4.0\n"
+KILL_GROUP = "import os, signal\nos.kill(0, signal.SIGKILL)\n"
 
 
-def _sha(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+def _vandal(subs: Path, out: Path, outside: Path) -> str:
+    return (f"import os, shutil\nfor act in (lambda: os.remove({str(subs / 'alice.ipynb')!r}),\n"
+            f"            lambda: open({str(out / 'grades.csv')!r}, 'w').write('hacked'),\n"
+            f"            lambda: open({str(outside / 'owned.txt')!r}, 'w').write('owned')):\n"
+            "    try:\n        act()\n    except OSError as err:\n        print('refused:', err)\n")
 
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    subs = tmp_path_factory.mktemp("submissions")
-    nbformat.write(_submission({}), subs / "alice.ipynb")
-    nbformat.write(_submission({"to_input_solution": WRONG_TO_INPUT["float64"]}), subs / "bob.ipynb")
-    (subs / "carol").mkdir()  # the folder layout: <student>/<set>.ipynb; one exercise raises, one hangs
-    nbformat.write(
-        _submission({"top_k_solution": RAISING_TOP_K, "layer_activation_solution": LOOPING_LAYER}),
-        subs / "carol" / f"{SET}.ipynb",
-    )
-    nbformat.write(
-        _submission({"to_input_solution": WRONG_TO_INPUT["no_division"], "check_to_input": 'print("ok")'}),
-        subs / "erin.ipynb",
-    )
-    (subs / "frank.ipynb").write_text("this is not a notebook {", encoding="utf-8")
-    before = _sha(subs)
-    out = tmp_path_factory.mktemp("results")
-    code = cli.main([SET, str(subs), "--out", str(out), "--timeout", str(TIMEOUT), "--root", str(ROOT)])
+    base = tmp_path_factory.mktemp("class")
+    subs, out, outside = base / "submissions", base / "results", base / "outside"
+    for folder in (subs, out, outside):
+        folder.mkdir()
+    (outside / "keep.txt").write_text("instructor's file")
+    write = lambda nb, name: nbformat.write(nb, subs / name)  # noqa: E731
+    write(_submission(), "alice.ipynb")
+    write(nbformat.read(STUB, as_version=4), "bob.ipynb")
+    write(_submission(extra=[(5, NOISY)]), "carol.ipynb")
+    write(_submission({"occlusion_solution": DIES}), "dave.ipynb")
+    write(_submission({"gradcam_solution": LOOPS}), "erin.ipynb")
+    write(_submission(strip=True), "frank.ipynb")
+    write(_submission(NONE_FUNCTIONS, extra=[(2, REDEFINE_CHECK)]), "gina.ipynb")
+    write(_submission(ZERO_FUNCTIONS, extra=[(2, PATCH_TORCH)]), "hank.ipynb")
+    write(_submission(NONE_FUNCTIONS, extra=[(2, PATCH_CHECKS)]), "ivy.ipynb")
+    write(_submission({"vanilla_solution": "pass", "smoothgrad_solution": CLOSURE}), "jack.ipynb")
+    write(_submission({"vanilla_solution": CAPTUM}), "kate.ipynb")
+    write(_submission(extra=[(2, _vandal(subs, out, outside))]), "leo.ipynb")
+    (subs / "mia.ipynb").write_text("this is not a notebook {", encoding="utf-8")
+    write(_submission({"occlusion_solution": OFF_BY_ONE}), "nick.ipynb")
+    write(_submission({"vanilla_solution": FRAMES}), "olive.ipynb")
+    write(_submission({"smoothgrad_solution": GETSOURCE}), "pete.ipynb")
+    (subs / "quinn").mkdir()
+    write(_submission({"check_guided": 'print("ok")'}), f"quinn/{SET}.ipynb")
+    write(_submission(extra=[(2, KILL_GROUP)]), "rose.ipynb")
+    before = _tree(subs), _tree(outside), _tree(ROOT / "solutions"), _tree(ROOT / "exercises")
+    runs = []
+    for _ in range(2):
+        code = cli.main([SET, str(subs), "--out", str(out), "--timeout", str(TIMEOUT), "--root", str(ROOT), "--jobs", "2"])
+        runs.append((code, (out / "grades.csv").read_bytes()))
     with open(out / "grades.csv", newline="") as fh:
         rows = {r["student_id"]: r for r in csv.DictReader(fh)}
-    return {"code": code, "out": out, "rows": rows, "before": before, "after": _sha(subs)}
+    after = _tree(subs), _tree(outside), _tree(ROOT / "solutions"), _tree(ROOT / "exercises")
+    return {"runs": runs, "rows": rows, "before": before, "after": after, "out": out, "outside": outside}
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+EXPECTED = {  # student: (points per check, text in notes, text in flags)
+    "alice": (FULL, "", ""),
+    "bob": (ZERO, "", ""),
+    "carol": (FULL, "", ""),
+    "dave": ({**FULL, "check_occlusion": 0.0}, "check_occlusion: the Python process died", ""),
+    "erin": ({**FULL, "check_gradcam": 0.0}, f"check_gradcam: stopped after the {TIMEOUT} s time limit", ""),
+    "frank": (FULL, "nbgrader cell metadata missing", ""),
+    "gina": (ZERO, "", "redefines check"),
+    "hank": (ZERO, "torch.allclose had been replaced", "assigns torch.allclose"),
+    "ivy": (ZERO, "coursekit.checks.run_check had been replaced", "assigns coursekit.checks.run_check"),
+    "jack": ({**FULL, "check_vanilla": 0.0, "check_smoothgrad": 0.0}, "", "uses __closure__"),
+    "kate": ({**FULL, "check_vanilla": 0.0}, "", "imports captum"),
+    "leo": (FULL, "", "refused: os.remove <submissions>/alice.ipynb"),
+    "mia": (ZERO, "unreadable notebook", ""),
+    "nick": ({**FULL, "check_occlusion": 0.0}, "", ""),
+    "olive": ({**FULL, "check_vanilla": 0.0}, "", "sys._current_frames"),
+    "pete": ({**FULL, "check_smoothgrad": 0.0}, "", "uses getsource"),
+    "quinn": (FULL, "check_guided: edited, restored from the source", ""),
+    "rose": (FULL, "", ""),
+}
 
 
 @pytest.mark.slow
-def test_grader_finishes_and_leaves_submissions_untouched(graded):
-    assert graded["code"] == 0
-    assert graded["after"] == graded["before"]
-    assert set(graded["rows"]) == {"alice", "bob", "carol", "erin", "frank"}
-
-
-@pytest.mark.slow
-def test_scores_per_student(graded):
+def test_every_student_gets_the_expected_score_and_note(graded):
     rows = graded["rows"]
-    full = {"check_to_input": 4.0, "check_top_k": 4.0, "check_layer_activation": 4.0}
-    expected = {
-        "alice": full,
-        "bob": {**full, "check_to_input": _points("to_input", WRONG_TO_INPUT["float64"])},  # partial credit
-        "carol": {**full, "check_top_k": 0.0, "check_layer_activation": 0.0},  # raising / hanging: those only
-        "erin": {**full, "check_to_input": _points("to_input", WRONG_TO_INPUT["no_division"])},  # check restored
-        "frank": {k: 0.0 for k in full},  # not a notebook
-    }
-    assert 0 < expected["bob"]["check_to_input"] < 4 and 0 < expected["erin"]["check_to_input"] < 4
-    for student, points in expected.items():
+    assert set(rows) == set(EXPECTED)
+    for student, (points, note, flag) in EXPECTED.items():
         row = rows[student]
-        got = {k: float(row[k]) for k in points}
-        assert got == points, f"{student}: {row}"
-        assert float(row["score"]) == sum(points.values()), f"{student}: {row}"
-        assert float(row["max_score"]) == 12.0
+        assert {k: float(row[k]) for k in FULL} == points, f"{student}: {row}"
+        assert float(row["score"]) == sum(points.values()) and float(row["max_score"]) == 17.0
+        assert note in row["notes"], f"{student}: {row['notes']!r}"
+        assert flag in row["flags"], f"{student}: {row['flags']!r}"
+        if not note:
+            assert row["notes"] == "" or student in ("leo", "jack", "kate", "olive", "pete", "hank"), f"{student}: {row}"
+    for student in ("alice", "bob", "carol", "frank", "nick", "quinn", "rose", "dave", "erin"):
+        assert rows[student]["flags"] == "", f"{student}: {rows[student]['flags']}"
 
 
 @pytest.mark.slow
-def test_notes_explain_what_happened(graded):
-    rows = graded["rows"]
-    assert rows["alice"]["notes"] == ""
-    assert "unreadable notebook" in rows["frank"]["notes"]
-    assert "check_layer_activation: stopped after the 20 s time limit" in rows["carol"]["notes"]
-    assert "check_top_k" not in rows["carol"]["notes"]  # a clean CheckFailed is not worth a note
-    assert "check_to_input: edited, restored from the source" in rows["erin"]["notes"]
+def test_nothing_outside_the_output_changed_and_grading_is_repeatable(graded):
+    assert [code for code, _ in graded["runs"]] == [0, 0]
+    assert graded["runs"][0][1] == graded["runs"][1][1]  # the same class graded twice: the same CSV
+    assert graded["after"] == graded["before"]
+    assert not (graded["outside"] / "owned.txt").exists()
 
 
 @pytest.mark.slow
-def test_feedback_and_summary(graded):
+def test_feedback_reads_offline_and_shows_no_grader_paths(graded):
     out = graded["out"]
-    for student in ["alice", "bob", "carol", "erin"]:
-        html = (out / "feedback" / f"{student}.html").read_text(encoding="utf-8")
-        assert "check_to_input" in html or "warmup.to_input" in html
+    for student in ("alice", "erin", "nick"):
+        page = (out / "feedback" / f"{student}.html").read_text(encoding="utf-8")
+        assert "<script" not in page and "mathjax" not in page.lower()
+        assert "<svg" in page  # the formulas, drawn
+        assert "Exercise 3: occlusion" in page and "check_occlusion" in page
+        for path in (str(ROOT), str(out), "/tmp/"):
+            assert path not in page, (student, path)
         assert (out / "autograded" / f"{student}.ipynb").is_file()
-    assert not (out / "feedback" / "frank.html").exists()
+    assert "stopped after the" in (out / "feedback" / "erin.html").read_text(encoding="utf-8")
     summary = (out / "summary.txt").read_text()
-    assert "alice" in summary and "12/12" in summary and "unreadable notebook" in summary
-    erin = nbformat.read(out / "autograded" / "erin.ipynb", as_version=4)
-    restored = _cells_by_id(erin)["check_to_input"]
-    assert 'check("warmup.to_input", to_input)' in restored.source and 'print("ok")' not in restored.source
+    assert "alice" in summary and "17/17" in summary and "unreadable notebook" in summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +218,8 @@ def test_collect_submissions_layouts(tmp_path):
     found = cli.collect_submissions(tmp_path, SET)
     assert set(found) == {"ann", "ben", "cy", "dee", "e_v@x"}
     assert found["ben"][0] == tmp_path / "ben" / f"{SET}.ipynb"
-    assert found["cy"][0].name == "my work.ipynb" and "expected 00_warmup.ipynb" in found["cy"][1][0]
-    assert found["dee"][0] is None and "no 00_warmup.ipynb" in found["dee"][1][0]
+    assert found["cy"][0].name == "my work.ipynb" and f"expected {SET}.ipynb" in found["cy"][1][0]
+    assert found["dee"][0] is None and f"no {SET}.ipynb" in found["dee"][1][0]
     assert "graded as 'e_v@x'" in found["e_v@x"][1][0]
 
 
@@ -164,6 +231,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         cli.grade(SET, tmp_path / "subs", tmp_path / "subs" / "out", root=ROOT)
     with pytest.raises(ValueError, match="timeout must be a positive"):
         cli.grade(SET, tmp_path / "subs", tmp_path / "out", timeout=0, root=ROOT)
+    with pytest.raises(ValueError, match="jobs must be a positive"):
+        cli.grade(SET, tmp_path / "subs", tmp_path / "out", jobs=0, root=ROOT)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         cli.grade(SET, tmp_path / "missing", tmp_path / "out", root=ROOT)
     assert cli.main([SET, str(tmp_path / "missing"), "--root", str(ROOT)]) == 2
@@ -174,4 +243,4 @@ def test_command_line_help(capsys):
         cli.main(["--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    assert "--timeout" in out and "never modified" in out
+    assert "--timeout" in out and "--jobs" in out and "never modified" in out

@@ -31,7 +31,6 @@ _SKIP = {"__builtins__", "__loader__", "__spec__", "__cached__", "__file__", "__
          "__doc__", "__annotations__", "__dict__", "__weakref__", "__getattr__"}
 _RECORD: dict[tuple[int, str], tuple[object, str, object]] = {}  # (id(owner), key) -> (owner, label, value)
 _FUNCS: dict[int, tuple[types.FunctionType, str, tuple]] = {}
-_SEEN_MODULES: set[str] = set()
 
 
 def _func_state(fn: types.FunctionType) -> tuple:
@@ -52,9 +51,9 @@ def _watch(owner, label: str, deep: bool) -> None:
 
 
 def _watch_coursekit() -> None:
+    """Record what is new in coursekit's modules (a module still being imported gains names later)."""
     for name, module in list(sys.modules.items()):
-        if (name == "coursekit" or name.startswith("coursekit.")) and name not in _SEEN_MODULES and module is not None:
-            _SEEN_MODULES.add(name)
+        if (name == "coursekit" or name.startswith("coursekit.")) and module is not None:
             _watch(module, name, deep=True)
 
 
