@@ -169,15 +169,28 @@ def check_vanilla(student, report: Report) -> None:
         before = _snapshot(model2, x2)
         got = _call(report, student, model2, x2, targets)
         _expect_unchanged(before, model2, x2)
-        g2 = _gradient(model2, x2, targets)
-        report.expect_close(
-            got, g2.abs().amax(dim=1), rtol=1e-4, atol=1e-6,
-            mistakes={
-                "every image used the first image's target: use target[i] for image i "
-                "(scores = model(x)[torch.arange(N), target])": _gradient(model2, x2, targets[0]).abs().amax(dim=1),
-            },
-            what="your result with per-image targets",
-        )
+        _expect_per_image(report, student, got, (model2, x2, targets), (3, 16, 16), lambda a, t: (a[0], a[1], t))
+
+
+def _expect_per_image(report: Report, student, got, args: tuple, shape: tuple, with_target) -> None:
+    """Per-image targets judged against the student's *own* one-target results (the values part already
+    judged the values: a wrong formula does not cost a second point here)."""
+    model, x, targets = args[0], args[1], args[2]
+    report.expect_tensor(got, shape=shape, what="your result with per-image targets")
+    rest = args[3:]
+    singles = []
+    for i, t in enumerate(targets):
+        one = _call(report, student, *with_target((model, x[i : i + 1]), t), *rest)
+        singles.append(report.expect_tensor(one, shape=(1, *shape[1:]), what="your result for one image").detach())
+    singles = torch.cat(singles)
+    if torch.allclose(got.detach(), singles, rtol=1e-4, atol=1e-6):
+        return
+    first = _call(report, student, *with_target((model, x), targets[0]), *rest)
+    if isinstance(first, torch.Tensor) and torch.allclose(got.detach(), first.detach(), rtol=1e-4, atol=1e-6):
+        raise Mistake("every image used the first image's target: use target[i] for image i "
+                      "(scores = model(x)[torch.arange(N), target])")
+    raise Mistake("with a list of targets, image i of your result differs from your own result for image i alone "
+                  "with target[i]: pick each image's own class score")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,20 +269,22 @@ def check_occlusion(student, report: Report) -> None:
     model = random_cnn(report.seed)
     x = random_images(report, n=2)
     target = int(report.rng.integers(0, 5))
-    patch = int(report.rng.choice([4, 5]))
-    stride = int(report.rng.choice([2, 3]))
     fill = round(float(report.rng.uniform(0.3, 0.7)), 2)
-    rows = (16 - patch) // stride + 1
+    # first the case that exposes an off-by-one window count ((16 - 4) % 3 == 0: the last window ends
+    # exactly at the border, range(0, H - patch, stride) misses it), then a random one
+    cases = [(4, 3), (int(report.rng.choice([5, 6])), int(report.rng.choice([2, 3])))]
+    patch, stride = cases[0]
     with report.part("returns a detached (N, n_rows, n_cols) grid", points=1):
-        got = _call(report, student, model, x, target, patch, stride, fill)
-        if isinstance(got, torch.Tensor) and got.dim() == 3 and got.shape[0] == 2 and got.shape[1:] != (rows, rows):
-            raise Mistake(
-                f"your grid has shape {tuple(got.shape)}, expected (2, {rows}, {rows}) for patch={patch}, stride={stride} "
-                f"on 16x16 images: windows start at 0, stride, "
-                f"2*stride, ... and must lie fully inside the image, so there are (H - patch) // stride + 1 = "
-                f"{rows} per axis"
-            )
-        report.expect_tensor(got, shape=(2, rows, rows), detached=True)
+        for p_, s_ in cases:
+            r_ = (16 - p_) // s_ + 1
+            got = _call(report, student, model, x, target, p_, s_, fill)
+            if isinstance(got, torch.Tensor) and got.dim() == 3 and got.shape[0] == 2 and got.shape[1:] != (r_, r_):
+                raise Mistake(
+                    f"your grid has shape {tuple(got.shape)}, expected (2, {r_}, {r_}) for patch={p_}, stride={s_} "
+                    f"on 16x16 images: windows start at 0, stride, 2*stride, ... and must lie fully inside the image, "
+                    f"so there are (H - patch) // stride + 1 = {r_} per axis (the last one may end exactly at the border)"
+                )
+            report.expect_tensor(got, shape=(2, r_, r_), detached=True)
     with report.part("values: p(target | x) - p(target | x with the window set to fill)", points=2):
         got = _call(report, student, model, x, target, patch, stride, fill)
         expected = occlusion_grid_slow(model, x, target, patch, stride, fill)
@@ -350,8 +365,7 @@ def check_gradcam(student, report: Report) -> None:
         before = _snapshot(model2, x2)
         got = _call(report, student, model2, x2, targets, model2[6])
         _expect_unchanged(before, model2, x2)
-        report.expect_close(got, _gradcam_at_layer(model2, x2, targets, model2[6])[2], rtol=1e-4, atol=1e-6,
-                            what="your map with per-image targets")
+        _expect_per_image(report, student, got, (model2, x2, targets, model2[6]), (3, 8, 8), lambda a, t: (a[0], a[1], t))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,4 +402,4 @@ def check_guided(student, report: Report) -> None:
         before = _snapshot(model2, x2)
         got = _call(report, student, model2, x2, target)
         _expect_unchanged(before, model2, x2)
-        report.expect_close(got, _sal.guided_backprop(model2, x2, target), rtol=1e-4, atol=1e-6)
+        report.expect_tensor(got, shape=x2.shape, what="your attribution")  # the values were judged above

@@ -179,7 +179,11 @@ def _expect_pair(got, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         what = f"a {type(got).__name__}" + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else "")
         raise Mistake(f"top_k should return two tensors, `return probs, indices`; got {what}")
-    return got[0], got[1]
+    a, b = got
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and not a.is_floating_point() \
+            and b.is_floating_point():
+        raise Mistake("the two results are swapped: return `probs, indices` (probabilities first), as .topk does")
+    return a, b
 
 
 def _top_k_mistakes(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -224,6 +228,13 @@ def _check_top_k(student, report: Report) -> None:
     probs_all = logits.softmax(0)
     top_p = probs_all.topk(k).values
     first = _Once(report, student, model, x.clone(), k)
+    eval_modes = _modes(model)
+    try:
+        first()
+    except StudentError:
+        pass  # reported by each part below
+    left_in_train = _modes(model) != eval_modes
+    model.train(False)  # the course's model is shared by the checks: put it back in eval mode
 
     with report.part("returns (probs, indices), each of shape (k,)", points=1):
         probs, indices = _expect_pair(first(), k)
@@ -270,6 +281,12 @@ def _check_top_k(student, report: Report) -> None:
             },
         )
         _check_indices(indices, eval_all, eval_p, k2)
+        if left_in_train:
+            raise Mistake(
+                "the course's model was given in eval mode and your function left it in training mode (an "
+                "unconditional model.train() at the end?): remember `was_training = model.training` and call "
+                "`model.train(was_training)` at the end"
+            )
         if _modes(net) != before:
             raise Mistake(
                 "your function left the model in eval mode, but it was given in training mode: remember "

@@ -1,8 +1,9 @@
 """An nbgrader export plugin: one CSV row per student, with the points of every exercise.
 
 nbgrader's own CSV export has one total per student and assignment; instructors also want to see
-which exercise cost the points. Used by ``coursekit-grade`` as
-``nbgrader export --exporter=coursekit.grading.export.PerExerciseCsvExport``.
+which exercise cost the points. For instructors who run nbgrader's own ``autograde`` on a course
+directory: ``nbgrader export --exporter=coursekit.grading.export.PerExerciseCsvExport``
+(``coursekit-grade`` writes the same columns itself, plus ``flags``).
 
 Columns: ``student_id, assignment, score, max_score``, then one column per check cell (its
 ``grade_id``, e.g. ``check_to_input``) in notebook order, then ``notes`` (from an optional JSON file
