@@ -1,5 +1,6 @@
 """Shared fixtures: models are loaded once per test session (they are frozen, so sharing is safe)."""
 
+import functools
 import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -40,24 +41,16 @@ def _close_figures():
     plt.close("all")
 
 
-def state_of(model: torch.nn.Module) -> dict:
-    """Everything a coursekit function promises to leave unchanged on a model."""
-    return {
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [p.grad is None for p in model.parameters()],
-        "inplace": [getattr(m, "inplace", None) for m in model.modules()],
-        "hooks": [
-            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), len(getattr(m, "_backward_pre_hooks", {})))
-            for m in model.modules()
-        ],
-    }
-
-
 @pytest.fixture
 def model_state():
-    """``model_state(model)`` -> a snapshot to compare before/after a call."""
-    return state_of
+    """``model_state(model)`` -> a snapshot that compares with ``==`` (modes, flags, grads, hooks, modules).
+
+    For tests that compare with ``==``; new tests use ``coursekit.guard.model_state(model)`` and
+    ``before.differences(after)``, which also compares parameter and buffer values and says what changed.
+    """
+    from coursekit.guard import model_state as snapshot
+
+    return functools.partial(snapshot, values=False)
 
 
 @pytest.fixture(scope="session")
