@@ -199,9 +199,12 @@ def _expect_ints(report: Report, student, cases: list[tuple], expected: list[int
     if got == expected:
         return
     i = next(i for i, (g, e) in enumerate(zip(got, expected)) if g != e)
-    for explanation, wrong in mistakes.items():
-        if got == wrong and wrong != expected:
-            raise Mistake(f"{explanation}. (For example {label(cases[i])} returned {got[i]}, expected {expected[i]}.)")
+    matching = [explanation for explanation, wrong in mistakes.items() if got == wrong and wrong != expected]
+    if len(matching) == 1:
+        raise Mistake(f"{matching[0]}. (For example {label(cases[i])} returned {got[i]}, expected {expected[i]}.)")
+    if matching:  # these cases cannot tell the mistakes apart: name each
+        raise Mistake(f"{label(cases[i])} returned {got[i]}, expected {expected[i]}; on these cases that is one of: "
+                      + " / ".join(matching))
     raise Mistake(f"{label(cases[i])} returned {got[i]}, expected {expected[i]}")
 
 

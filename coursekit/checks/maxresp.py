@@ -245,17 +245,18 @@ def check_edge_energy(student, report: Report) -> None:
             raise Mistake("the result is not differentiable w.r.t. x (it will be a penalty in gradient ascent): "
                           "use torch operations only, no .detach(), .item() or numpy")
 
-    with report.part("one scale: ||u - g * u||^2 with the normalised 5x5 Gaussian, zero padding, per channel", points=2):
+    with report.part("one scale: ||u - g * u||^2 with the normalised 5x5 Gaussian, zero padding, per channel "
+                     "(float32 pictures)", points=2):
         # 6..9 pixels: after one downscale the image is <= 5 pixels, so only the first scale counts
         h, w = (int(v) for v in report.rng.integers(6, 10, size=2))
-        x = torch.rand(2, 3, h, w, generator=g, dtype=torch.float64)
+        x = torch.rand(2, 3, h, w, generator=g)  # float32 pictures, as the instructions' kernel is float32
         _check_energy(report, student, x, {**_EDGE_MISTAKES, **_PYRAMID_MISTAKES}, f"your energies of {h}x{w} pictures")
 
     with report.part("the pyramid: repeat on F.avg_pool2d(u, 2, padding=1) while min(height, width) > 5", points=2):
         # 14..17 pixels -> 8 or 9 -> 5: two scales, and a third one at exactly 5 pixels for a wrong stopping rule
         h = int(report.rng.integers(14, 18))
         w = int(report.rng.integers(20, 41))
-        x = torch.rand(2, 3, h, w, generator=g, dtype=torch.float64)
+        x = torch.rand(2, 3, h, w, generator=g)  # float32 pictures, as the instructions' kernel is float32
         _check_energy(report, student, x, {**_PYRAMID_MISTAKES, **_EDGE_MISTAKES}, f"your energies of {h}x{w} pictures")
 
 
