@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ._reference import reference
+
 __all__ = ["StepRule", "Adam", "NormalizedAscent", "SignStep", "LBFGS", "ascend", "octaves", "project"]
 
 
@@ -246,6 +248,7 @@ def _closure(rule: StepRule, value_fn: Callable[[], torch.Tensor], seen: list):
     return closure
 
 
+@reference  # the exercise dream.octaves (lecture 6) blocks it while the student's loop runs
 def octaves(image: torch.Tensor, run: Callable[[torch.Tensor, int], torch.Tensor], n_octaves: int = 3,
             scale: float = 1.4, progress: bool = False) -> torch.Tensor:
     """An image pyramid (DeepDream, Mordvintsev et al. 2015): optimise small first, carry the detail up.
