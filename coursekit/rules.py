@@ -21,6 +21,7 @@ Attaching rules is what the gradient path does when given ``composite=``::
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -85,6 +86,9 @@ class OutputGradientRule(Rule):
         return [module.register_forward_hook(hook)]
 
 
+_in_rule_backward = threading.local()  # a rule's backward may run its module again: no hooks then
+
+
 class _Rerouted(torch.autograd.Function):
     """Forward: the module's output (already computed). Backward: the rule's gradients w.r.t. the inputs."""
 
@@ -97,8 +101,13 @@ class _Rerouted(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         output, *inputs = ctx.saved_tensors
-        with torch.enable_grad():
-            grads = ctx.rule.backward(ctx.module, tuple(inputs), output, grad_out)
+        inputs = tuple(t.detach().requires_grad_(True) for t in inputs)
+        _in_rule_backward.depth = getattr(_in_rule_backward, "depth", 0) + 1
+        try:
+            with torch.enable_grad():
+                grads = ctx.rule.backward(ctx.module, inputs, output, grad_out)
+        finally:
+            _in_rule_backward.depth -= 1
         return (None, None, None, *grads)
 
 
@@ -107,6 +116,9 @@ class BackwardRule(Rule):
 
     A forward hook swaps the module's output for an identical tensor whose backward calls
     ``self.backward(module, inputs, output, grad_out)`` and returns one gradient per tensor input.
+    ``inputs`` arrive as fresh leaves that require grad, so a rule may re-run the module (or a
+    modified copy of it) and call ``torch.autograd.grad`` — the "gradient trick" of zennit; the
+    rule's hooks are off while it does.
     """
 
     def backward(self, module: nn.Module, inputs: tuple, output: torch.Tensor, grad_out: torch.Tensor) -> tuple:
@@ -116,6 +128,8 @@ class BackwardRule(Rule):
         rule = self
 
         def hook(mod, inputs, output):
+            if getattr(_in_rule_backward, "depth", 0):
+                return None  # the rule itself is re-running the module inside its backward
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"{type(mod).__name__} returns {type(output).__name__}; a backward rule needs a tensor")
             tensors = tuple(t for t in inputs if isinstance(t, torch.Tensor))
