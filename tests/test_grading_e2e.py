@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from coursekit.grading import cli
+from coursekit.grading import cli, pool
 
 ROOT = Path(__file__).resolve().parents[1]
 SET = "03_saliency"
@@ -166,14 +166,17 @@ EXPECTED = {  # student: (points per check, text in notes, text in flags)
 def test_every_student_gets_the_expected_score_and_note(graded):
     rows = graded["rows"]
     assert set(rows) == set(EXPECTED)
-    for student, (points, note, flag) in EXPECTED.items():
+    expected = dict(EXPECTED)
+    if not pool.probe_sandbox():  # without a PID namespace, kill(0) ends the worker: that cell is lost, nothing else
+        expected["rose"] = (FULL, "the Python process died here", "")
+    for student, (points, note, flag) in expected.items():
         row = rows[student]
         assert {k: float(row[k]) for k in FULL} == points, f"{student}: {row}"
         assert float(row["score"]) == sum(points.values()) and float(row["max_score"]) == 17.0
         assert note in row["notes"], f"{student}: {row['notes']!r}"
         assert flag in row["flags"], f"{student}: {row['flags']!r}"
         if not note:
-            assert row["notes"] == "" or student in ("leo", "jack", "kate", "olive", "pete", "hank"), f"{student}: {row}"
+            assert row["notes"] == "" or student in ("leo", "jack", "kate", "olive", "pete", "hank", "rose"), student
     for student in ("alice", "bob", "carol", "frank", "nick", "quinn", "rose", "dave", "erin"):
         assert rows[student]["flags"] == "", f"{student}: {rows[student]['flags']}"
 

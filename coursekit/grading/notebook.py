@@ -199,6 +199,10 @@ def scan(sources: list[tuple[int, str]]) -> list[str]:
                 first = _dotted(node.args[0]) if node.args else None
                 if first and first.split(".")[0] in aliases:
                     flag(n, f"{node.func.id} on {aliases[first.split('.')[0]]} (patches a library the checks rely on)")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                called = _dotted(node.func) or ""
+                if called.split(".")[-1] in ("write", "fdopen", "dup2", "openpty") and called.split(".")[0] == "os":
+                    flag(n, f"calls {called} (writes to a raw file descriptor, e.g. the grader's result pipe)")
             attr = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
             if attr in _SUSPICIOUS_NAMES and _SUSPICIOUS_NAMES[attr]:
                 flag(n, f"uses {attr} ({_SUSPICIOUS_NAMES[attr]})")
