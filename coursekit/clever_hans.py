@@ -145,7 +145,13 @@ def load_watermark_model(device: str | torch.device = "cpu"):
     -------
     CourseModel in eval mode with frozen parameters, inputs (N, 1, 28, 28) in [0, 1].
     """
-    from .models import FASHION_MEAN, FASHION_STD, CourseModel, WeightsNotAvailableError, fashion_weights_path
+    from .models import (
+        FASHION_MEAN,
+        FASHION_STD,
+        CourseModel,
+        WeightsNotAvailableError,
+        fashion_weights_path,
+    )
     from .nets import FASHION_CLASSES, FashionCNN
 
     path = fashion_weights_path("fashion_cnn_watermark")

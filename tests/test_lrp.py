@@ -1,0 +1,340 @@
+"""Unit tests of coursekit.lrp: rules by hand, conservation, canonizers, the guard, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import coursekit
+from coursekit import lrp as L
+from coursekit.gradients import gradient, smooth
+from coursekit.guard import TrainModeWarning, model_state
+from coursekit.rules import UncoveredLayerError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Plain(nn.Module):
+    """A bare network: no normalisation, so relevance at the input is the rule's output itself."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def linear(w, b=None):
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    return lin.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the rules on a layer small enough to check by hand
+
+
+W = torch.tensor([[1.0, -2.0, 3.0], [0.5, 1.0, -1.0]])  # (out=2, in=3)
+B = torch.tensor([0.5, -0.25])
+X = torch.tensor([[1.0, 2.0, 0.5]])  # z = [1 - 4 + 1.5 + 0.5, 0.5 + 2 - 0.5 - 0.25] = [-1.0, 1.75]
+
+
+def rel_through(rule, x=X, w=W, b=B, r_out=None):
+    """Relevance at the input of one linear layer for relevance r_out at its output (default: the output)."""
+    lin = linear(w, b)
+    xi = x.clone().requires_grad_(True)
+    rule.attach(lin)  # hooks removed below
+    try:
+        z = lin(xi)
+        r = z.detach() if r_out is None else r_out
+        (g,) = torch.autograd.grad(z, xi, r)
+    finally:
+        lin._forward_hooks.clear()
+    return g
+
+
+def test_lrp0_by_hand():
+    z = X @ W.T + B  # (1, 2)
+    expected = (X[:, None, :] * W[None] / z[..., None] * z[..., None]).sum(1)  # R_i = sum_j x_i w_ji / z_j * R_j
+    torch.testing.assert_close(rel_through(L.Epsilon(0.0)), expected)
+    # sum_i R_i = sum_j (z_j - b_j): the bias takes its share
+    torch.testing.assert_close(rel_through(L.Epsilon(0.0)).sum(), (z - B).sum())
+
+
+def test_epsilon_by_hand_and_without_bias():
+    eps = 0.5
+    z = X @ W.T + B
+    denom = z + eps * torch.where(z >= 0, 1.0, -1.0)
+    expected = X * ((z / denom) @ W)
+    torch.testing.assert_close(rel_through(L.Epsilon(eps)), expected)
+    zb = X @ W.T
+    r = torch.tensor([[2.0, 3.0]])
+    got = rel_through(L.Epsilon(0.0, bias=False), r_out=r)
+    torch.testing.assert_close(got.sum(), r.sum())  # bias left out: exactly conserved
+    torch.testing.assert_close(got, X * ((r / zb) @ W))
+
+
+def test_alpha_beta_by_hand():
+    r = torch.tensor([[1.0, 2.0]])
+    pos, neg = (X[:, None, :] * W[None]).clamp(min=0), (X[:, None, :] * W[None]).clamp(max=0)  # (1, 2, 3)
+    zp, zn = pos.sum(-1) + B.clamp(min=0), neg.sum(-1) + B.clamp(max=0)
+    expected = 2 * (pos / zp[..., None] * r[..., None]).sum(1) - (neg / zn[..., None] * r[..., None]).sum(1)
+    torch.testing.assert_close(rel_through(L.AlphaBeta(2, 1), r_out=r), expected, atol=1e-5, rtol=1e-5)
+    flipped = 2 * (neg / zn[..., None] * r[..., None]).sum(1) - (pos / zp[..., None] * r[..., None]).sum(1)
+    assert not torch.allclose(rel_through(L.AlphaBeta(2, 1), r_out=r), flipped)
+
+
+def test_gamma_limits():
+    r = torch.tensor([[1.0, 2.0]])
+    x = X.clamp(min=0)
+    torch.testing.assert_close(rel_through(L.Gamma(0.0), x=x, r_out=r), rel_through(L.Epsilon(1e-6), x=x, r_out=r))
+    # large gamma -> z+ for positive outputs
+    big = rel_through(L.Gamma(1e6, bias=False), x=x, r_out=torch.tensor([[0.0, 2.0]]))
+    zplus = rel_through(L.ZPlus(bias=False), x=x, r_out=torch.tensor([[0.0, 2.0]]))
+    torch.testing.assert_close(big, zplus, atol=1e-4, rtol=1e-4)
+
+
+def test_zbox_by_hand():
+    low, high = -1.0, 2.0
+    r = torch.tensor([[1.0, 2.0]])
+    wp, wn = W.clamp(min=0), W.clamp(max=0)
+    z = X @ W.T - low * wp.sum(1) - high * wn.sum(1)
+    s = r / (z + 1e-6 * torch.where(z >= 0, 1.0, -1.0))
+    expected = X * (s @ W) - low * (s @ wp) - high * (s @ wn)
+    torch.testing.assert_close(rel_through(L.ZBox(low, high), r_out=r), expected)
+
+
+def test_flat_and_wsquare_by_hand():
+    r = torch.tensor([[1.0, 2.0]])
+    torch.testing.assert_close(rel_through(L.Flat(), r_out=r), (r / 3).sum(1, keepdim=True).expand(1, 3), atol=1e-5, rtol=1e-5)
+    w2 = W**2
+    torch.testing.assert_close(rel_through(L.WSquare(), r_out=r), (r / w2.sum(1)) @ w2, atol=1e-5, rtol=1e-5)
+
+
+def test_proportional_pool_matches_a_loop():
+    torch.manual_seed(0)
+    x = torch.rand(1, 2, 4, 4)
+    pool = nn.MaxPool2d(2)
+    r = torch.rand(1, 2, 2, 2)
+    xi = x.clone().requires_grad_(True)
+    L.ProportionalPool().attach(pool)
+    (got,) = torch.autograd.grad(pool(xi), xi, r)
+    pool._forward_hooks.clear()
+    expected = torch.zeros_like(x)
+    for c in range(2):
+        for i in range(2):
+            for j in range(2):
+                win = x[0, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+                expected[0, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2] = win / (win.sum() + 1e-6) * r[0, c, i, j]
+    torch.testing.assert_close(got, expected)
+    (wta,) = torch.autograd.grad(pool(xi), xi, r)  # plain gradient: all to the maximum
+    assert (wta > 0).sum() == 8 and torch.allclose(wta.sum(), r.sum())
+
+
+def test_sum_rule_splits_in_proportion():
+    a, b = torch.tensor([[3.0, 1.0]]), torch.tensor([[1.0, -3.0]])
+    s = L.Sum()
+    L.Norm().attach(s)
+    ai, bi = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    ra, rb = torch.autograd.grad(s(ai, bi), (ai, bi), torch.tensor([[8.0, 4.0]]))
+    s._forward_hooks.clear()
+    torch.testing.assert_close(ra, torch.tensor([[6.0, -2.0]]), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(rb, torch.tensor([[2.0, 6.0]]), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: L.AlphaBeta(1, 1), lambda: L.AlphaBeta(-1, -2), lambda: L.Gamma(-0.1), lambda: L.Epsilon(-1.0),
+    lambda: L.ZBox(1.0, 0.0), lambda: L.LRPComposite({}, by_depth=[(2.0, L.Epsilon())]),
+])
+def test_bad_rule_parameters(bad):
+    with pytest.raises(ValueError):
+        bad()
+
+
+def test_alpha_beta_message_names_the_constraint():
+    with pytest.raises(ValueError, match="alpha - beta must be 1"):
+        L.AlphaBeta(3, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# whole networks
+
+
+def test_lrp0_is_gradient_times_input_in_normalised_space(fashion):
+    """LRP-0 with biases on a ReLU network = gradient x (normalised) input (Ancona et al. 2018)."""
+    x, _ = coursekit.fashion_mnist("test")
+    x = x[:3].double()
+    model = __import__("copy").deepcopy(fashion).double()
+    t = torch.tensor([0, 1, 2])
+    got = L.lrp(model, x, t, L.lrp_zero())  # relevance at the top = the logit
+    grad = gradient(model, x, t)
+    expected = (x - model.normalize.mean) * grad  # x_norm * d s / d x_norm
+    torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["LRP-0", "EpsilonPlus", "EpsilonGammaBox", "Montavon2019"])
+def test_fashion_cnn_conserves_exactly_without_biases(name, fashion, fashion_test):
+    x, y = fashion_test
+    comp = L.COMPOSITES[name](bias=False)
+    if name == "Montavon2019":  # its epsilon is large on purpose: it absorbs relevance
+        comp = L.montavon2019(epsilon=1e-9, bias=False)
+    model, x = fashion, x[:8]
+    if name == "LRP-0":  # pixel-layer denominators near 0 on normalised input: 1.5e-5 of float32 rounding
+        model, x = __import__("copy").deepcopy(fashion).double(), x.double()
+    cons = L.conservation(model, x, y[:8], comp)
+    ratios = cons.ratios
+    assert ratios.shape == (len(cons.layers), 8)
+    assert cons.layers[0] == "net.classifier.4" and cons.layers[-1] == "pixels"
+    assert abs(ratios - 1).max() < 1e-5, cons.table()
+    with torch.no_grad():
+        logits = model(x).gather(1, y[:8, None])[:, 0].float()
+    torch.testing.assert_close(torch.as_tensor(cons.sums[0]), logits)
+    pixels = L.lrp(model, x, y[:8], comp)
+    torch.testing.assert_close(torch.as_tensor(cons.sums[-1]), pixels.flatten(1).sum(1).float())
+
+
+def test_biases_leak_and_epsilon_absorbs(fashion, fashion_test):
+    x, y = fashion_test
+    with_bias = L.conservation(fashion, x[:4], y[:4], L.epsilon_plus()).ratios[-1]
+    big_eps = L.conservation(fashion, x[:4], y[:4], L.lrp_epsilon(1.0)).ratios[-1]
+    assert (abs(with_bias - 1) > 1e-3).any()
+    assert (big_eps < with_bias).all()
+
+
+def test_efficientnet_canonizer(effnet):
+    x = coursekit.load_image("coffee", size=96)
+    before = model_state(effnet)
+    with torch.no_grad():
+        ref = effnet(x)
+    undo = L.EfficientNetCanonizer().apply(effnet)
+    try:
+        names = [type(m).__name__ for m in effnet.modules()]
+        assert "BatchNormAct2d" not in names and names.count("Sum") == 9 and "Conv2dSame" in names
+        with torch.no_grad():
+            torch.testing.assert_close(effnet(x), ref, atol=1e-4, rtol=1e-4)
+    finally:
+        undo()
+    assert before.differences(model_state(effnet)) == []
+    # without canonizer relevance doubles at every skip; with it, it never grows along the main path
+    t = int(ref.argmax())
+    without = L.conservation(effnet, x, t, L.epsilon_plus_flat(bias=False), canonizers=None)
+    with_c = L.conservation(effnet, x, t, L.epsilon_plus_flat(bias=False)).main_path()
+    assert without.ratios[-1, 0] > 5
+    assert with_c.ratios[:, 0].max() < 1 + 1e-4
+    assert before.differences(model_state(effnet)) == []
+
+
+def test_canonizer_undone_on_error(effnet):
+    before = model_state(effnet)
+    broken = L.LRPComposite({nn.Conv2d: L.ZPlus()})  # no rule for the Linear classifier
+    with pytest.raises(UncoveredLayerError, match=r"net\.classifier.*Linear"):
+        L.lrp(effnet, coursekit.load_image("coffee", size=64), 1, broken)
+    assert before.differences(model_state(effnet)) == []
+
+
+def test_merge_batchnorm_sequential():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-1, 1)
+    model = Plain(nn.Conv2d(3, 4, 3), bn, nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)).eval()
+    x = torch.rand(2, 3, 6, 6)
+    model(x)
+    model.requires_grad_(False)
+    before = model_state(model)
+    with torch.no_grad():
+        ref = model(x)
+    undo = L.MergeBatchNorm().apply(model)
+    assert isinstance(model.net[1], nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    undo()
+    assert before.differences(model_state(model)) == []
+    with pytest.raises(TypeError, match="batch-norm"):
+        L.merge_batchnorm(nn.Conv2d(1, 1, 1), nn.ReLU())
+
+
+def test_model_left_alone_and_train_mode(fashion_arch):
+    model = fashion_arch
+    x = torch.rand(2, 1, 28, 28)
+    model.train()
+    before = model_state(model)
+    try:
+        with pytest.warns(TrainModeWarning):
+            L.lrp(model, x, 3, "EpsilonPlus")
+        assert before.differences(model_state(model)) == []
+    finally:
+        model.eval()
+
+
+def test_smooth_of_lrp(fashion, fashion_test):
+    x, y = fashion_test
+
+    def method(m, xx, t):
+        return L.lrp(m, xx, t, "EpsilonPlus")
+
+    out = smooth(method, n_samples=3, noise_level=0.1, seed=0)(fashion, x[:2], y[:2])
+    assert out.shape == (2, 1, 28, 28) and torch.isfinite(out).all()
+    torch.testing.assert_close(smooth(method, n_samples=3, noise_level=0.0)(fashion, x[:2], y[:2]), method(fashion, x[:2], y[:2]))
+
+
+def test_uncovered_layer_names_layer_type_and_fix():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    model = Plain(nn.Flatten(), nn.Linear(4, 3), Odd(), nn.Linear(3, 2)).eval()
+    model.requires_grad_(False)
+    with pytest.raises(UncoveredLayerError, match=r"'net\.2' \(Odd\).*with_rules"):
+        L.lrp(model, torch.rand(1, 1, 2, 2), 0, "EpsilonPlus")
+    fixed = L.epsilon_plus().with_rules({Odd: L.Relay()})
+    assert L.lrp(model, torch.rand(1, 1, 2, 2), 0, fixed).shape == (1, 1, 2, 2)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(x="img"), TypeError, "torch.Tensor"),
+    (dict(x=torch.full((1, 1, 28, 28), float("nan"))), ValueError, "NaN"),
+    (dict(target=12), ValueError, "out of range"),
+    (dict(target=1.5), TypeError, "integers"),
+    (dict(composite="Epsilon+"), ValueError, "unknown LRP composite"),
+    (dict(canonizers=["merge"]), TypeError, "Canonizer"),
+    (dict(start="top"), ValueError, "start must be"),
+])
+def test_bad_input(fashion, kwargs, err, match):
+    args = dict(x=torch.rand(1, 1, 28, 28), target=1, composite="EpsilonPlus", canonizers="auto")
+    args.update(kwargs)
+    start = args.pop("start", "logit")
+    with pytest.raises(err, match=match):
+        L.lrp(fashion, args["x"], args["target"], args["composite"], args["canonizers"], start=start)
+
+
+def test_efficientnet_canonizer_refuses_other_models(fashion):
+    with pytest.raises(ValueError, match="no timm EfficientNet"):
+        L.lrp(fashion, torch.rand(1, 1, 28, 28), 0, "EpsilonPlus", canonizers=[L.EfficientNetCanonizer()])
+
+
+def test_plots(fashion, fashion_test):
+    import matplotlib.pyplot as plt
+
+    x, y = fashion_test
+    cons = {"a": L.conservation(fashion, x[:1], y[:1], L.epsilon_plus(bias=False)),
+            "b": L.conservation(fashion, x[:1], y[:1], L.epsilon_plus())}
+    ax = L.plot_conservation(cons)
+    lines = ax.get_lines()
+    assert len(lines) == 3 and ax.get_title()
+    keep = [i for i, k in enumerate(cons["b"].kinds) if "Relay" not in k]
+    assert list(lines[1].get_ydata()) == pytest.approx(list(cons["b"].ratios[keep, 0]))
+    R = L.lrp(fashion, x[:1], y[:1], "EpsilonPlus")
+    ax2 = L.plot_relevance(x[0], R[0], title="map")
+    im = ax2.get_images()[0]
+    lo, hi = im.get_clim()
+    assert lo == -hi and im.get_cmap().name == "bwr"
+    plt.close("all")
+    assert "ratio" in cons["a"].table()
