@@ -146,16 +146,23 @@ class SignStep(StepRule):
 
 class LBFGS(StepRule):
     """L-BFGS (Liu & Nocedal 1989) with a strong-Wolfe line search, as in Gatys et al.'s style
-    transfer. One engine step is one L-BFGS iteration of up to ``max_eval`` function evaluations."""
+    transfer. One engine step is one L-BFGS iteration of up to ``max_eval`` function evaluations.
+
+    ``tolerance_grad`` / ``tolerance_change`` are torch's *absolute* stopping tolerances (defaults
+    1e-7 / 1e-9): a loss whose pixel gradients are all below 1e-7 (small features, a small weight)
+    stops at once. Pass 0 for both to let the number of engine steps alone decide."""
 
     needs_closure = True
 
-    def __init__(self, lr: float = 1.0, history_size: int = 50, max_iter: int = 1, max_eval: int | None = None):
+    def __init__(self, lr: float = 1.0, history_size: int = 50, max_iter: int = 1, max_eval: int | None = None,
+                 tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9):
         self.lr, self.history_size, self.max_iter, self.max_eval = float(lr), int(history_size), int(max_iter), max_eval
+        self.tolerance_grad, self.tolerance_change = float(tolerance_grad), float(tolerance_change)
 
     def reset(self, tensors):
         self._opt = torch.optim.LBFGS(list(tensors), lr=self.lr, history_size=self.history_size,
-                                      max_iter=self.max_iter, max_eval=self.max_eval, line_search_fn="strong_wolfe")
+                                      max_iter=self.max_iter, max_eval=self.max_eval, line_search_fn="strong_wolfe",
+                                      tolerance_grad=self.tolerance_grad, tolerance_change=self.tolerance_change)
 
     def step(self, tensors, grads, closure=None):
         if closure is None:
