@@ -66,10 +66,10 @@ OFF_BY_ONE = ("import torch\ndef occlusion_grid(model, x, target, patch, stride,
               "        for i, r in enumerate(starts_r):\n            for j, c in enumerate(starts_c):\n"
               "                hid = x.clone()\n                hid[:, :, r:r + patch, c:c + patch] = fill\n"
               "                grid[:, i, j] = p - model(hid).softmax(1)[rows, target]\n    return grid\n")
-CLOSURE = ("import coursekit.saliency, coursekit.checks\n"
-           "def vanilla_saliency(model, x, target):\n"
-           "    return coursekit.saliency.vanilla_saliency.__closure__[0].cell_contents(model, x, target)\n"
-           "def smoothgrad(model, x, target, noise, noise_level=0.15):\n    coursekit.checks._BLOCKED.clear()\n"
+CLOSURE = ("import coursekit.saliency\ndef vanilla_saliency(model, x, target):\n"
+           "    return coursekit.saliency.vanilla_saliency.__closure__[0].cell_contents(model, x, target)\n")
+CLEAR = ("import coursekit.saliency, coursekit.checks\n"
+         "def smoothgrad(model, x, target, noise, noise_level=0.15):\n    coursekit.checks._BLOCKED.clear()\n"
            "    sigma = noise_level * (x.amax((1, 2, 3)) - x.amin((1, 2, 3)))\n"
            "    return coursekit.saliency.smoothgrad(model, x, target, noise=noise * sigma.view(-1, 1, 1, 1, 1))\n")
 CAPTUM = ("from captum.attr import Saliency\n"
@@ -114,7 +114,7 @@ def graded(tmp_path_factory):
     write(_submission(NONE_FUNCTIONS, extra=[(2, REDEFINE_CHECK)]), "gina.ipynb")
     write(_submission(ZERO_FUNCTIONS, extra=[(2, PATCH_TORCH)]), "hank.ipynb")
     write(_submission(NONE_FUNCTIONS, extra=[(2, PATCH_CHECKS)]), "ivy.ipynb")
-    write(_submission({"vanilla_solution": "pass", "smoothgrad_solution": CLOSURE}), "jack.ipynb")
+    write(_submission({"vanilla_solution": CLOSURE, "smoothgrad_solution": CLEAR}), "jack.ipynb")
     write(_submission({"vanilla_solution": CAPTUM}), "kate.ipynb")
     write(_submission(extra=[(2, _vandal(subs, out, outside))]), "leo.ipynb")
     (subs / "mia.ipynb").write_text("this is not a notebook {", encoding="utf-8")
@@ -150,7 +150,7 @@ EXPECTED = {  # student: (points per check, text in notes, text in flags)
     "gina": (ZERO, "", "redefines check"),
     "hank": (ZERO, "torch.allclose had been replaced", "assigns torch.allclose"),
     "ivy": (ZERO, "coursekit.checks.run_check had been replaced", "assigns coursekit.checks.run_check"),
-    "jack": ({**FULL, "check_vanilla": 0.0, "check_smoothgrad": 0.0}, "", "uses __closure__"),
+    "jack": ({**FULL, "check_vanilla": 0.0, "check_smoothgrad": 0.0}, "", "ran coursekit's vanilla_saliency()"),
     "kate": ({**FULL, "check_vanilla": 0.0}, "", "imports captum"),
     "leo": (FULL, "", "refused: os.remove <submissions>/alice.ipynb"),
     "mia": (ZERO, "unreadable notebook", ""),
@@ -175,6 +175,8 @@ def test_every_student_gets_the_expected_score_and_note(graded):
         assert float(row["score"]) == sum(points.values()) and float(row["max_score"]) == 17.0
         assert note in row["notes"], f"{student}: {row['notes']!r}"
         assert flag in row["flags"], f"{student}: {row['flags']!r}"
+        if student == "jack":
+            assert "uses __closure__" in row["flags"] and "ran coursekit's smoothgrad()" in row["flags"]
         if not note:
             assert row["notes"] == "" or student in ("leo", "jack", "kate", "olive", "pete", "hank", "rose"), student
     for student in ("alice", "bob", "carol", "frank", "nick", "quinn", "rose", "dave", "erin"):
