@@ -51,6 +51,8 @@ __all__ = [
 _LECTURE_MODULES = (
     "filters", "receptive_fields", "maximize", "representations", "saliency", "cam", "sanity",
     "faithfulness", "widgets", "checks", "train", "dream", "style",
+    # the shared plumbing under every lecture (see README, "For course developers")
+    "guard", "inputs", "gradients", "rules", "optimize", "objectives", "image_params",
 )
 
 

@@ -345,7 +345,8 @@ def occlusion(
     progress : bool
         Show a tqdm progress bar over the batches.
     score : str
-        ``"prob"`` (softmax probability, as in the paper) or ``"logit"``.
+        ``"prob"`` (softmax probability, as in the paper; ``"probability"`` is the same, the
+        spelling of :mod:`coursekit.faithfulness`) or ``"logit"``.
 
     Returns
     -------
@@ -359,8 +360,8 @@ def occlusion(
     batch_size = positive_int(batch_size, "batch_size")
     if patch > h or patch > w:
         raise ValueError(f"patch={patch} is larger than the image ({h}x{w}); choose patch <= {min(h, w)}")
-    if score not in ("prob", "logit"):
-        raise ValueError(f"score must be 'prob' or 'logit', got {score!r}")
+    if score not in ("prob", "probability", "logit"):
+        raise ValueError(f"score must be 'prob' (or 'probability') or 'logit', got {score!r}")
     base = broadcast_baseline(baseline, x)  # (N, C, H, W)
     rows = torch.tensor(_window_starts(h, patch, stride), device=x.device)
     cols = torch.tensor(_window_starts(w, patch, stride), device=x.device)
@@ -372,7 +373,7 @@ def occlusion(
 
     def evaluate(batch: torch.Tensor, tgt) -> torch.Tensor:
         out = model(batch)
-        if score == "prob":
+        if score != "logit":
             out = out.softmax(dim=1)
         return target_scores(out, tgt)
 
