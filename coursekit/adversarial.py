@@ -344,6 +344,7 @@ class Sweep:
         return ax
 
 
+@reference
 def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[float], attack: str = "fgsm", *,
               batch_size: int = 500, progress: bool = True, name: str | None = None, **attack_kw) -> Sweep:
     """Accuracy under ``attack`` for every epsilon, on a whole test set, batched.

@@ -1,0 +1,136 @@
+"""The checks of exercise set 05_adversarial: correct answers earn full points, each known mistake is named."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coursekit import adversarial as A
+from coursekit.checks import run_check
+
+
+def margin_ok(z, y):
+    return z.scatter(1, y[:, None], float("-inf")).max(1).values - z.gather(1, y[:, None])[:, 0]
+
+
+def fgsm_factory(sign=1.0, clamp=True, eps_scale=1.0, probs=False, normalize=False, keep_mode=False):
+    def fgsm(model, x, labels, eps):
+        was = model.training
+        if not keep_mode:
+            model.eval()
+        xi = ((x - 0.4) / 0.25 if normalize else x).clone().requires_grad_(True)
+        z = model[1:](xi) if normalize else model(xi)
+        loss = F.cross_entropy(z.softmax(1) if probs else z, labels)
+        (g,) = torch.autograd.grad(loss, xi)
+        model.train(was)
+        out = xi.detach() + sign * eps * eps_scale * g.sign()
+        return out.clamp(0, 1) if clamp else out
+    return fgsm
+
+
+def step_factory(mistake=None):
+    def pgd_step(x_adv, grad, x, step, eps):
+        d = x_adv + (-1 if mistake == "descend" else 1) * step * grad.sign()
+        if mistake == "around_x_adv":
+            return (x_adv + (step * grad.sign()).clamp(-eps, eps)).clamp(0, 1)
+        if mistake == "l2":
+            n = (d - x).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            return (x + (d - x) * (eps / n).clamp(max=1)).clamp(0, 1)
+        if mistake == "no_projection":
+            return d.clamp(0, 1)
+        out = x + (d - x).clamp(-eps, eps)
+        return out if mistake == "no_clamp" else out.clamp(0, 1)
+    return pgd_step
+
+
+def sweep_factory(scale=1.0, clamp=True, keep_mode=False):
+    def sweep(model, x, y, eps_values):
+        was = model.training
+        if not keep_mode:
+            model.eval()
+        xi = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y), xi)
+        out = []
+        with torch.no_grad():
+            for e in eps_values:
+                adv = x + e * scale * g.sign()
+                out.append((model(adv.clamp(0, 1) if clamp else adv).argmax(1) == y).float().mean().item())
+        model.train(was)
+        return out
+    return sweep
+
+
+def targeted_factory(sign=-1.0, probs=False, clamp=True, project=True):
+    def attack(model, x, target, eps, step, steps):
+        t = torch.full((len(x),), target)
+        xa = x.clone()
+        for _ in range(steps):
+            xa.requires_grad_(True)
+            z = model(xa)
+            (g,) = torch.autograd.grad(F.cross_entropy(z.softmax(1) if probs else z, t), xa)
+            with torch.no_grad():
+                xa = xa + sign * step * g.sign()
+                if project:
+                    xa = x + (xa - x).clamp(-eps, eps)
+                if clamp:
+                    xa = xa.clamp(0, 1)
+        return xa.detach()
+    return attack
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("adversarial.margin", margin_ok),
+    ("adversarial.fgsm", fgsm_factory()),
+    ("adversarial.pgd_step", step_factory()),
+    ("adversarial.sweep", sweep_factory()),
+    ("adversarial.targeted", targeted_factory()),
+])
+def test_correct_answers_earn_full_points(name, fn):
+    for seed in (0, 1):
+        r = run_check(name, fn, seed=seed)
+        assert r.earned == r.points, r.summary()
+
+
+@pytest.mark.parametrize("name, fn, phrase", [
+    ("adversarial.margin", lambda z, y: z.max(1).values - z.gather(1, y[:, None])[:, 0], "includes the true class"),
+    ("adversarial.margin", lambda z, y: margin_ok(z.softmax(1), y), "probabilities"),
+    ("adversarial.margin", lambda z, y: -margin_ok(z, y), "wrong sign"),
+    ("adversarial.fgsm", fgsm_factory(clamp=False), "clamp"),
+    ("adversarial.fgsm", fgsm_factory(sign=-1.0), "sign is wrong"),
+    ("adversarial.fgsm", fgsm_factory(eps_scale=1 / 255), "divided by 255"),
+    ("adversarial.fgsm", fgsm_factory(probs=True), "softmax probabilities"),
+    ("adversarial.fgsm", fgsm_factory(normalize=True), "normalised the images"),
+    ("adversarial.fgsm", fgsm_factory(keep_mode=True), "train mode"),
+    ("adversarial.pgd_step", step_factory("no_clamp"), "no clamp"),
+    ("adversarial.pgd_step", step_factory("no_projection"), "no projection"),
+    ("adversarial.pgd_step", step_factory("around_x_adv"), "around x_adv"),
+    ("adversarial.pgd_step", step_factory("l2"), "L2 ball"),
+    ("adversarial.pgd_step", step_factory("descend"), "descends"),
+    ("adversarial.sweep", sweep_factory(scale=1 / 255), "divided by 255"),
+    ("adversarial.sweep", sweep_factory(clamp=False), "no clamp"),
+    ("adversarial.sweep", sweep_factory(keep_mode=True), "train mode"),
+    ("adversarial.targeted", targeted_factory(sign=1.0), "away"),
+    ("adversarial.targeted", targeted_factory(probs=True), "softmax probabilities"),
+    ("adversarial.targeted", targeted_factory(clamp=False), "clamp"),
+    ("adversarial.targeted", targeted_factory(project=False), "projection"),
+])
+def test_known_mistakes_are_named(name, fn, phrase):
+    r = run_check(name, fn, seed=0)
+    assert r.earned < r.points
+    assert phrase in r.summary(), r.summary()
+
+
+def test_calling_coursekit_earns_nothing():
+    r = run_check("adversarial.fgsm", lambda m, x, y, e: A.fgsm(m, x, y, e))
+    assert r.earned == 0 and "reference" in r.summary()
+    r = run_check("adversarial.sweep", lambda m, x, y, es: A.eps_sweep(m, x, y, es, progress=False).accuracy)
+    assert r.earned == 0
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("adversarial.fgsm", lambda m, x, y, e: x),
+    ("adversarial.pgd_step", lambda xa, g, x, s, e: xa),
+    ("adversarial.targeted", lambda m, x, t, e, s, n: x),
+    ("adversarial.margin", lambda z, y: None),
+])
+def test_doing_nothing_earns_nothing(name, fn):
+    assert run_check(name, fn).earned == 0
