@@ -106,3 +106,12 @@ def test_edge_energy_written_as_instructed_in_float32_gets_full_points():
         return total.view(n, c).sum(1)
 
     assert _points("maxresp.edge_energy", edge_energy)[:3] == [5.0] * 3
+
+
+def test_the_fixed_first_cases_expose_every_diagnosed_mistake():
+    from coursekit.checks import filters as checks_filters
+
+    for text, wrong in checks_filters._OUTPUT_MISTAKES.items():
+        assert any(wrong(*c) != checks_filters._torch_output_size(*c) for c in checks_filters.FIXED_OUTPUT_CASES), text
+    for text, wrong in checks_filters._PARAM_MISTAKES.items():
+        assert any(wrong(*c) != checks_filters._torch_params(*c) for c in checks_filters.FIXED_PARAM_CASES), text

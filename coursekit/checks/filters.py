@@ -222,17 +222,21 @@ def _output_cases(report: Report, n_cases: int, strided: bool, dilated: bool) ->
     return cases
 
 
+# the first case of each part; together they expose every mistake of _OUTPUT_MISTAKES (tested)
+FIXED_OUTPUT_CASES = ((10, 3, 1, 0, 1), (12, 3, 3, 2, 1), (20, 3, 2, 1, 2))
+
+
 @exercise("filters.output_size", forbid=[filters.conv_output_size])
 def _check_output_size(student, report: Report) -> None:
     def label(case):
         n, k, s, p, d = case
         return f"conv_output_size({n}, kernel_size={k}, stride={s}, padding={p}, dilation={d})"
 
-    for title, strided, dilated in (("stride 1, no padding", False, False),
-                                    ("stride and padding", True, False),
-                                    ("dilation", True, True)):
+    for (title, strided, dilated), fixed in zip((("stride 1, no padding", False, False),
+                                                 ("stride and padding", True, False),
+                                                 ("dilation", True, True)), FIXED_OUTPUT_CASES):
         with report.part(title, points=1):
-            cases = _output_cases(report, 4, strided, dilated)
+            cases = [fixed, *_output_cases(report, 3, strided, dilated)]  # the case that exposes each mistake first
             expected = [_torch_output_size(*c) for c in cases]
             wrong = {e: [f(*c) for c in cases] for e, f in _OUTPUT_MISTAKES.items()}
             _expect_ints(report, student, cases, expected, wrong, label)
@@ -321,6 +325,10 @@ _PARAM_MISTAKES = {
 }
 
 
+# the first case of each part; together they expose every mistake of _PARAM_MISTAKES (tested)
+FIXED_PARAM_CASES = ((3, 16, 3, True, 1), (5, 7, 3, False, 1), (4, 6, (3, 5), True, 1), (8, 16, 3, False, 4))
+
+
 @exercise("filters.param_count", forbid=[filters.conv_param_count])
 def _check_param_count(student, report: Report) -> None:
     def label(case):
@@ -343,9 +351,9 @@ def _check_param_count(student, report: Report) -> None:
 
     parts = (("with bias", lambda i: square(True, i)), ("without bias (bias=False)", lambda i: square(False, i)),
              ("rectangular kernels (kh, kw)", rectangular), ("grouped and depthwise convolutions", grouped))
-    for title, make in parts:
+    for (title, make), fixed in zip(parts, FIXED_PARAM_CASES):
         with report.part(title, points=1):
-            cases = [make(i) for i in range(4)]
+            cases = [fixed, *[make(i) for i in range(1, 4)]]  # the case that exposes each mistake first
             expected = [_torch_params(*c) for c in cases]
             wrong = {e: [f(*c) for c in cases] for e, f in _PARAM_MISTAKES.items()}
             _expect_ints(report, student, cases, expected, wrong, label)
