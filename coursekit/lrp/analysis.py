@@ -156,7 +156,7 @@ def conservation(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGa
 
 
 def plot_conservation(results: dict, image: int = 0, ax=None, title: str = "Relevance conservation, logit -> pixels",
-                      main_path: bool = True, labels: bool | None = None):
+                      main_path: bool = True, labels: bool | None = None, depth: bool = False):
     """Relevance sum / logit per layer for one or more :class:`Conservation` results (one line each).
 
     Parameters
@@ -168,7 +168,10 @@ def plot_conservation(results: dict, image: int = 0, ax=None, title: str = "Rele
     main_path : bool
         Leave out layers inside residual branches (their sums are one branch's share only).
     labels : bool, optional
-        Layer names on the x axis (default: when there are at most 30 points).
+        Layer names on the x axis (default: when there are at most 30 points and ``depth`` is False).
+    depth : bool
+        x = position from the logit (0) to the pixels (1), so results with different layer counts
+        (a model with and without a canonizer) line up.
     """
     import matplotlib.pyplot as plt
 
@@ -177,10 +180,13 @@ def plot_conservation(results: dict, image: int = 0, ax=None, title: str = "Rele
     for label, res in results.items():
         res = res.main_path() if main_path else res
         keep = [i for i, k in enumerate(res.kinds) if "Relay" not in k]  # element-wise layers repeat the value
-        ax.plot(np.arange(len(keep)), res.ratios[keep, image], marker="o", ms=3, label=label)
-        show = labels if labels is not None else len(keep) <= 30
+        xs = np.linspace(0, 1, len(keep)) if depth else np.arange(len(keep))
+        ax.plot(xs, res.ratios[keep, image], marker="o", ms=3, label=f"{label} ({len(keep)} layers)" if depth else label)
+        show = labels if labels is not None else (len(keep) <= 30 and not depth)
         if show:
-            ax.set_xticks(np.arange(len(keep)), [res.layers[i] for i in keep], rotation=60, ha="right", fontsize=7)
+            ax.set_xticks(xs, [res.layers[i] for i in keep], rotation=60, ha="right", fontsize=7)
+        elif depth:
+            ax.set_xlabel("position from the logit (0) to the pixels (1)")
         else:
             ax.set_xlabel(f"{len(keep)} layers, from the logit (left) to the pixels (right)")
     ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
