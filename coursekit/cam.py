@@ -32,7 +32,7 @@ from torch import nn
 from ._reference import reference
 from .gradients import _fast_layout, gradient, layer_gradient
 from .guard import guarded
-from .hooks import UnknownLayerError, get_layer, list_layers, preserved
+from .hooks import UnknownLayerError, get_layer, list_layers
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
 from .models import Normalize
 from .rules import GUIDED
@@ -140,12 +140,11 @@ def default_layer(model: nn.Module, input_size: tuple[int, int, int] | None = No
 
         return hook
 
-    with preserved(model):
+    with guarded(model, freeze=False, what="default_layer"):
         try:
             for name, module in model.named_modules():
                 if name:
                     handles.append(module.register_forward_hook(hook_for(name, module)))
-            model.eval()
             p = next(model.parameters(), None)
             with torch.no_grad():
                 model(torch.zeros(1, *size, device=p.device if p is not None else "cpu"))
