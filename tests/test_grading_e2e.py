@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SET = "03_saliency"
 STUB = ROOT / "exercises" / SET / f"{SET}.ipynb"
 SOLUTION = ROOT / "solutions" / SET / f"{SET}.ipynb"
-TIMEOUT = 8
+TIMEOUT = 20  # generous: on a loaded 2-core machine a cold import (captum) can take several seconds
 FULL = {"check_vanilla": 4.0, "check_smoothgrad": 3.0, "check_occlusion": 3.0, "check_gradcam": 4.0, "check_guided": 3.0}
 ZERO = {k: 0.0 for k in FULL}
 
@@ -186,7 +186,8 @@ def test_every_student_gets_the_expected_score_and_note(graded):
 @pytest.mark.slow
 def test_nothing_outside_the_output_changed_and_grading_is_repeatable(graded):
     assert [code for code, _ in graded["runs"]] == [0, 0]
-    assert graded["runs"][0][1] == graded["runs"][1][1]  # the same class graded twice: the same CSV
+    first, second = (run[1].decode().splitlines() for run in graded["runs"])
+    assert first == second, [(a, b) for a, b in zip(first, second) if a != b]  # graded twice: the same CSV
     assert graded["after"] == graded["before"]
     assert not (graded["outside"] / "owned.txt").exists()
 
