@@ -54,11 +54,9 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _hook_dicts(m: nn.Module):
-    for attr in _HOOK_DICTS:
-        d = getattr(m, attr, None)
-        if d is not None:
-            yield attr, d
+def _hook_dicts(m: nn.Module) -> list:
+    own = m.__dict__
+    return [own[attr] for attr in _HOOK_DICTS if attr in own]
 
 
 @contextlib.contextmanager
@@ -91,8 +89,10 @@ def guarded(
     modes = [m.training for m in modules]
     params = [p for m in modules for p in m._parameters.values() if p is not None]
     grads = [p.requires_grad for p in params]
-    inplace = [(m, m.inplace) for m in modules if isinstance(getattr(m, "inplace", None), bool)]
-    hooks = [(d, dict(d)) for m in modules for _, d in _hook_dicts(m)]
+    # plain attribute lookups: nn.Module.__getattr__ (a miss raises) would cost more than the rest
+    inplace = [(m, f) for m in modules if isinstance(f := m.__dict__.get("inplace"), bool)]
+    hooks = [(d, dict(d) if d else None) for m in modules
+             for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
     saved_structure = _save_structure(modules) if structure else None
     try:
         if eval_mode and any(modes):
@@ -127,7 +127,10 @@ def guarded(
             if m.inplace != f:
                 m.inplace = f
         for d, before in hooks:
-            if len(d) != len(before) or any(k not in before for k in d):
+            if before is None:
+                if d:
+                    d.clear()
+            elif len(d) != len(before) or any(k not in before for k in d):
                 d.clear()
                 d.update(before)
 
@@ -215,7 +218,7 @@ def model_state(model: nn.Module, values: bool = True) -> ModelState:
         requires_grad=[p.requires_grad for p in params],
         grads=[p.grad is not None for p in params],
         inplace=[m.inplace for _, m in modules if isinstance(getattr(m, "inplace", None), bool)],
-        hooks=[sum(len(d) for _, d in _hook_dicts(m)) for _, m in modules],
+        hooks=[sum(len(d) for d in _hook_dicts(m)) for _, m in modules],
         modules=[f"{n}:{type(m).__name__}" for n, m in modules],
         values=[t.detach().clone() for t in list(params) + list(model.buffers())] if values else None,
     )
