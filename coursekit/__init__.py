@@ -50,7 +50,7 @@ __all__ = [
 # stays quick and does not pull in scikit-learn or scipy until a lecture needs them.
 _LECTURE_MODULES = (
     "filters", "receptive_fields", "maximize", "representations", "saliency", "cam", "sanity",
-    "faithfulness", "widgets", "checks", "train", "adversarial", "dream", "style",
+    "faithfulness", "widgets", "checks", "train", "lrp", "clever_hans", "adversarial", "dream", "style",
     # the shared plumbing under every lecture (see README, "For course developers")
     "guard", "inputs", "gradients", "rules", "optimize", "objectives", "image_params",
 )
