@@ -108,7 +108,7 @@ def main(argv=None) -> None:
             for comp, theirs in pairs.items():
                 ours = L.make_composite(comp)
                 fns = {
-                    "coursekit": lambda x, t, ours=ours: L.lrp(model, x, t, ours),
+                    "coursekit": lambda x, t, ours=ours, model=model: L.lrp(model, x, t, ours),
                     "zennit": _zennit(model, theirs),
                     "fwd+bwd": _forward_backward(model),
                 }
