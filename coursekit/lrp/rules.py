@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._reference import reference
 from ..rules import BackwardRule, Pass
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 
+@reference  # exercise set 04_lrp blocks it while the student's rule runs
 def stabilize(z: torch.Tensor, epsilon: float, relative: bool = False) -> torch.Tensor:
     """``z + epsilon * sign(z)`` with sign(0) = +1 (zennit's convention); ``epsilon=0``: zeros -> inf (R/z = 0).
 
@@ -206,6 +208,7 @@ class LRPRule(BackwardRule):
         extra = "" if self.bias else ", bias=False"
         return f"{self.name}(stabilizer={self.stabilizer:g}{extra})"
 
+    @reference  # the engine of every LRP rule: exercise set 04_lrp blocks it
     def backward(self, module, inputs, output, grad_out):
         """Relevance at the inputs from relevance ``grad_out`` at the output (the gradient trick)."""
         xs = [t.detach() for t in inputs]
