@@ -100,7 +100,7 @@ def _epsilon_mistakes(a, W, b, R, eps) -> dict:
         "towards zero and makes small denominators worse": _epsilon_variant(a, W, b, R, eps, "minus"),
         "eps was added without the sign of z (z + eps): for a negative z that moves it towards zero; use "
         "z + eps * sign(z)": _epsilon_variant(a, W, b, R, eps, "plain"),
-        "the bias is missing from z: the denominator is the layer's output z = a W^T + b": 
+        "the bias is missing from z: the denominator is the layer's output z = a W^T + b":
             _epsilon_variant(a, W, b, R, eps, bias=False),
         "this is W^T s without the factor a: multiply by the inputs, R_in = a * ((R_out / z_stab) @ W)":
             _epsilon_variant(a, W, b, R, eps, times_a=False),
