@@ -11,7 +11,7 @@ import torch
 
 from .images import _convert_channels, _to_tensor, to_numpy_image
 
-__all__ = ["show_images", "overlay", "show_overlays", "normalize_map"]
+__all__ = ["show_images", "overlay", "show_overlays", "normalize_map", "notebook_figures"]
 
 
 def _as_list(images) -> list:
@@ -120,3 +120,31 @@ def show_overlays(image, heatmaps: dict, ncols: int | None = None, suptitle: str
         fig.suptitle(suptitle)
     fig.tight_layout()
     return fig
+
+
+def notebook_figures(dpi: int = 100, jpeg_quality: int | None = None, fontsize: float = 10.0) -> None:
+    """Draw a notebook's inline figures at ``dpi`` with legible text; optionally as JPEG.
+
+    Call it once at the top of a notebook. ``dpi`` (>= 100 for the course) sets
+    ``figure.dpi`` so a 2.6-inch panel is at least 256 pixels on screen; ``fontsize`` sets the
+    base font size. ``jpeg_quality`` (1-95) switches the inline backend to JPEG, which keeps
+    notebooks full of photos and optimised pictures small; ``None`` keeps PNG.
+    """
+    if not isinstance(dpi, int) or isinstance(dpi, bool) or not 50 <= dpi <= 300:
+        raise ValueError(f"dpi must be an int in [50, 300], got {dpi!r}")
+    if jpeg_quality is not None and (not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 95):
+        raise ValueError(f"jpeg_quality must be None (PNG) or an int in [1, 95], got {jpeg_quality!r}")
+    plt.rcParams.update({"figure.dpi": dpi, "font.size": fontsize, "axes.titlesize": fontsize,
+                         "axes.labelsize": fontsize, "legend.fontsize": fontsize - 1,
+                         "xtick.labelsize": fontsize - 1, "ytick.labelsize": fontsize - 1})
+    try:
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:  # plain Python: nothing inline to configure
+        return
+    if get_ipython() is None:
+        return
+    if jpeg_quality is None:
+        set_matplotlib_formats("png")
+    else:
+        set_matplotlib_formats("jpeg", pil_kwargs={"quality": jpeg_quality})
