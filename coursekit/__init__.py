@@ -3,6 +3,8 @@
 The lecture notebooks call it; the exercise checks compare students' code with it.
 """
 
+# threads first: it may set OMP_WAIT_POLICY before torch loads (see threads.py)
+from . import threads as _threads
 from .data import FASHION_CLASSES, fashion_mnist
 from .hooks import UnknownLayerError, get_layer, list_layers, preserved, record
 from .images import SAMPLE_IMAGES, load_image, sample_image, to_numpy_image, to_pil
@@ -19,6 +21,8 @@ from .models import (
 from .plotting import overlay, show_images, show_overlays
 
 __version__ = "0.1.0"
+
+_threads.apply()  # torch's thread count for a shared machine; COURSEKIT_THREADS overrides it
 
 __all__ = [
     "FASHION_CLASSES",

@@ -1,0 +1,104 @@
+"""The thread policy of coursekit.threads: environment override, available cores, torch applied."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from coursekit import threads
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 1), (3, 2), (4, 3), (16, 15)])
+def test_default_threads_leaves_one_core_above_two(cores, expected):
+    assert threads.default_threads(cores) == expected
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError),
+                                        ("4", TypeError), (True, TypeError)])
+def test_default_threads_rejects_bad_core_counts(bad, error):
+    with pytest.raises(error, match="cores"):
+        threads.default_threads(bad)
+
+
+def test_env_var_overrides_the_policy():
+    assert threads.choose_threads({"COURSEKIT_THREADS": "3"}, cores=2) == 3
+    assert threads.choose_threads({"COURSEKIT_THREADS": " 1 "}, cores=16) == 1
+    # the override wins over OMP_NUM_THREADS too
+    assert threads.choose_threads({"COURSEKIT_THREADS": "2", "OMP_NUM_THREADS": "8"}, cores=16) == 2
+
+
+@pytest.mark.parametrize("value", ["auto", "AUTO", ""])
+def test_env_var_auto_or_empty_uses_the_cores(value):
+    assert threads.choose_threads({"COURSEKIT_THREADS": value}, cores=8) == 7
+    assert threads.choose_threads({"COURSEKIT_THREADS": value}, cores=2) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_bad_env_var_names_the_value_and_the_fix(value):
+    with pytest.raises(ValueError, match=rf"COURSEKIT_THREADS='{value}'.*positive integer"):
+        threads.choose_threads({"COURSEKIT_THREADS": value}, cores=4)
+
+
+@pytest.mark.parametrize("var", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
+def test_user_set_omp_or_mkl_threads_are_left_alone(var):
+    assert threads.choose_threads({var: "4"}, cores=16) is None
+    assert threads.choose_threads({var: "4", "COURSEKIT_THREADS": "auto"}, cores=16) == 15
+
+
+def test_available_cores_follows_affinity(monkeypatch):
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
+        monkeypatch.setattr(os, "cpu_count", lambda: 64)
+        assert threads.available_cores() == 3
+        assert threads.choose_threads({}) == 2
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert threads.available_cores() == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert threads.available_cores() == 1
+
+
+def test_apply_sets_torch_and_leaves_it_when_omp_is_set():
+    before = torch.get_num_threads()
+    try:
+        assert threads.apply({"COURSEKIT_THREADS": "1"}) == 1 == torch.get_num_threads()
+        torch.set_num_threads(2)
+        assert threads.apply({"OMP_NUM_THREADS": "2"}) == 2  # untouched
+        assert threads.apply({}, cores=3) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_passive_waiting_only_before_torch_and_only_if_unset(monkeypatch):
+    env = {}
+    monkeypatch.delitem(sys.modules, "torch")
+    assert threads.prefer_passive_waiting(env) is True and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.prefer_passive_waiting(env) is False and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    env = {}
+    assert threads.prefer_passive_waiting(env) is False and env == {}
+
+
+def _fresh(code, **env):
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("COURSEKIT_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    environ.update(env)
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
+                         timeout=120)
+    return out
+
+
+def test_import_coursekit_applies_the_policy_in_a_fresh_process():
+    code = ("import os, coursekit, torch; from coursekit import threads; "
+            "print(torch.get_num_threads(), threads.default_threads(threads.available_cores()), "
+            "os.environ.get('OMP_WAIT_POLICY'))")
+    got, expected, policy = _fresh(code).stdout.split()
+    assert got == expected and policy == "PASSIVE"  # coursekit came first: passive waiting set
+    out = _fresh("import torch, coursekit, os; print(torch.get_num_threads(), os.environ.get('OMP_WAIT_POLICY'))",
+                 COURSEKIT_THREADS="2")
+    assert out.stdout.split() == ["2", "None"]  # torch came first: too late for OMP_WAIT_POLICY
+    out = _fresh("import coursekit", COURSEKIT_THREADS="many")
+    assert out.returncode != 0 and "COURSEKIT_THREADS='many'" in out.stderr
