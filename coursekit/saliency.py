@@ -316,7 +316,7 @@ def occlusion(
     patch: int = 16,
     stride: int = 8,
     baseline: float | torch.Tensor = 0.0,
-    batch_size: int = 64,
+    batch_size: int = 4,
     progress: bool = True,
     score: str = "prob",
 ) -> torch.Tensor:
@@ -341,7 +341,9 @@ def occlusion(
     baseline : float or Tensor broadcastable to (C, H, W) / (N, C, H, W)
         What replaces the hidden pixels (0 = black; the image mean is a softer choice).
     batch_size : int
-        Occluded images per forward pass.
+        Occluded images per forward pass. Chosen by measurement, not maximised: on a CPU a large
+        batch costs more per image (EfficientNet-Lite0, 49 windows at 224 px, CPU time against 50
+        batch-1 forward passes: 1.05 at batch 1, 0.94-0.96 at 2-4, 1.20 at 16, 1.85 at 64).
     progress : bool
         Show a tqdm progress bar over the batches.
     score : str
