@@ -207,7 +207,7 @@ def show_filters(
         for i, ax in enumerate(axes.flat[:k]):
             img = shown[i].permute(1, 2, 0).numpy()  # (kh, kw, C)
             ax.imshow(img[:, :, 0] if c == 1 else img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(str(i), fontsize=7)
+            ax.set_title(str(i), fontsize=9)
     else:
         nch = min(c, max_channels)
         fig, axes = plt.subplots(k, nch, figsize=(size * nch + 0.6, size * k + 0.6), squeeze=False)
@@ -218,11 +218,11 @@ def show_filters(
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if i == 0:
-                    ax.set_title(f"in {j}", fontsize=7)
+                    ax.set_title(f"in {j}", fontsize=9)
                 if j == 0:
-                    ax.set_ylabel(f"filter {i}", fontsize=7)
+                    ax.set_ylabel(f"filter {i}", fontsize=9)
         title += f"\nrows: filters, columns: first {nch} of {c} input channels"
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -277,7 +277,7 @@ def show_activation_maps(
     layers=None,
     channels: int = 6,
     image_index: int = 0,
-    size: float = 1.6,
+    size: float = 2.0,
     title: str | None = None,
 ):
     """One row per layer: the image, then the ``channels`` most active maps of that layer.
@@ -302,9 +302,9 @@ def show_activation_maps(
             ax.axis("off")
         for ax, ch in zip(row[1:], _top_channels(a, channels)):
             ax.imshow(a[ch].cpu().numpy(), cmap="viridis")
-            ax.set_title(f"ch {ch}", fontsize=7)
-        row[1].text(-0.08, 0.5, f"{name}\n{tuple(a.shape)}", transform=row[1].transAxes, fontsize=7, ha="right", va="center")
-    fig.suptitle(title or "activation maps (most active channels, each on its own scale)", fontsize=9)
+            ax.set_title(f"ch {ch}", fontsize=9)
+        row[0].set_title(f"{name}\n{tuple(a.shape)}", fontsize=9)
+    fig.suptitle(title or "activation maps (most active channels, each on its own scale)", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -352,15 +352,18 @@ def explore_activations(model: nn.Module, x: torch.Tensor, layers=None, static: 
     def draw(ax, layer, channel_rank):
         a = maps[layer]
         ch = order[layer][channel_rank - 1]
+        m = a[ch].cpu()  # (h, w)
+        up = torch.nn.functional.interpolate(m[None, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
         ax.axis("off")
-        left, right = ax.inset_axes([0.0, 0.0, 0.47, 0.8]), ax.inset_axes([0.53, 0.0, 0.47, 0.8])
-        left.set_anchor("N")
-        right.set_anchor("N")
-        _show_image(left, x[0], "input")
-        right.imshow(a[ch].cpu().numpy(), cmap="viridis")
-        right.set_title(f"channel {ch} of {a.shape[0]} ({a.shape[1]}x{a.shape[2]})", fontsize=7)
+        left, right = ax.inset_axes([0.0, 0.0, 0.45, 0.86]), ax.inset_axes([0.49, 0.0, 0.45, 0.86])
+        cax = ax.inset_axes([0.955, 0.08, 0.025, 0.7])
+        _show_image(left, x[0], "where it fires, on the image")
+        left.imshow(up.numpy(), cmap="magma", alpha=0.6, vmin=0, vmax=float(m.max()) or 1.0)
+        im = right.imshow(m.numpy(), cmap="magma", vmin=0, vmax=float(m.max()) or 1.0)
+        right.set_title(f"its {a.shape[1]}x{a.shape[2]} map", fontsize=9)
         right.axis("off")
-        ax.set_title(f"{layer}, #{channel_rank} most active", fontsize=8)
+        ax.figure.colorbar(im, cax=cax).ax.tick_params(labelsize=8)
+        ax.set_title(f"{layer}: channel {ch} of {a.shape[0]} (#{channel_rank} most active)", fontsize=10)
 
     names = list(maps)
     mode = "auto" if static is None else ("static" if static else "widget")
@@ -370,7 +373,7 @@ def explore_activations(model: nn.Module, x: torch.Tensor, layers=None, static: 
         static={"layer": names, "channel_rank": list(range(1, min(ranks, widest) + 1))},
         mode=mode,
         ncols=min(ranks, widest),
-        size=2.6,
+        size=4.4,
         title="activation explorer: layer and channel (ranked by mean activation on this image)",
         max_panels=max(12, len(names) * ranks),
     )
@@ -522,28 +525,36 @@ def _row_axes(fig, gs, row: int, n: int):
     return [fig.add_subplot(gs[row, j]) for j in range(n)]
 
 
-def _draw_maps(axes, maps: torch.Tensor, signed: bool, label: str) -> None:  # maps (K, h, w)
+def _draw_maps(axes, maps: torch.Tensor, signed: bool, label: str):  # maps (K, h, w)
+    """One row of maps on a shared scale (signed: zero-centred ``RdBu_r``) with a colour bar."""
     lim = float(maps.abs().max()) or 1.0
     lo, hi = (-lim, lim) if signed else (float(maps.min()), float(maps.max()))
+    im = None
     for k, ax in enumerate(axes):
         ax.set_xticks([])
         ax.set_yticks([])
         if k < maps.shape[0]:
-            ax.imshow(maps[k].cpu().numpy(), cmap="bwr" if signed else "gray", vmin=lo, vmax=hi, interpolation="nearest")
+            im = ax.imshow(maps[k].cpu().numpy(), cmap="RdBu_r" if signed else "gray", vmin=lo, vmax=hi, interpolation="nearest")
         else:
             ax.axis("off")
-    axes[0].set_ylabel(label, fontsize=7)
+    axes[0].set_ylabel(label, fontsize=9)
+    if im is not None:
+        axes[0].figure.colorbar(im, ax=list(axes), shrink=0.9, pad=0.01, aspect=8).ax.tick_params(labelsize=8)
+    return im
 
 
-def _draw_wide(ax, t: torch.Tensor, signed: bool, label: str) -> None:  # t (K,) or (out, in)
+def _draw_wide(ax, t: torch.Tensor, signed: bool, label: str, class_names=None) -> None:  # t (K,) or (out, in)
     t = t.detach().cpu().float()
     t = t[None] if t.dim() == 1 else t.flatten(1)
     lim = float(t.abs().max()) or 1.0
     lo, hi = (-lim, lim) if signed else (float(t.min()), float(t.max()))
-    ax.imshow(t.numpy(), cmap="bwr" if signed else "gray", vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
+    im = ax.imshow(t.numpy(), cmap="RdBu_r" if signed else "gray", vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
     ax.set_yticks([])
-    ax.set_ylabel(label, fontsize=7)
-    ax.tick_params(labelsize=6)
+    ax.set_ylabel(label, fontsize=9)
+    ax.tick_params(labelsize=8)
+    if class_names is not None and t.shape[0] == 1 and t.shape[1] == len(class_names):
+        ax.set_xticks(range(len(class_names)), [str(c) for c in class_names], rotation=30, ha="right", fontsize=8)
+    ax.figure.colorbar(im, ax=ax, pad=0.01, aspect=8).ax.tick_params(labelsize=8)
 
 
 def _filter_slices(w: torch.Tensor, n: int) -> torch.Tensor:  # (K, C, kh, kw) -> (n, kh, kw), input channel 0
@@ -551,12 +562,14 @@ def _filter_slices(w: torch.Tensor, n: int) -> torch.Tensor:  # (K, C, kh, kw) -
 
 
 def show_layer_inspector(records: Sequence[LayerRecord], image_index: int = 0, max_channels: int = 8,
-                         table: bool = True, size: float = 0.95) -> list:
+                         table: bool = True, size: float = 1.45, class_names: Sequence[str] | None = None) -> list:
     """Draw the inspector: one figure per layer, and print :func:`inspector_table`.
 
-    Rows of each figure: activations (grey, shared scale), activation gradients (red positive,
-    blue negative), and for layers with weights the filters (input channel 0 of each, or the
-    weight matrix of a linear layer) and their gradients. Returns the list of figures.
+    Rows of each figure: activations (grey, shared scale), activation gradients (zero-centred
+    ``RdBu_r``: red positive, blue negative), and for layers with weights the filters (input
+    channel 0 of each, or the weight matrix of a linear layer) and their gradients; every row has
+    its colour bar. The input is drawn large, next to the gradient of the target with respect to
+    it. ``class_names`` labels a 1-d output (the logits) by class. Returns the list of figures.
     """
     if not records or not all(isinstance(r, LayerRecord) for r in records):
         raise TypeError("show_layer_inspector takes the list returned by layer_inspector(...)")
@@ -568,38 +581,40 @@ def show_layer_inspector(records: Sequence[LayerRecord], image_index: int = 0, m
         if not 0 <= image_index < r.activation.shape[0]:
             raise ValueError(f"image_index {image_index} out of range for a batch of {r.activation.shape[0]}")
         a, g = r.activation[image_index].float(), r.activation_grad[image_index].float()
-        rows = 2 if r.weight is None else 4
-        fig = plt.figure(figsize=(size * max_channels + 0.8, size * rows + 0.7))
-        gs = fig.add_gridspec(rows, max_channels)
         if r.kind == "input" and a.shape[0] in (1, 3):
+            fig = plt.figure(figsize=(2.6 * (1 + g.shape[0]) + 0.8, 3.2), layout="constrained")
+            gs = fig.add_gridspec(1, 1 + g.shape[0])
             ax = fig.add_subplot(gs[0, 0])
             _show_image(ax, a, "")
             ax.axis("on")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_ylabel("image", fontsize=7)
-            _draw_maps(_row_axes(fig, gs, 1, max_channels), g, True, "d target/d x")
-        elif a.dim() == 3:
-            _draw_maps(_row_axes(fig, gs, 0, max_channels), a[:max_channels], False, "activations")
-            _draw_maps(_row_axes(fig, gs, 1, max_channels), g[:max_channels], True, "act. grads")
+            ax.set_ylabel("image", fontsize=9)
+            _draw_maps([fig.add_subplot(gs[0, j]) for j in range(1, 1 + g.shape[0])], g, True, "d target / d x")
         else:
-            _draw_wide(fig.add_subplot(gs[0, :]), a, False, "activations")
-            _draw_wide(fig.add_subplot(gs[1, :]), g, True, "act. grads")
-        if r.weight is not None:
-            if r.weight.dim() == 4:
-                _draw_maps(_row_axes(fig, gs, 2, max_channels), _filter_slices(r.weight.float(), max_channels), True, "weights")
-                _draw_maps(_row_axes(fig, gs, 3, max_channels), _filter_slices(r.weight_grad.float(), max_channels), True, "weight grads")
+            rows = 2 if r.weight is None else 4
+            fig = plt.figure(figsize=(size * max_channels + 1.2, size * rows + 0.8), layout="constrained")
+            gs = fig.add_gridspec(rows, max_channels)
+            if a.dim() == 3:
+                _draw_maps(_row_axes(fig, gs, 0, max_channels), a[:max_channels], False, "activations")
+                _draw_maps(_row_axes(fig, gs, 1, max_channels), g[:max_channels], True, "act. grads")
             else:
-                _draw_wide(fig.add_subplot(gs[2, :]), r.weight, True, "weights")
-                _draw_wide(fig.add_subplot(gs[3, :]), r.weight_grad, True, "weight grads")
+                _draw_wide(fig.add_subplot(gs[0, :]), a, False, "activations", class_names)
+                _draw_wide(fig.add_subplot(gs[1, :]), g, True, "act. grads", class_names)
+            if r.weight is not None:
+                if r.weight.dim() == 4:
+                    _draw_maps(_row_axes(fig, gs, 2, max_channels), _filter_slices(r.weight.float(), max_channels), True, "weights")
+                    _draw_maps(_row_axes(fig, gs, 3, max_channels), _filter_slices(r.weight_grad.float(), max_channels), True, "weight grads")
+                else:
+                    _draw_wide(fig.add_subplot(gs[2, :]), r.weight, True, "weights")
+                    _draw_wide(fig.add_subplot(gs[3, :]), r.weight_grad, True, "weight grads")
         rg = r.ranges()
         text = (f"{r.name} ({r.kind}), output {r.shape}, {r.params:,} parameters\n"
                 f"activation [{rg['activation'][0]:.3g}, {rg['activation'][1]:.3g}], "
                 f"gradient [{rg['activation_grad'][0]:.3g}, {rg['activation_grad'][1]:.3g}]")
         if r.weight is not None and r.weight.dim() == 4:
             text += f"; filters {tuple(r.weight.shape[1:])}, channel 0 shown"
-        fig.suptitle(text, fontsize=8)
-        fig.tight_layout()
+        fig.suptitle(text, fontsize=10)
         figs.append(fig)
     return figs
 
