@@ -349,7 +349,7 @@ def test_occlusion_tensor_baseline_and_bad_arguments(fashion, xs):
     with pytest.raises(ValueError, match="larger than the image"):
         S.occlusion(fashion, xs, 1, patch=29, progress=False)
     with pytest.raises(ValueError, match="score"):
-        S.occlusion(fashion, xs, 1, score="probability", progress=False)
+        S.occlusion(fashion, xs, 1, score="softmax", progress=False)
     with pytest.raises(ValueError, match="stride"):
         S.occlusion(fashion, xs, 1, stride=0, progress=False)
 
