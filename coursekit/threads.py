@@ -17,7 +17,9 @@ several times slower instead of at most twice as slow. Measured for this module 
 forward+backward at 224 px, on a 2-core machine that other jobs already loaded to a load average of
 5-9; see the README's "Speed" paragraph): 2 threads took 2064 ms per batch-1 step against 139 ms
 for 1 thread, and 5071 ms against 1050 ms at batch 8. Leaving one core free costs at most the
-parallel speed-up of that core when the machine is idle, and keeps the loss bounded when it is not.
+parallel speed-up of that core when the machine is idle, and keeps the loss bounded when it is not:
+notebook 03 run whole took 61 s with this policy and 104 s with one extra CPU-bound process (1.7x),
+against 44 s and 323 s (7.3x) with 2 threads (same machine, load average 2.4-3.2 from other work).
 
 Also, when ``import coursekit`` comes *before* ``import torch``, ``OMP_WAIT_POLICY=PASSIVE`` is set
 (unless already set), so that waiting OpenMP threads sleep instead of spinning: with it, 2 threads
