@@ -209,7 +209,9 @@ class RandomizationResult:
         cw = max(8, *(len(m) for m in s))
         lines = [f"{'randomised':<{sw}}  " + "  ".join(f"{m:>{cw}}" for m in s)]
         for k, step in enumerate(self.steps):
-            lines.append(f"{step:<{sw}}  " + "  ".join(f"{v[k].mean():>{cw}.{decimals}f}" for v in s.values()))
+            # + 0.0 turns a rounded -0.0 into 0.0, so the table never shows "-0.00"
+            cells = (round(float(v[k].mean()), decimals) + 0.0 for v in s.values())
+            lines.append(f"{step:<{sw}}  " + "  ".join(f"{c:>{cw}.{decimals}f}" for c in cells))
         return "\n".join(lines)
 
 
