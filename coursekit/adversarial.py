@@ -175,23 +175,55 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) 
     return (x + delta.to(x)).clamp(0, 1)
 
 
-def _run_attack(model, x, y, t, eps, norm, steps, step_size, start, loss, progress, desc):
-    """One attack run on a batch from ``start``; returns (x_adv, fooled (N,), objective (N,))."""
+def _run_attack(model, x, y, t, eps, norm, steps, step_size, start, loss, progress, desc, early_stop=False):
+    """One attack run on a batch from ``start``; returns (x_adv, fooled (N,), objective (N,)).
+
+    ``early_stop``: an image stops moving at the first iterate that fools the model (its gradient is
+    cut, so the sign step leaves it in place) and leaves the batch, so later steps only pay for the
+    images still classified correctly; the run ends when every image is fooled.
+    """
     x_adv = start.clone().requires_grad_(True)
     rule = SignStep(step_size, eps=eps, origin=x, norm=norm, box=(0.0, 1.0))
+    n = x.shape[0]
+    active = torch.ones(n, dtype=torch.bool, device=x.device)  # (N,) still to attack
+    done_value = torch.zeros(n, device=x.device)  # (N,) objective at the fooling iterate
     first = []
 
     def value():
-        logits = model(x_adv)  # (N, K)
+        idx = active.nonzero()[:, 0] if early_stop else None
+        xa = x_adv if idx is None else x_adv[idx]  # (n_active, C, H, W)
+        logits = model(xa)  # (n_active, K)
         if not first:
             _warn_if_probabilities(logits)
             first.append(True)
-        return attack_objective(logits, y, loss, t)
+        if idx is None:
+            return attack_objective(logits, y, loss, t)
+        ta = None if t is None else t[idx]
+        obj = attack_objective(logits, y[idx], loss, ta)  # (n_active,)
+        fooled = _fooled(logits.detach(), y[idx], ta)
+        obj = torch.where(fooled, obj.detach(), obj)  # no gradient: a fooled image stays where it is
+        done_value[idx[fooled]] = obj.detach()[fooled]
+        active[idx[fooled]] = False
+        return done_value.detach().index_put((idx,), obj)  # (N,)
 
-    ascend(value, [x_adv], rule, steps, progress=progress, desc=desc)
+    def stop(step, values):
+        if early_stop and not bool(active.any()):
+            raise StopIteration
+
+    if not early_stop or bool(active.any()):
+        ascend(value, [x_adv], rule, steps, progress=progress, desc=desc, on_value=stop)
     with torch.no_grad():
-        logits = model(x_adv)
-        return x_adv.detach(), _fooled(logits, y, t), attack_objective(logits, y, loss, t)
+        if not early_stop:
+            logits = model(x_adv)
+            return x_adv.detach(), _fooled(logits, y, t), attack_objective(logits, y, loss, t)
+        fooled, obj = ~active, done_value.clone()
+        idx = active.nonzero()[:, 0]
+        if len(idx):  # the images still correct after the last step
+            logits = model(x_adv[idx])
+            ta = None if t is None else t[idx]
+            fooled[idx] = _fooled(logits, y[idx], ta)
+            obj[idx] = attack_objective(logits, y[idx], loss, ta)
+        return x_adv.detach(), fooled, obj
 
 
 def _chunks(n: int, batch_size: int | None):
@@ -203,7 +235,7 @@ def _chunks(n: int, batch_size: int | None):
 def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, steps: int = 10,
         step_size: float | None = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
         loss: str = "ce", target=None, seed: int | None = 0, batch_size: int | None = None,
-        progress: bool = False) -> torch.Tensor:
+        early_stop: bool = False, progress: bool = False) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018): sign (L-inf) or normalised (L2) steps on the
     loss, each followed by the projection onto the eps-ball around ``x`` and the [0, 1] box.
 
@@ -225,7 +257,7 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
         Start from a uniform point of the ball (PGD) or from ``x`` (BIM).
     restarts : int
         Independent random starts; per image, the first that fools the model is kept (else the one
-        with the highest loss).
+        with the highest loss). A restart only attacks the images that no earlier restart fooled.
     loss : {"ce", "margin"}
         Cross-entropy or the Carlini-Wagner margin, both on logits.
     target : int, sequence or Tensor (N,), optional
@@ -234,6 +266,11 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
         Seed of the random start (a private generator); None draws from the global one.
     batch_size : int, optional
         Images per forward/backward pass (all at once when None).
+    early_stop : bool
+        Stop each image at the first iterate that fools the model and drop it from the batch (an
+        evaluation shortcut: the question is only *whether* it can be fooled). Faster when most images
+        fall early; the images returned are the smallest-step fooling iterates, not the strongest ones,
+        so keep False for targeted pictures, confident fooling images and transfer.
     progress : bool
         A progress bar over batches and restarts.
 
@@ -261,17 +298,23 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
         jobs = [(a, b, r) for a, b in _chunks(len(x), batch_size) for r in range(restarts)]
         best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         best_value = torch.full((len(x),), -math.inf, device=x.device)
-        for a, b, _r in tqdm(jobs, desc="pgd", disable=not progress, leave=False):
+        for a, b, r in tqdm(jobs, desc="pgd", disable=not progress, leave=False):
             xb = x[a:b]
             start = _random_start(xb, eps, norm, gen) if random_start else xb
-            tb = None if t is None else t[a:b]
-            adv, fooled, value = _run_attack(model, xb, y[a:b], tb, eps, norm, steps, step_size, start, loss,
-                                             False, "pgd")
-            # keep: fooled beats not fooled; among equals, the higher objective
-            better = (fooled & ~best_fooled[a:b]) | ((fooled == best_fooled[a:b]) & (value > best_value[a:b]))
-            out[a:b][better] = adv[better]
-            best_fooled[a:b] |= fooled
-            best_value[a:b] = torch.where(better, value, best_value[a:b])
+            todo = torch.arange(a, b, device=x.device)
+            if r > 0:  # later restarts: only the images no earlier restart fooled
+                keep = ~best_fooled[a:b]
+                todo, xb, start = todo[keep], xb[keep], start[keep]
+                if not len(todo):
+                    continue
+            tb = None if t is None else t[todo]
+            adv, fooled, value = _run_attack(model, xb, y[todo], tb, eps, norm, steps, step_size, start, loss,
+                                             False, "pgd", early_stop)
+            # keep: fooled beats not fooled; among the not fooled, the higher objective
+            better = (fooled & ~best_fooled[todo]) | ((fooled == best_fooled[todo]) & (value > best_value[todo]))
+            out[todo[better]] = adv[better]
+            best_fooled[todo] |= fooled
+            best_value[todo] = torch.where(better, value, best_value[todo])
     return out
 
 
@@ -346,13 +389,17 @@ class Sweep:
 
 @reference
 def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[float], attack: str = "fgsm", *,
-              batch_size: int = 500, progress: bool = True, name: str | None = None, **attack_kw) -> Sweep:
+              batch_size: int = 50, progress: bool = True, name: str | None = None, **attack_kw) -> Sweep:
     """Accuracy under ``attack`` for every epsilon, on a whole test set, batched.
 
     FGSM's direction ``sign(grad)`` does not depend on epsilon, so it is computed once per batch
-    (one forward + backward) and every epsilon costs one forward pass. PGD runs per epsilon
-    (``attack_kw`` go to :func:`pgd`: ``steps``, ``step_size`` as a fraction via
-    ``step_ratio`` = step / eps, ``restarts``, ...). Epsilon 0 is the clean accuracy.
+    (one forward + backward, whose logits also give the clean accuracy) and every other epsilon
+    costs one forward pass. PGD runs per epsilon (``attack_kw`` go to :func:`pgd`: ``steps``,
+    ``step_size`` as a fraction via ``step_ratio`` = step / eps, ``restarts``, ``early_stop``, which
+    is True here: an image leaves the batch at its first fooling iterate, so the steps are paid
+    only for the images that still resist). Epsilon 0 is the clean accuracy.
+    ``batch_size`` 50: on one CPU thread, small batches of small images run faster per image
+    than large ones (measured: FGSM sweep of 2000 Fashion-MNIST images, 8.4 s at 50, 14.8 s at 500).
 
     Returns
     -------
@@ -372,6 +419,7 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
     batch_size = positive_int(batch_size, "batch_size")
     loss = _check_loss(attack_kw.pop("loss", "ce"))
     step_ratio = attack_kw.pop("step_ratio", None)
+    early_stop = attack_kw.pop("early_stop", True)
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -380,20 +428,27 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
         for a, b in tqdm(_chunks(len(x), batch_size), desc=f"{attack} sweep", disable=not progress, leave=False):
             xb, yb = x[a:b], y[a:b].to(x.device)
             if attack == "fgsm":
-                direction = gradient(model, xb, lambda z, yb=yb: attack_objective(z, yb, loss), what="eps_sweep").sign()
+                with torch.enable_grad():  # one forward + backward; its logits give the clean accuracy
+                    xg = xb.detach().clone().requires_grad_(True)
+                    logits = model(xg)  # (n, K)
+                    (g,) = torch.autograd.grad(attack_objective(logits, yb, loss).sum(), xg)
+                clean = (logits.detach().argmax(1) == yb).cpu()
+                direction = g.sign()  # (n, C, H, W)
                 with torch.no_grad():
                     for i, e in enumerate(eps_values):
-                        correct[i, a:b] = (model((xb + e * direction).clamp(0, 1)).argmax(1) == yb).cpu()
+                        correct[i, a:b] = clean if e == 0 else (
+                            model((xb + e * direction).clamp(0, 1)).argmax(1) == yb).cpu()
             else:
+                with torch.no_grad():
+                    clean = (model(xb).argmax(1) == yb).cpu()
                 for i, e in enumerate(eps_values):
                     if e == 0:
-                        with torch.no_grad():
-                            adv = xb
-                    else:
-                        kw = dict(attack_kw)
-                        if step_ratio is not None:
-                            kw["step_size"] = step_ratio * e
-                        adv = pgd(model, xb, yb, e, loss=loss, **kw)
+                        correct[i, a:b] = clean
+                        continue
+                    kw = dict(attack_kw)
+                    if step_ratio is not None:
+                        kw["step_size"] = step_ratio * e
+                    adv = pgd(model, xb, yb, e, loss=loss, early_stop=early_stop, **kw)
                     with torch.no_grad():
                         correct[i, a:b] = (model(adv).argmax(1) == yb).cpu()
     acc = correct.float().mean(1).tolist()

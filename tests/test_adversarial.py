@@ -242,6 +242,49 @@ def test_restarts_keep_the_best_per_image(fashion, batch):
     assert (multi - x).abs().max() <= eps + 1e-6
 
 
+class _CountingModel(nn.Module):
+    """Wraps a model and counts the images it sees in forward passes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return self.model(x)
+
+
+def test_early_stop_keeps_the_first_fooling_iterate_and_skips_fooled_images(fashion, batch):
+    x, y = batch
+    counting = _CountingModel(fashion).eval()
+    plain = A.pgd(counting, x, y, 0.1, steps=10, seed=0)
+    seen_plain, counting.seen = counting.seen, 0
+    early = A.pgd(counting, x, y, 0.1, steps=10, seed=0, early_stop=True)
+    assert counting.seen < seen_plain  # fooled images left the batch
+    fooled_plain = A.predict_labels(fashion, plain) != y
+    fooled_early = A.predict_labels(fashion, early) != y
+    assert bool((fooled_early | ~fooled_plain).all())  # every image the full run fools is fooled
+    assert (early - x).abs().max() <= 0.1 + 1e-6 and early.min() >= 0 and early.max() <= 1
+    # a fooled image stops where it first fools: its perturbation is no larger than the full run's
+    both = fooled_early & fooled_plain
+    assert bool(((early - x)[both].flatten(1).norm(dim=1) <= (plain - x)[both].flatten(1).norm(dim=1) + 1e-5).all())
+    # targeted: stops at the first iterate classified as the target
+    t = (y + 3) % 10
+    adv = A.pgd(fashion, x, y, 0.3, steps=20, target=t, loss="margin", early_stop=True)
+    assert float((A.predict_labels(fashion, adv) == t).float().mean()) >= 0.9
+
+
+def test_restarts_attack_only_the_images_not_yet_fooled(fashion, batch):
+    x, y = batch
+    counting = _CountingModel(fashion).eval()
+    A.pgd(counting, x, y, 0.1, steps=3, seed=0)
+    one = counting.seen
+    counting.seen = 0
+    adv = A.pgd(counting, x, y, 0.1, steps=3, seed=0, restarts=3)
+    fooled = int((A.predict_labels(fashion, adv) != y).sum())
+    assert fooled > 0 and counting.seen < 3 * one
+
+
 def test_targeted_pgd_reaches_the_target(fashion, batch):
     x, y = batch
     t = (y + 3) % 10
@@ -274,8 +317,13 @@ def test_fgsm_sweep_matches_fgsm_per_eps(fashion, fashion_test):
 def test_pgd_sweep_matches_pgd_per_eps(fashion, fashion_test):
     x, y = fashion_test[0][:30], fashion_test[1][:30]
     sweep = A.eps_sweep(fashion, x, y, [0.0, 0.05], "pgd", steps=3, step_ratio=0.5, seed=3, progress=False)
-    adv = A.pgd(fashion, x, y, 0.05, steps=3, step_size=0.025, seed=3)
+    adv = A.pgd(fashion, x, y, 0.05, steps=3, step_size=0.025, seed=3, early_stop=True)
     assert sweep.accuracy[1] == pytest.approx(A.accuracy(fashion, adv, y))
+    full = A.eps_sweep(fashion, x, y, [0.0, 0.05], "pgd", steps=3, step_ratio=0.5, seed=3, early_stop=False,
+                       progress=False)
+    adv = A.pgd(fashion, x, y, 0.05, steps=3, step_size=0.025, seed=3)
+    assert full.accuracy[1] == pytest.approx(A.accuracy(fashion, adv, y))
+    assert sweep.accuracy[1] <= full.accuracy[1] + 1e-9  # early stop catches every fooling iterate
     with pytest.raises(ValueError, match="attack must be"):
         A.eps_sweep(fashion, x, y, [0.1], "cw")
     with pytest.raises(ValueError, match="0-255"):
