@@ -3,7 +3,8 @@ blocks, a converged 256-px style transfer, and a 3-octave DeepDream at 320 px.
 
 Run from the repository root::
 
-    python benchmarks/bench_style.py                  # wall clock, 2 threads
+    python benchmarks/bench_style.py                  # wall clock, coursekit's thread count (coursekit/threads.py)
+    python benchmarks/bench_style.py --threads 2      # another intra-op thread count
     python benchmarks/bench_style.py --clock cpu      # process CPU time (use on a busy machine)
 
 1. **step / (fwd+bwd)**: one evaluation of the style-transfer loss (content + style + TV terms,
@@ -85,16 +86,18 @@ def deepdream_time(model) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: coursekit's policy, 1 on a 2-core machine)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--evals", type=int, default=500)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
     model = ck.load_model("efficientnet_lite0")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# {platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {args.threads} threads, "
+    print(f"# {platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"clock={args.clock}, load average at start {load:.2f}")
     plain, step = step_ratio(model, clock, args.repeats)
     print("| measurement | value | target |\n|---|---:|---:|")

@@ -71,6 +71,23 @@ def test_gram_matrix_matches_a_loop(normalize):
     torch.testing.assert_close(g, g.transpose(1, 2))
 
 
+@pytest.mark.parametrize("normalize", ["positions", "elements", "none"])
+def test_gram_matrix_gradient_matches_autograd_of_the_product(normalize):
+    # gram_matrix has its own one-product backward: same gradient as autograd through bmm(F, F^T)
+    f = _rand(2, 3, 4, 5).requires_grad_(True)
+    torch.autograd.gradcheck(lambda t: gram_matrix(t, normalize), (f,))
+    weights = _rand(2, 3, 3, seed=1)  # a non-symmetric output gradient
+    (g,) = torch.autograd.grad((gram_matrix(f, normalize) * weights).sum(), f)
+    flat = f.reshape(2, 3, 20)
+    plain = torch.bmm(flat, flat.transpose(1, 2)) / {"positions": 20, "elements": 60, "none": 1}[normalize]
+    (expected,) = torch.autograd.grad((plain * weights).sum(), f)
+    torch.testing.assert_close(g, expected)
+    # on channels-last features (what the style engine passes) too
+    fc = f.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    (gc,) = torch.autograd.grad((gram_matrix(fc, normalize) * weights).sum(), fc)
+    torch.testing.assert_close(gc, expected)
+
+
 def test_gram_matrix_rejects_bad_input():
     with pytest.raises(ValueError, match="N, C, H, W"):
         gram_matrix(torch.zeros(3, 4, 5))
