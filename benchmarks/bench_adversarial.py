@@ -17,6 +17,11 @@ warm-up each, median of ``--repeats``:
 Then one FGSM sweep of 7 epsilons over the 10 000 Fashion-MNIST test images (``fashion_cnn``)
 with ``adversarial.eps_sweep`` (one gradient per batch, one forward per epsilon), and the same
 sweep done naively (``adversarial.fgsm`` once per epsilon: a gradient per epsilon).
+
+``--full-sweeps`` then prints the tables that lecture 5 computes on a subset (notebooks/05_adversarial.ipynb,
+2000 images for FGSM, 200 for PGD): FGSM and PGD (10 steps, step eps/4, random start, early stop) for
+``fashion_cnn`` and ``fashion_cnn_robust`` on ``--n`` test images (default all 10 000), with the
+seconds each took. ``--only-sweeps`` skips the PGD timing on the ImageNet model.
 """
 
 from __future__ import annotations
@@ -48,13 +53,23 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--full-sweeps", action="store_true", help="FGSM + PGD tables for both Fashion networks")
+    p.add_argument("--only-sweeps", action="store_true", help="only the --full-sweeps tables")
+    p.add_argument("--pgd", action=argparse.BooleanOptionalAction, default=True,
+                   help="include PGD in --full-sweeps (--no-pgd: FGSM only)")
+    p.add_argument("--n", type=int, default=10_000, help="test images in --full-sweeps")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import foolbox as fb
-
     import coursekit as ck
     from coursekit import adversarial as A
+
+    print(f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}, load average "
+          f"{' '.join(f'{v:.1f}' for v in __import__('os').getloadavg())}")
+    if args.only_sweeps:
+        full_sweeps(ck, A, args.n, args.pgd)
+        return 0
+    import foolbox as fb
 
     model = ck.load_model("efficientnet_lite0")
     names = ["chelsea", "coffee", "astronaut", "rocket", "brick", "grass", "gravel", "hubble_deep_field"]
@@ -77,8 +92,6 @@ def main(argv=None) -> int:
             results[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in results.items()}
     agree = {k: float((outs[k] - outs["coursekit"]).abs().max()) for k in outs}
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.machine()}, load average "
-          f"{' '.join(f'{v:.1f}' for v in __import__('os').getloadavg())}")
     print(f"\nPGD L-inf, efficientnet_lite0, batch {args.batch}, {steps} steps, median of {args.repeats}\n")
     print("| implementation | s | / foolbox | / hand loop | max abs diff to coursekit |")
     print("|---|---|---|---|---|")
@@ -101,7 +114,30 @@ def main(argv=None) -> int:
         print("|---|---|---|")
         print(f"| eps_sweep (one gradient per batch) | {t_sweep:.1f} | |")
         print(f"| fgsm per eps + accuracy | {t_naive:.1f} | {same:.1e} |")
+    if args.full_sweeps:
+        full_sweeps(ck, A, args.n, args.pgd)
     return 0
+
+
+def full_sweeps(ck, A, n: int, with_pgd: bool = True) -> None:
+    """The lecture's eps-sweep tables on ``n`` test images, both networks, FGSM and PGD."""
+    xt, yt = ck.fashion_mnist("test")
+    xt, yt = xt[:n], yt[:n]
+    eps_values = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3]
+    sweeps = {}
+    for name in ("fashion_cnn", "fashion_cnn_robust"):
+        model = ck.load_model(name)
+        sweeps[name, "FGSM"] = A.eps_sweep(model, xt, yt, eps_values, progress=False)
+        if with_pgd:
+            sweeps[name, "PGD"] = A.eps_sweep(model, xt, yt, eps_values, "pgd", steps=10, step_ratio=0.25,
+                                              progress=False)
+    print(f"\nAccuracy under attack, {len(xt)} Fashion-MNIST test images (PGD: 10 steps of eps/4, random start)\n")
+    cols = list(sweeps)
+    print("| eps | eps*255 | " + " | ".join(f"{m} {a}" for m, a in cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for i, e in enumerate(eps_values):
+        print(f"| {e:.2f} | {e * 255:.1f} | " + " | ".join(f"{sweeps[c].accuracy[i]:.3f}" for c in cols) + " |")
+    print("| seconds | | " + " | ".join(f"{sweeps[c].seconds:.0f}" for c in cols) + " |")
 
 
 if __name__ == "__main__":

@@ -709,7 +709,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss) * (b - a)
+                total += float(loss.detach()) * (b - a)
             losses.append(total / len(x))
     finally:
         model.eval().requires_grad_(False)
