@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._reference import reference
-from .gradients import _fast_layout, gradient, layer_gradient
+from .gradients import _fast_layout, layer_gradient
 from .guard import guarded
 from .hooks import UnknownLayerError, get_layer, list_layers
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
 from .models import Normalize
-from .rules import GUIDED
+from .rules import GUIDED, GuidedRelu
 
 __all__ = [
     "CAM",
@@ -384,16 +384,48 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target, layer: str | nn.Mo
     """Guided Grad-CAM (Selvaraju et al. 2017): guided backprop times the upsampled Grad-CAM map.
 
     High-resolution (pixel-level) detail from guided backpropagation, restricted to the
-    class-discriminative regions Grad-CAM finds: a Grad-CAM pass (backward stops at the layer) and
-    a guided-backprop pass (the rules engine's :data:`coursekit.rules.GUIDED` composite; see
-    :func:`coursekit.saliency.guided_backprop` for its requirement of ``nn.ReLU`` / ``nn.ReLU6``
-    modules).
+    class-discriminative regions Grad-CAM finds. One forward pass serves both: a plain backward
+    from the score to the layer (Grad-CAM), then a backward to the input with the guided rule of the
+    rules engine switched on (see :func:`coursekit.saliency.guided_backprop` for the rule and its
+    requirement of ``nn.ReLU`` / ``nn.ReLU6`` modules).
 
     Returns
     -------
     Tensor (N, C, H, W), detached.
     """
     engine = GradCAM(model, layer)
-    x = check_images(x, model=model)
-    guided = gradient(model, x, target, composite=GUIDED, what="guided_gradcam")  # (N, C, H, W)
-    return guided * engine(x, target)[:, None]
+    x = check_images(x, model=model).detach()
+    # One forward pass serves both maps: the guided rule is attached but switched on only for the
+    # second backward pass (the first, from the score to the layer, must be the plain gradient).
+    rule = _SwitchedGuidedRelu()
+    composite = GUIDED.with_rules({(nn.ReLU, nn.ReLU6): rule}, name="guided backprop")
+    tapped: dict[str, torch.Tensor] = {}
+    with guarded(model, inplace_off=True, what="guided_gradcam"), composite.applied(model):
+        handle = engine.layer.register_forward_hook(lambda m, i, o: tapped.__setitem__("A", o))
+        try:
+            with torch.enable_grad():
+                xi = _fast_layout(x).requires_grad_(True)
+                scores = target_scores(model(xi), target)  # (N,)
+        finally:
+            handle.remove()
+        act = tapped.get("A")
+        if not isinstance(act, torch.Tensor) or act.dim() != 4:
+            raise ValueError(
+                f"layer {engine.layer_name!r} gave no (N, K, h, w) feature map in the forward pass; choose one of "
+                "coursekit.cam.candidate_layers(model)"
+            )
+        (grad,) = torch.autograd.grad(scores.sum(), act, retain_graph=True)  # (N, K, h, w)
+        rule.on = True
+        (guided,) = torch.autograd.grad(scores.sum(), xi)  # (N, C, H, W)
+    cam = engine._finish(engine.combine(act.detach(), grad), x.shape[-2:], normalize=False)
+    return guided.contiguous() * cam[:, None]
+
+
+class _SwitchedGuidedRelu(GuidedRelu):
+    """The guided rule, inactive until ``on`` is set (guided Grad-CAM's shared forward pass)."""
+
+    def __init__(self):
+        self.on = False
+
+    def transform(self, grad_out):
+        return grad_out.clamp(min=0) if self.on else grad_out
