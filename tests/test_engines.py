@@ -202,13 +202,27 @@ def test_uncovered_layer_is_named():
 
 
 def test_a_composite_extends_with_a_rule_per_type_or_name():
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.GELU(), nn.Flatten(), nn.Linear(8, 2))
+    torch.manual_seed(0)
+    # the 1x1 convolution between GELU and ReLU mixes signs, so a rule at the GELU matters
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU(), nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
     x = torch.rand(1, 1, 4, 4)
-    extended = rules.GUIDED.with_rules({nn.GELU: rules.GuidedRelu()})
-    g = gradients.gradient(net, x, 0, composite=extended)
-    by_name = rules.GUIDED.with_rules(names={"2": rules.Pass()})
-    g_pass = gradients.gradient(net, x, 0, composite=by_name)
-    assert g.shape == g_pass.shape == x.shape
+    by_type = rules.GUIDED.with_rules({nn.GELU: rules.Pass()})
+    by_name = rules.GUIDED.with_rules(names={"1": rules.Pass()})
+    torch.testing.assert_close(gradients.gradient(net, x, 0, composite=by_name),
+                               gradients.gradient(net, x, 0, composite=by_type))
+    # a rule given by type acts on the GELU exactly as a hand-written clamp at its output would
+    got = gradients.gradient(net, x, 0, composite=rules.GUIDED.with_rules({nn.GELU: rules.GuidedRelu()}))
+    xi = x.clone().requires_grad_(True)
+    h = xi
+    for i, m in enumerate(net):
+        h = m(h)
+        if i in (1, 3):  # the GELU and the ReLU
+            h.register_hook(lambda g: g.clamp(min=0))
+    (expected,) = torch.autograd.grad(h[:, 0].sum(), xi)
+    torch.testing.assert_close(got, expected)
+    plain_gelu = gradients.gradient(net, x, 0, composite=by_type)
+    assert not torch.allclose(got, plain_gelu)
+
 
 
 class Doubling(rules.BackwardRule):
