@@ -16,6 +16,8 @@ controls at their defaults. A saved notebook then still shows something meaningf
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import math
 import os
@@ -134,7 +136,11 @@ def _static_grid(draw, controls: list[Control], static, ncols, size, title, max_
     defaults = {c.name: c.default for c in controls}
     ncols = ncols or min(len(combos), 4)
     nrows = math.ceil(len(combos) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.5 if title else 0)), squeeze=False)
+    # constrained layout places titles (panel and suptitle) from their measured size after each
+    # axes has taken its aspect ratio; tight_layout did not, and drew second-row titles over the
+    # pictures of the first row.
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.5 if title else 0)),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat[len(combos):]:
         ax.axis("off")
     for ax, combo in zip(axes.flat, combos):
@@ -143,9 +149,6 @@ def _static_grid(draw, controls: list[Control], static, ncols, size, title, max_
             ax.set_title(", ".join(f"{k}={_short(v)}" for k, v in combo.items()), fontsize=8)
     if title:
         fig.suptitle(title)
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # keep the title clear of the panels
-    else:
-        fig.tight_layout()
     return fig
 
 
@@ -163,24 +166,44 @@ class Explorer:
         Controls above the live output (widget mode).
     figure : matplotlib Figure or None
         The grid of combinations (static mode); ``explorer.figure.savefig(...)`` saves it.
+    picture : bytes or None
+        Widget mode: a PNG of the first view (every control at its default), drawn when the
+        explorer was built.
 
     As the last expression of a notebook cell it shows itself (``_ipython_display_``). The static
-    figure is detached from pyplot, so the inline backend does not show it a second time.
+    figure is detached from pyplot, so the inline backend does not show it a second time. In
+    widget mode the output holds the live widget *and* :attr:`picture`: a notebook saved after a
+    live run then still shows the explorer's first view wherever widgets cannot run (GitHub,
+    nbviewer, nbconvert without widget state), and a one-line description instead of
+    ``VBox(children=...)`` in a terminal.
     """
 
-    def __init__(self, widget=None, figure=None):
+    def __init__(self, widget=None, figure=None, picture: bytes | None = None, description: str = "Explorer"):
         if (widget is None) == (figure is None):
             raise ValueError("an Explorer holds either a widget or a figure")
-        self.widget, self.figure = widget, figure
+        self.widget, self.figure, self.picture, self.description = widget, figure, picture, description
 
     @property
     def mode(self) -> str:
         return "widget" if self.widget is not None else "static"
 
+    def mimebundle(self) -> dict:
+        """Widget mode: the display data, widget view + PNG picture + a plain-text line."""
+        if self.widget is None:
+            raise ValueError("a static Explorer is shown as its figure, it has no widget bundle")
+        bundle = dict(self.widget._repr_mimebundle_())  # the widget-view JSON (and a VBox repr)
+        bundle["text/plain"] = self.description
+        if self.picture is not None:
+            bundle["image/png"] = base64.b64encode(self.picture).decode("ascii")
+        return bundle
+
     def _ipython_display_(self):
         from IPython.display import display
 
-        display(self.widget if self.widget is not None else self.figure)
+        if self.widget is None:
+            display(self.figure)
+        else:
+            display(self.mimebundle(), raw=True)
 
     def __repr__(self) -> str:
         if self.figure is not None:
@@ -234,6 +257,7 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
     import matplotlib.pyplot as plt
 
     built = {c.name: c.build() for c in ctrls}
+    first_view: list[bytes] = []
 
     def redraw(**values):
         fig, ax = plt.subplots(figsize=(size * 1.25, size))
@@ -241,7 +265,15 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
         if title:
             fig.suptitle(title)
         fig.tight_layout()
+        if not first_view:  # the picture a saved notebook keeps (see Explorer)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", bbox_inches="tight")
+            first_view.append(buffer.getvalue())
         plt.show()
 
-    out = w.interactive_output(redraw, built)
-    return Explorer(widget=w.VBox([w.HBox(list(built.values())), out]))
+    out = w.interactive_output(redraw, built)  # draws the first view now
+    shown = ", ".join(f"{c.name}={_short(c.default)}" for c in ctrls)
+    description = (f"Explorer{': ' + title if title else ''} (live controls need a running kernel; "
+                   f"the picture shows {shown})")
+    return Explorer(widget=w.VBox([w.HBox(list(built.values())), out]), picture=first_view[0] if first_view else None,
+                    description=description)

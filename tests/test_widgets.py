@@ -115,6 +115,60 @@ def test_widget_mode_builds_controls_and_redraws_on_change(monkeypatch):
     assert draw.calls[-1] == {"image": "cat", "method": "sg", "alpha": 0.0}
 
 
+def test_widget_mode_keeps_a_picture_for_static_renderers(monkeypatch):
+    """Saved after a live run, the output must show a picture (not 'VBox(children=...)') where widgets
+    cannot run: the display bundle carries the widget view, a PNG of the first view and a plain line."""
+    import base64
+
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "show", lambda *a, **k: None)
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append((obj, raw)))
+    view = explorer(Recorder(), CONTROLS, mode="widget", title="demo")
+    assert view.picture[:8] == b"\x89PNG\r\n\x1a\n"
+    view._ipython_display_()
+    [(bundle, raw)] = shown
+    assert raw
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == view.widget.model_id
+    assert base64.b64decode(bundle["image/png"]) == view.picture
+    assert "VBox" not in bundle["text/plain"]
+    assert "image=cat" in bundle["text/plain"] and "demo" in bundle["text/plain"]
+    view.widget.children[0].children[0].value = "coffee"  # a later change does not replace the first view
+    assert base64.b64decode(view.mimebundle()["image/png"]) == view.picture
+    with pytest.raises(ValueError, match="static"):
+        explorer(Recorder(), {"image": ["a"]}, mode="static").mimebundle()
+
+
+def test_static_grid_titles_clear_the_pictures():
+    """No panel title may overlap another panel (second-row titles were drawn over first-row images)."""
+    import numpy as np
+
+    def draw(ax, style, weight):
+        ax.imshow(np.zeros((160, 160, 3)))
+        ax.set_title(f"{style}, style weight {weight:g}", fontsize=10)
+        ax.axis("off")
+
+    view = explorer(draw, {"style": ["Hubble", "stain"], "weight": [10.0, 100.0, 1000.0]},
+                    static={"style": ["Hubble", "stain"], "weight": [10.0, 100.0, 1000.0]}, ncols=3, size=3.6,
+                    title="Style weight", mode="static")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = view.figure
+    canvas = FigureCanvasAgg(fig)  # the figure is detached from pyplot
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    axes = [a for a in fig.axes if a.has_data()]
+    assert len(axes) == 6
+    for a in axes:
+        title = a.title.get_window_extent(renderer)
+        for b in axes:
+            if b is not a:
+                assert not title.overlaps(b.get_window_extent(renderer)), (a.get_title(), b.get_title())
+    suptitle = fig._suptitle.get_window_extent(renderer)
+    assert not any(suptitle.overlaps(a.get_window_extent(renderer)) for a in axes)
+
+
 def test_auto_mode_is_static_outside_a_kernel(monkeypatch):
     assert not widgets_available()  # pytest is not a Jupyter kernel
     assert explorer(Recorder(), {"image": ["a"]}).mode == "static"
