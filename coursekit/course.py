@@ -5,7 +5,9 @@ Usage::
     python -m coursekit.course notebooks/*.ipynb [--out build] [--timeout 900]
 
 Each notebook runs top to bottom in a fresh kernel of the current environment; the executed copy
-is written to ``build/<name>.html`` (the notebook file itself is not modified). The run time of
+is written to ``build/<name>.html`` (the notebook file itself is not modified). The HTML reads
+offline: maths as MathML, no script from a CDN, explorers as their static pictures
+(:mod:`coursekit.offline_html`). The run time of
 every notebook is printed; the exit status is non-zero when any cell raised.
 """
 
@@ -23,7 +25,8 @@ def run_notebook(path: Path, out_dir: Path, timeout: int = 900, kernel: str = "p
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
-    from nbconvert import HTMLExporter
+
+    from .offline_html import offline_html
 
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel, resources={"metadata": {"path": str(path.parent)}})
@@ -35,7 +38,7 @@ def run_notebook(path: Path, out_dir: Path, timeout: int = 900, kernel: str = "p
         ok = False
         error = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
     seconds = time.time() - start
-    html, _ = HTMLExporter().from_notebook_node(nb)
+    html = offline_html(nb)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / (path.stem + ".html")).write_text(html, encoding="utf-8")
     return ok, seconds, error
