@@ -35,6 +35,7 @@ from .guard import guarded
 from .hooks import UnknownLayerError, get_layer, list_layers
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
 from .models import Normalize
+from .progress import progress_bar
 from .rules import GUIDED, GuidedRelu
 
 __all__ = [
@@ -328,7 +329,6 @@ class ScoreCAM(CAM):
         self.progress = bool(progress)
 
     def raw_maps(self, x, target):
-        from tqdm.auto import tqdm
 
         x = check_images(x, model=self.model).detach()
         n, k = x.shape[0], None
@@ -349,7 +349,7 @@ class ScoreCAM(CAM):
             lo = up.amin(dim=(2, 3), keepdim=True)
             hi = up.amax(dim=(2, 3), keepdim=True)
             masks = (up - lo) / (hi - lo + 1e-8)  # (N, K, H, W)
-            bar = tqdm(total=n * k, desc="Score-CAM", unit="mask", disable=not self.progress, leave=False)
+            bar = progress_bar(total=n * k, progress=self.progress, desc="Score-CAM", unit="mask", leave=False)
             for i in range(n):
                 tgt = targets if callable(targets) else targets[i : i + 1]
                 scores = []

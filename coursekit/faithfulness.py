@@ -42,6 +42,7 @@ from torch import nn
 from .guard import guarded
 from .images import gaussian_blur
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
+from .progress import progress_bar
 from .saliency import to_map
 
 __all__ = [
@@ -215,7 +216,6 @@ def _curve(model, x, target, saliency_map, *, kind: str, steps: int, baseline, b
     base = _baseline(x, baseline)  # (N,C,H,W)
     ranks = pixel_ranking(maps)  # (N,HW)
     targets = target_indices(target, n)  # LongTensor (N,) or the callable
-    from tqdm.auto import tqdm
 
     probs = np.zeros((n, steps + 1))
     with guarded(model, what=f"{kind}_curve"), torch.no_grad():
@@ -225,7 +225,7 @@ def _curve(model, x, target, saliency_map, *, kind: str, steps: int, baseline, b
         # only the steps in between need a forward pass
         first, last = (0, 1) if kind == "deletion" else (1, 0)
         probs[:, 0], probs[:, -1] = endpoints[:, first], endpoints[:, last]
-        for i in tqdm(range(n), desc=f"{kind} curves", disable=not progress):
+        for i in progress_bar(range(n), progress=progress, desc=f"{kind} curves"):
             _, masks = perturbation_masks(ranks[i], steps)  # (S+1, HW)
             masks = masks.view(steps + 1, 1, h, w).to(x.dtype)[1:-1]  # (S-1,1,H,W), 1 = pixel changed
             start, end = (x[i], base[i]) if kind == "deletion" else (base[i], x[i])
@@ -398,7 +398,6 @@ def compare_methods(model: nn.Module, x: torch.Tensor, target, maps: Mapping[str
     if bad or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of ('deletion', 'insertion'), got {tuple(kinds)!r}")
     steps = positive_int(steps, "steps")
-    from tqdm.auto import tqdm
 
     check_model(model)
     x = check_images(x, model=model).detach()
@@ -408,7 +407,7 @@ def compare_methods(model: nn.Module, x: torch.Tensor, target, maps: Mapping[str
     with guarded(model, what="compare_methods"):  # one guard (and one train-mode warning) for all curves
         with torch.no_grad():
             endpoints = _endpoint_scores(model, x, base, target_indices(target, x.shape[0]), score)
-        for name, m in tqdm(list(maps.items()), desc="deletion/insertion", disable=not progress):
+        for name, m in progress_bar(list(maps.items()), progress=progress, desc="deletion/insertion"):
             for kind in kinds:
                 _, probs = _curve(model, x, target, m, kind=kind, steps=steps, baseline=base, batch_size=batch_size,
                                   score=score, progress=False, endpoints=endpoints)

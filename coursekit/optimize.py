@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._reference import reference
+from .progress import progress_bar
 
 __all__ = ["StepRule", "Adam", "NormalizedAscent", "SignStep", "LBFGS", "ascend", "octaves", "project"]
 
@@ -207,8 +208,6 @@ def ascend(
     Tensor (steps_done, N)
         The value at every step, before that step's update.
     """
-    from tqdm.auto import tqdm
-
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not isinstance(rule, StepRule):
@@ -216,7 +215,7 @@ def ascend(
     tensors = list(tensors)
     rule.reset(tensors)
     history: list[torch.Tensor] = []
-    bar = tqdm(range(steps), desc=desc[:60], disable=not progress, leave=False)
+    bar = progress_bar(range(steps), progress=progress, desc=desc[:60], leave=False)
     with torch.enable_grad():
         for step in bar:
             if rule.needs_closure:

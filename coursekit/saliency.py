@@ -42,12 +42,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ._reference import reference
 from .gradients import _fast_layout, broadcast_baseline, gradient, integrate, smooth
 from .guard import guarded
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
+from .progress import progress_bar
 from .rules import DECONVNET, GUIDED
 
 __all__ = [
@@ -386,7 +386,7 @@ def occlusion(
         plain = evaluate(_fast_layout(x), target_indices(target, n_img))  # (N,) unoccluded scores
         if plain.shape[0] != n_img:
             raise ValueError(f"the target must give one score per image, got shape {tuple(plain.shape)}")
-        bar = tqdm(total=total, desc="occlusion", unit="window", disable=not progress, leave=False)
+        bar = progress_bar(total=total, progress=progress, desc="occlusion", unit="window", leave=False)
         try:
             for start in range(0, total, batch_size):
                 stop = min(start + batch_size, total)

@@ -30,6 +30,7 @@ from torch import nn
 
 from .hooks import get_layer
 from .inputs import check_images, check_model
+from .progress import progress_bar
 from .saliency import to_map
 
 __all__ = [
@@ -267,7 +268,6 @@ def _run(model, x, target, methods, layers, seed, metrics, keep_maps, cascading,
     unknown = [m for m in metrics if m not in _METRICS]
     if unknown or not metrics:
         raise ValueError(f"metrics must be chosen from {sorted(_METRICS)}, got {tuple(metrics)!r}")
-    from tqdm.auto import tqdm
 
     twin = copy.deepcopy(model).eval()  # the user's model is never modified: no guard needed
     steps = _resolve_steps(twin, model, layers)
@@ -292,7 +292,7 @@ def _run(model, x, target, methods, layers, seed, metrics, keep_maps, cascading,
                 kept[name].append(m.float())
 
     score(0, original)
-    for k, (_label, modules) in enumerate(tqdm(steps, desc="randomising layers", disable=not progress), start=1):
+    for k, (_label, modules) in enumerate(progress_bar(steps, progress=progress, desc="randomising layers"), start=1):
         if not cascading:
             twin.load_state_dict(trained)
         for j, module in enumerate(modules):

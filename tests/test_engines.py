@@ -346,3 +346,22 @@ def test_library_floor_does_not_import_exercises_or_grading():
     for path in root.glob("*.py"):
         text = path.read_text()
         assert not re.search(r"^\s*(from|import)\s+(\.checks|\.grading|coursekit\.checks|coursekit\.grading)", text, re.M), path.name
+
+
+def test_progress_bars_obey_tqdm_disable(monkeypatch, capsys):
+    """TQDM_DISABLE=1 hides coursekit's bars (headless notebook runs, grading); progress=False hides them
+    whatever the environment; otherwise a bar is drawn."""
+    from coursekit.progress import progress_bar
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert progress_bar(range(3), progress=True).disable
+    monkeypatch.delenv("TQDM_DISABLE")
+    assert progress_bar(range(3), progress=False).disable
+    bar = progress_bar(range(3), progress=True, desc="demo")
+    assert not bar.disable
+    bar.close()
+    x = torch.zeros(1, 2, requires_grad=True)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    capsys.readouterr()
+    optimize.ascend(lambda: -(x - 1).pow(2).sum(1), [x], optimize.Adam(0.1), steps=3, progress=True)
+    assert "it/s" not in capsys.readouterr().err
