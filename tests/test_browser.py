@@ -63,7 +63,7 @@ def _wait(condition, timeout, what):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """(base URL, token) of a JupyterLab serving a temporary copy of a lecture and an exercise."""
+    """(base URL, token, folder) of a JupyterLab serving a temporary copy of a lecture and an exercise."""
     work = tmp_path_factory.mktemp("lab")
     shutil.copy(LECTURE, work / LECTURE.name)
     shutil.copy(EXERCISE, work / EXERCISE.name)
@@ -91,7 +91,7 @@ def lab(tmp_path_factory):
 
     try:
         _wait(up, 60, "jupyter lab to answer")
-        yield base, token
+        yield base, token, work
     finally:
         server.terminate()
         try:
@@ -141,7 +141,7 @@ return found;
 
 
 def _open(browser, lab, name):
-    base, token = lab
+    base, token, _ = lab
     browser.get(f"{base}/lab/tree/{name}?token={token}")
     _wait(lambda: browser.execute_script(KERNEL_IDLE, name), 90, f"{name} to open with an idle kernel")
 
@@ -173,6 +173,27 @@ def test_explorer_redraws_when_a_control_changes(browser, lab):
     Select(select).select_by_index(len(options) - 1)
     after = _wait(lambda: (src := picture()) and src != before and src, 90, "the explorer's figure to change")
     assert after.startswith("data:image/") and len(after) > 1000
+
+    # Saved after the live run, the explorer's output keeps a picture for places without widgets.
+    saved_path = lab[2] / LECTURE.name
+    mtime = saved_path.stat().st_mtime
+    browser.execute_script("window.jupyterapp.commands.execute('docmanager:save');")
+    _wait(lambda: saved_path.stat().st_mtime != mtime and not browser.execute_script(
+        "return window.jupyterapp.shell.currentWidget.context.model.dirty;"), 30, "the notebook to be saved")
+    saved = json.loads(saved_path.read_text())
+    widget_outputs = [o for c in saved["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+                      if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert widget_outputs, "the saved notebook has no explorer output"
+    for output in widget_outputs:
+        assert output["data"].get("image/png"), "a saved explorer has no picture"
+        assert "VBox(" not in "".join(output["data"].get("text/plain", "")), output["data"]["text/plain"]
+    import nbformat
+
+    from coursekit.offline_html import offline_html
+
+    html = offline_html(nbformat.reads(json.dumps(saved), as_version=4))  # a static renderer: no widget state
+    picture_b64 = "".join(widget_outputs[-1]["data"]["image/png"]).strip()
+    assert picture_b64[:200] in html, "the static rendering does not show the explorer's picture"
 
 
 def test_unanswered_check_shows_its_verdict(browser, lab):
