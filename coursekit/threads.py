@@ -8,7 +8,8 @@
    import and coursekit leaves the count alone: you chose it.
 3. Otherwise the count is :func:`default_threads` of the cores this process may run on
    (``os.sched_getaffinity(0)`` where it exists: a container's or ``taskset``'s limit, else
-   ``os.cpu_count()``): **1 thread on one or two cores, one fewer than the cores above that.**
+   ``os.cpu_count()``; lowered to the container's CPU quota, e.g. a JupyterHub pod limited to 2 CPUs
+   on a 64-core node): **1 thread on one or two cores, one fewer than the cores above that.**
 
 Why. PyTorch's CPU kernels run on OpenMP threads that *spin* (busy-wait) between parallel
 regions. When every core has a thread of ours and another process takes one core, the threads
@@ -35,6 +36,7 @@ section 4.7, ``OMP_WAIT_POLICY``.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -44,6 +46,37 @@ ENV_VAR = "COURSEKIT_THREADS"
 RESPECTED_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU time this process's cgroup may use, in cores, or None when it is not limited.
+
+    Kubernetes (and so most JupyterHub deployments) and ``docker --cpus`` limit a container with a
+    CFS quota, not with a CPU list: ``sched_getaffinity`` still reports every core of the node,
+    and a thread per core would be throttled. Reads cgroup v2's ``cpu.max`` ("max 100000" or
+    "200000 100000") or cgroup v1's ``cpu/cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
+
+    Parameters
+    ----------
+    root : str
+        Where the cgroup file system is mounted.
+    """
+    def read(*parts):
+        try:
+            with open(os.path.join(root, *parts)) as f:
+                return f.read().split()
+        except OSError:  # no such file: not this cgroup version, or no cgroups at all
+            return None
+
+    v2 = read("cpu.max")
+    if v2 and len(v2) == 2 and v2[0] != "max":
+        quota, period = float(v2[0]), float(v2[1])
+    else:
+        q, p = read("cpu", "cpu.cfs_quota_us"), read("cpu", "cpu.cfs_period_us")
+        if not q or not p or float(q[0]) <= 0:
+            return None
+        quota, period = float(q[0]), float(p[0])
+    return quota / period if period > 0 else None
+
+
 def available_cores() -> int:
     """The number of CPU cores this process may run on.
 
@@ -51,11 +84,17 @@ def available_cores() -> int:
     -------
     int
         ``len(os.sched_getaffinity(0))`` where the platform has it (Linux: respects ``taskset``,
-        cgroup cpusets, a container's CPU list), else ``os.cpu_count()``, and 1 if neither knows.
+        cgroup cpusets, a container's CPU list), else ``os.cpu_count()``, and 1 if neither knows;
+        lowered to :func:`cpu_quota` rounded up when the cgroup has a CPU quota.
     """
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+        cores = max(1, len(os.sched_getaffinity(0)))
+    else:
+        cores = max(1, os.cpu_count() or 1)
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return cores
 
 
 def default_threads(cores: int) -> int:

@@ -48,6 +48,7 @@ def test_user_set_omp_or_mkl_threads_are_left_alone(var):
 
 
 def test_available_cores_follows_affinity(monkeypatch):
+    monkeypatch.setattr(threads, "cpu_quota", lambda: None)  # this test is about the CPU list
     if hasattr(os, "sched_getaffinity"):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
         monkeypatch.setattr(os, "cpu_count", lambda: 64)
@@ -102,3 +103,37 @@ def test_import_coursekit_applies_the_policy_in_a_fresh_process():
     assert out.stdout.split() == ["2", "None"]  # torch came first: too late for OMP_WAIT_POLICY
     out = _fresh("import coursekit", COURSEKIT_THREADS="many")
     assert out.returncode != 0 and "COURSEKIT_THREADS='many'" in out.stderr
+
+
+def _cgroup(tmp_path, files):
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "200000 100000\n"}, 2.0),              # cgroup v2, --cpus=2 / a pod limit of 2
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),                # v2, no limit
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),    # v1, no limit
+    ({}, None),                                          # no cgroup file system
+])
+def test_cpu_quota_reads_cgroup_v1_and_v2(tmp_path, files, expected):
+    assert threads.cpu_quota(_cgroup(tmp_path, files)) == expected
+
+
+def test_a_cpu_quota_lowers_the_cores_of_a_big_node(monkeypatch, tmp_path):
+    """A JupyterHub pod limited to 2 CPUs on a 64-core node: affinity says 64, the quota 2 -> 1 thread."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    root = _cgroup(tmp_path, {"cpu.max": "250000 100000\n"})  # 2.5 CPUs -> 3 cores -> 2 threads
+    read_quota = threads.cpu_quota
+    monkeypatch.setattr(threads, "cpu_quota", lambda: read_quota(root))
+    assert threads.available_cores() == 3
+    assert threads.choose_threads({}) == 2
+    monkeypatch.setattr(threads, "cpu_quota", lambda: 0.5)  # half a CPU is still one core
+    assert threads.available_cores() == 1
