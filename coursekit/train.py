@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .data import fashion_mnist
 from .models import FASHION_MEAN, FASHION_STD, CourseModel, fashion_weights_path
 from .nets import FASHION_CLASSES, FashionCNN
+from .progress import progress_bar
 
 CONFIGS = {
     "fashion_cnn": dict(epochs=5, lr=2e-3, batch_size=128, eps=0.0),
@@ -97,7 +97,7 @@ def train(
     for epoch in range(cfg["epochs"]):
         model.train()
         perm = torch.randperm(len(x_train), generator=gen)
-        bar = tqdm(range(0, len(x_train), cfg["batch_size"]), desc=f"{name} epoch {epoch + 1}/{cfg['epochs']}", leave=False)
+        bar = progress_bar(range(0, len(x_train), cfg["batch_size"]), desc=f"{name} epoch {epoch + 1}/{cfg['epochs']}", leave=False)
         for i in bar:
             idx = perm[i : i + cfg["batch_size"]]
             x, y = x_train[idx], y_train[idx]
