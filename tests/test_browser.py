@@ -144,6 +144,9 @@ def _open(browser, lab, name):
     base, token, _ = lab
     browser.get(f"{base}/lab/tree/{name}?token={token}")
     _wait(lambda: browser.execute_script(KERNEL_IDLE, name), 90, f"{name} to open with an idle kernel")
+    time.sleep(1.0)  # JupyterLab writes the kernel's spec and language into the model once it is connected
+    dirty = browser.execute_script("return window.jupyterapp.shell.currentWidget.context.model.dirty;")
+    assert not dirty, f"{name} is marked modified just by opening it (kernelspec or language_info differ)"
 
 
 def _run(browser, command, timeout, what):
