@@ -36,14 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._reference import reference
-from .gradients import gradient
 from .guard import guarded
 from .inputs import check_images, check_model, positive_int, target_indices
 from .optimize import Adam, SignStep, ascend
 
 __all__ = [
     "LogitsExpectedWarning", "check_eps", "attack_objective", "margin", "fgsm", "pgd", "bim",
-    "predict_labels", "accuracy", "eps_sweep", "Sweep", "random_sphere", "SphereResult", "NoiseLayer",
+    "predict_labels", "accuracy", "eps_sweep", "Sweep", "plot_sweeps", "plot_perturbation", "random_sphere", "SphereResult", "NoiseLayer",
     "noise_attack", "NoiseAttackResult", "quantize_8bit", "evolve_fooling_images", "transfer_matrix",
     "TransferResult", "adversarial_loss", "train_classifier",
 ]
@@ -376,15 +375,125 @@ class Sweep:
         return "\n".join(rows)
 
     def plot(self, ax=None, **kw):
-        """Accuracy against epsilon; returns the axes."""
+        """Accuracy against epsilon on ``ax`` (a new figure when None); returns the axes.
+
+        ``kw`` go to ``ax.plot`` (``color``, ``marker``, ``linestyle``, ``label``...); by default
+        FGSM is drawn with circles and a solid line, PGD with squares and a dashed line. To tell
+        several sweeps apart by colour *and* marker/line style, use :func:`plot_sweeps`.
+        """
         import matplotlib.pyplot as plt
 
         ax = ax if ax is not None else plt.subplots(figsize=(5, 3.5), dpi=100)[1]
-        ax.plot(self.eps, self.accuracy, "o-", label=kw.pop("label", f"{self.model} {self.attack}"), **kw)
-        ax.set(xlabel="epsilon (L-inf, pixel units)", ylabel="accuracy", ylim=(0, 1),
-               title=f"Accuracy under attack ({self.n_images} test images)")
+        kw.setdefault("marker", "s" if self.attack == "PGD" else "o")
+        if "ls" not in kw:
+            kw.setdefault("linestyle", "--" if self.attack == "PGD" else "-")
+        ax.plot(self.eps, self.accuracy, label=kw.pop("label", f"{self.model} {self.attack}"), **kw)
+        ax.set(xlabel="epsilon (L-inf radius, [0, 1] pixel units)", ylabel="accuracy (fraction correct)",
+               ylim=(-0.02, 1.02), title=f"Accuracy under attack ({self.n_images} test images)")
         ax.grid(alpha=0.3)
         return ax
+
+
+SWEEP_MARKERS = ("o", "^", "s", "D", "v", "P", "X")
+SWEEP_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def plot_sweeps(sweeps: Sequence[Sweep], ax=None, *, mark_eps: float | None = None, mark_label: str | None = None,
+                title: str = "Accuracy under attack", legend_cols: int = 2):
+    """Several :class:`Sweep` curves that can be told apart in colour *and* in shape.
+
+    Every curve gets its own colour; the network (``Sweep.model``) sets the marker and the attack
+    (``Sweep.attack``) the line style, so two curves of the same network differ in line style and two
+    of the same attack differ in marker (also in print and for colour-blind readers). The legend goes
+    below the axes, off the data; a top axis gives epsilon in grey levels (x 255).
+
+    Parameters
+    ----------
+    sweeps : list or tuple of Sweep
+    ax : matplotlib Axes, optional
+        A new 7 x 5.4 inch figure when None.
+    mark_eps : float, optional
+        Draws a dotted vertical line at this epsilon (e.g. the radius a network was trained for).
+    mark_label : str, optional
+        The line's legend entry.
+
+    Returns
+    -------
+    matplotlib Axes
+    """
+    import matplotlib.pyplot as plt
+
+    original = sweeps
+    sweeps = list(sweeps) if isinstance(sweeps, (list, tuple)) else []
+    if not sweeps or not all(isinstance(s, Sweep) for s in sweeps):
+        raise TypeError(f"sweeps must be a non-empty list of Sweep (what eps_sweep returns), got {original!r}")
+    if ax is None:
+        ax = plt.subplots(figsize=(7, 5.4), dpi=100, layout="constrained")[1]
+    models = list(dict.fromkeys(s.model for s in sweeps))
+    attacks = list(dict.fromkeys(s.attack for s in sweeps))
+    colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    for i, s in enumerate(sweeps):
+        s.plot(ax, color=colours[i % len(colours)], marker=SWEEP_MARKERS[models.index(s.model) % len(SWEEP_MARKERS)],
+               linestyle=SWEEP_LINESTYLES[attacks.index(s.attack) % len(SWEEP_LINESTYLES)], markersize=6,
+               label=f"{s.model}, {s.attack} ({s.n_images} images)")
+    if mark_eps is not None:
+        ax.axvline(check_eps(mark_eps, what="mark_eps"), color="0.4", lw=1, ls=":", label=mark_label)
+    ax.set_title(title)
+    top = ax.secondary_xaxis("top", functions=(lambda e: e * 255, lambda g: g / 255))
+    top.set_xlabel("epsilon x 255 (grey levels)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=legend_cols, frameon=False)
+    return ax
+
+
+def plot_perturbation(ax, x_adv: torch.Tensor, x: torch.Tensor, *, vmax: float | None = None,
+                      percentile: float = 100.0, colorbar: bool = True, title: str | None = None):
+    """The signed change ``x_adv - x`` of one image, in grey levels, on a zero-centred diverging map.
+
+    Colour images are averaged over their channels (a change of +e in red and -e in blue cancels).
+    White is no change, red brighter, blue darker; the colour scale is symmetric, ``[-vmax, vmax]``.
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+    x_adv, x : Tensor (C, H, W) or (1, C, H, W)
+        The adversarial and the clean image, in [0, 1].
+    vmax : float, optional
+        End of the colour scale in grey levels (x 255); by default the ``percentile`` of ``|x_adv - x|``.
+    percentile : float
+        100 (default) puts the largest change at the end of the scale; e.g. 99 keeps a few extreme
+        pixels from washing out the rest (the colour bar then shows arrows: values beyond are clipped).
+    colorbar : bool
+        Adds a colour bar labelled in grey levels.
+
+    Returns
+    -------
+    numpy array (H, W)
+        The plotted change in grey levels.
+    """
+    if not isinstance(x_adv, torch.Tensor) or not isinstance(x, torch.Tensor):
+        raise TypeError(f"x_adv and x must be tensors, got {type(x_adv).__name__} and {type(x).__name__}")
+    a, b = x_adv.detach().cpu(), x.detach().cpu()
+    a, b = (a[0] if a.dim() == 4 and a.shape[0] == 1 else a), (b[0] if b.dim() == 4 and b.shape[0] == 1 else b)
+    if a.shape != b.shape or a.dim() != 3:
+        raise ValueError(f"x_adv and x must be one image each, (C, H, W) or (1, C, H, W), of the same shape; "
+                         f"got {tuple(x_adv.shape)} and {tuple(x.shape)}")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    delta = ((a - b).float().mean(0) * 255).numpy()  # (H, W), grey levels
+    top = float(np.abs(delta).max())
+    if vmax is None:
+        vmax = float(np.percentile(np.abs(delta), percentile))
+    elif not float(vmax) > 0:
+        raise ValueError(f"vmax must be > 0 (grey levels), got {vmax!r}")
+    vmax = float(vmax) if vmax > 0 else 1.0  # an all-zero change: any symmetric scale shows white
+    im = ax.imshow(delta, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03, extend="both" if top > vmax * (1 + 1e-6) else "neither",
+                           label="change (grey levels, mean over channels)" if a.shape[0] > 1 else "change (grey levels)")
+    if title is not None:
+        ax.set_title(title)
+    ax.axis("off")
+    return delta
 
 
 @reference

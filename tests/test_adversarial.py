@@ -424,3 +424,113 @@ def test_adversarial_loss_and_training(batch):
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     assert all(p.grad is None for p in net.parameters())
     assert math.isfinite(losses[-1])
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def _sweep(model, attack, acc):
+    return A.Sweep(attack, [0.0, 0.1, 0.2], acc, 10, model)
+
+
+def test_sweep_plot_default_style_per_attack_and_overrides_without_warnings():
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a marker given both in fmt and kw would warn
+        _sweep("net", "FGSM", [0.9, 0.5, 0.2]).plot(ax)
+        _sweep("net", "PGD", [0.9, 0.3, 0.0]).plot(ax)
+        _sweep("net", "PGD", [0.9, 0.3, 0.0]).plot(ax, marker="^", linestyle=":", color="k")
+    lines = ax.get_lines()
+    assert [(ln.get_marker(), ln.get_linestyle()) for ln in lines] == [("o", "-"), ("s", "--"), ("^", ":")]
+    assert list(lines[1].get_ydata()) == [0.9, 0.3, 0.0]
+    assert ax.get_ylim()[0] < 0 < 1 < ax.get_ylim()[1]  # points at 0 and 1 are not cut by the frame
+    plt.close(fig)
+
+
+def test_plot_sweeps_tells_curves_apart_by_colour_and_shape():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    sweeps = [_sweep("plain", "FGSM", [0.9, 0.1, 0.1]), _sweep("plain", "PGD", [0.9, 0.0, 0.0]),
+              _sweep("robust", "FGSM", [0.8, 0.7, 0.2]), _sweep("robust", "PGD", [0.8, 0.6, 0.0])]
+    ax = A.plot_sweeps(sweeps, mark_eps=0.1, mark_label="trained eps")
+    curves = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 3]
+    assert len(curves) == 4
+    assert len({to_hex(ln.get_color()) for ln in curves}) == 4  # every curve its own colour
+    shapes = [(ln.get_marker(), ln.get_linestyle()) for ln in curves]
+    assert len(set(shapes)) == 4  # and its own marker / line-style pair
+    assert shapes[0][0] == shapes[1][0] != shapes[2][0] == shapes[3][0]  # marker: the network
+    assert shapes[0][1] == shapes[2][1] != shapes[1][1] == shapes[3][1]  # line style: the attack
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:2] == ["plain, FGSM (10 images)", "plain, PGD (10 images)"] and "trained eps" in labels
+    ax.figure.canvas.draw()
+    legend_box = ax.get_legend().get_window_extent()
+    assert legend_box.y1 <= ax.get_window_extent().y0  # the legend is below the axes, off the data
+    assert ax.get_xlabel().startswith("epsilon") and "grey levels" in ax.child_axes[0].get_xlabel()
+    plt.close(ax.figure)
+
+
+@pytest.mark.parametrize("bad", [[], [1, 2], None])
+def test_plot_sweeps_rejects_what_is_not_a_sweep(bad):
+    with pytest.raises(TypeError, match="Sweep"):
+        A.plot_sweeps(bad)
+
+
+def test_plot_perturbation_is_signed_zero_centred_with_a_colour_bar():
+    import matplotlib.pyplot as plt
+
+    x = torch.full((1, 3, 4, 4), 0.5)
+    x_adv = x.clone()
+    x_adv[0, :, 0, 0] += 4 / 255  # +4 grey levels in every channel
+    x_adv[0, 0, 1, 1] -= 3 / 255  # -3 in red only: -1 on average
+    fig, ax = plt.subplots()
+    delta = A.plot_perturbation(ax, x_adv, x, title="change")
+    assert delta.shape == (4, 4)
+    assert delta[0, 0] == pytest.approx(4, abs=1e-4) and delta[1, 1] == pytest.approx(-1, abs=1e-4)
+    assert delta[2, 2] == 0
+    im = ax.get_images()[0]
+    assert im.get_cmap().name == "RdBu_r" and im.get_clim() == pytest.approx((-4, 4), abs=1e-4)
+    assert len(fig.axes) == 2 and "grey levels" in fig.axes[1].get_ylabel()  # the colour bar
+    assert ax.get_title() == "change"
+    plt.close(fig)
+
+
+def test_plot_perturbation_percentile_clips_and_says_so():
+    import matplotlib.pyplot as plt
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 20, 20, generator=gen) * 0.5 + 0.25
+    x_adv = x + (torch.rand(x.shape, generator=gen) - 0.5) * 0.02
+    x_adv[0, 0, 0, 0] = x[0, 0, 0, 0] + 0.2  # one extreme pixel
+    fig, axes = plt.subplots(1, 3)
+    A.plot_perturbation(axes[0], x_adv[0], x[0], percentile=99)
+    lo, hi = axes[0].get_images()[0].get_clim()
+    assert lo == -hi and hi < 0.2 * 255 / 2  # the extreme pixel does not set the scale
+    assert fig.axes[-1].get_ylabel() == "change (grey levels)"  # one channel: no mean over channels
+    A.plot_perturbation(axes[1], x_adv, x, vmax=10, colorbar=False)
+    assert axes[1].get_images()[0].get_clim() == (-10, 10)
+    A.plot_perturbation(axes[2], x, x)  # no change at all: a symmetric scale all the same
+    assert axes[2].get_images()[0].get_clim() == (-1, 1)
+    plt.close(fig)
+
+
+def test_plot_perturbation_bad_input():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    x = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(TypeError, match="tensors"):
+        A.plot_perturbation(ax, x.numpy(), x)
+    with pytest.raises(ValueError, match="same shape"):
+        A.plot_perturbation(ax, x, torch.zeros(1, 3, 4, 5))
+    with pytest.raises(ValueError, match="one image"):
+        A.plot_perturbation(ax, torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="percentile"):
+        A.plot_perturbation(ax, x, x, percentile=0)
+    with pytest.raises(ValueError, match="vmax"):
+        A.plot_perturbation(ax, x, x, vmax=-1)
+    plt.close(fig)
