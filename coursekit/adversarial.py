@@ -39,6 +39,7 @@ from ._reference import reference
 from .guard import guarded
 from .inputs import check_images, check_model, positive_int, target_indices
 from .optimize import Adam, SignStep, ascend
+from .progress import progress_bar
 
 __all__ = [
     "LogitsExpectedWarning", "check_eps", "attack_objective", "margin", "fgsm", "pgd", "bim",
@@ -292,12 +293,11 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
         y = _labels(model, x, labels, batch_size)
         t = _targets(target, y, labels is not None)
         out = x.clone()
-        from tqdm.auto import tqdm
 
         jobs = [(a, b, r) for a, b in _chunks(len(x), batch_size) for r in range(restarts)]
         best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         best_value = torch.full((len(x),), -math.inf, device=x.device)
-        for a, b, r in tqdm(jobs, desc="pgd", disable=not progress, leave=False):
+        for a, b, r in progress_bar(jobs, desc="pgd", progress=progress, leave=False):
             xb = x[a:b]
             start = _random_start(xb, eps, norm, gen) if random_start else xb
             todo = torch.arange(a, b, device=x.device)
@@ -529,12 +529,11 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
     loss = _check_loss(attack_kw.pop("loss", "ce"))
     step_ratio = attack_kw.pop("step_ratio", None)
     early_stop = attack_kw.pop("early_stop", True)
-    from tqdm.auto import tqdm
 
     start = time.perf_counter()
     correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool)
     with guarded(model, what="eps_sweep"):
-        for a, b in tqdm(_chunks(len(x), batch_size), desc=f"{attack} sweep", disable=not progress, leave=False):
+        for a, b in progress_bar(_chunks(len(x), batch_size), desc=f"{attack} sweep", progress=progress, leave=False):
             xb, yb = x[a:b], y[a:b].to(x.device)
             if attack == "fgsm":
                 with torch.enable_grad():  # one forward + backward; its logits give the clean accuracy
@@ -712,10 +711,9 @@ def evolve_fooling_images(model: nn.Module, classes: Sequence[int], shape: Seque
     pop = torch.rand((k, p, *shape), generator=gen)  # (K, P, C, H, W)
     idx = torch.tensor(classes)
     history = []
-    from tqdm.auto import tqdm
 
     with guarded(model, what="evolve_fooling_images"):
-        for _ in tqdm(range(generations), desc="evolve", disable=not progress, leave=False):
+        for _ in progress_bar(range(generations), desc="evolve", progress=progress, leave=False):
             probs = F.softmax(model(pop.flatten(0, 1)), 1).view(k, p, -1)  # (K, P, classes)
             fit = probs.gather(2, idx.view(k, 1, 1).expand(k, p, 1))[..., 0]  # (K, P)
             order = fit.argsort(1, descending=True)
@@ -801,7 +799,6 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     check_model(model)
     x = check_images(x, model=model, pixel_range=True)
     epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
-    from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
     model.requires_grad_(True).train()
@@ -811,7 +808,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
         for epoch in range(epochs):
             perm = torch.randperm(len(x), generator=gen)
             total = 0.0
-            for a, b in tqdm(_chunks(len(x), batch_size), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
+            for a, b in progress_bar(_chunks(len(x), batch_size), progress=progress, desc=f"epoch {epoch + 1}/{epochs}",
                              leave=False):
                 idx = perm[a:b]
                 loss = adversarial_loss(model, x[idx], y[idx], eps, alpha)

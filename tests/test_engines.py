@@ -353,9 +353,13 @@ def test_progress_bars_obey_tqdm_disable(monkeypatch, capsys):
     whatever the environment; otherwise a bar is drawn."""
     from coursekit.progress import progress_bar
 
+    monkeypatch.delenv("COURSEKIT_STATIC", raising=False)
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert progress_bar(range(3), progress=True).disable
     monkeypatch.delenv("TQDM_DISABLE")
+    monkeypatch.setenv("COURSEKIT_STATIC", "1")  # headless runs that save or render the notebook
+    assert progress_bar(range(3), progress=True).disable
+    monkeypatch.delenv("COURSEKIT_STATIC")
     assert progress_bar(range(3), progress=False).disable
     bar = progress_bar(range(3), progress=True, desc="demo")
     assert not bar.disable
