@@ -15,7 +15,7 @@ warm-up each, median of ``--repeats``:
   ball and the box; the lower bound of any PGD implementation.
 
 Then one FGSM sweep of 7 epsilons over the 10 000 Fashion-MNIST test images (``fashion_cnn``)
-with ``adversarial.eps_sweep`` (one gradient per batch, one forward per epsilon), and the same
+with ``robustness.eps_sweep`` (one gradient per batch, one forward per epsilon), and the same
 sweep done naively (``adversarial.fgsm`` once per epsilon: a gradient per epsilon).
 
 ``--full-sweeps`` then prints the tables that lecture 5 computes on a subset (notebooks/05_adversarial.ipynb,
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         xt, yt = ck.fashion_mnist("test")
         eps_values = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3]
         t0 = time.perf_counter()
-        sweep = A.eps_sweep(fashion, xt, yt, eps_values, progress=False)
+        sweep = ck.robustness.eps_sweep(fashion, xt, yt, eps_values, progress=False)
         t_sweep = time.perf_counter() - t0
         t0 = time.perf_counter()
         naive = [A.accuracy(fashion, A.fgsm(fashion, xt, yt, e, batch_size=500), yt) for e in eps_values]
@@ -127,9 +127,9 @@ def full_sweeps(ck, A, n: int, with_pgd: bool = True) -> None:
     sweeps = {}
     for name in ("fashion_cnn", "fashion_cnn_robust"):
         model = ck.load_model(name)
-        sweeps[name, "FGSM"] = A.eps_sweep(model, xt, yt, eps_values, progress=False)
+        sweeps[name, "FGSM"] = ck.robustness.eps_sweep(model, xt, yt, eps_values, progress=False)
         if with_pgd:
-            sweeps[name, "PGD"] = A.eps_sweep(model, xt, yt, eps_values, "pgd", steps=10, step_ratio=0.25,
+            sweeps[name, "PGD"] = ck.robustness.eps_sweep(model, xt, yt, eps_values, "pgd", steps=10, step_ratio=0.25,
                                               progress=False)
     print(f"\nAccuracy under attack, {len(xt)} Fashion-MNIST test images (PGD: 10 steps of eps/4, random start)\n")
     cols = list(sweeps)

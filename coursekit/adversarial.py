@@ -1,4 +1,4 @@
-"""Adversarial examples (lecture 5): attacks in [0, 1] pixel space, sweeps, transfer, training.
+"""Adversarial examples (lecture 5): attacks in [0, 1] pixel space.
 
 Every attack here changes the *input* of a model that holds its own normalisation
 (:class:`coursekit.models.CourseModel` takes [0, 1] pixels) and leaves the model exactly as it was
@@ -12,12 +12,13 @@ after every step.
   (Madry et al. 2018); ``random_start=False`` is the basic iterative method, BIM
   (Kurakin, Goodfellow & Bengio 2017): :func:`bim`.
 * targeted versions (``target=``), cross-entropy or margin loss on logits (Carlini & Wagner 2017).
-* :func:`eps_sweep` — accuracy against epsilon on a whole test set, batched.
 * :func:`random_sphere` — Szegedy et al. (2014): random points twice as far do not change the label.
 * :func:`noise_attack` — a trainable noise layer with an L2 penalty and early stopping.
 * :func:`evolve_fooling_images` — Nguyen, Yosinski & Clune (2015), direct encoding.
-* :func:`transfer_matrix`, :func:`train_classifier` (with Goodfellow's adversarial loss
-  ``alpha J(x) + (1 - alpha) J(x + eps sign grad J)``).
+* :func:`plot_perturbation` — the signed change ``x_adv - x`` in grey levels on a zero-centred map.
+
+Sweeps over epsilon, transfer between networks and adversarial training are in
+:mod:`coursekit.robustness`.
 
 Units: pixels, epsilons and step sizes are in [0, 1] units, ``8/255`` and not ``8``.
 """
@@ -25,10 +26,9 @@ Units: pixels, epsilons and step sizes are in [0, 1] units, ``8/255`` and not ``
 from __future__ import annotations
 
 import math
-import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,9 +43,8 @@ from .progress import progress_bar
 
 __all__ = [
     "LogitsExpectedWarning", "check_eps", "attack_objective", "margin", "fgsm", "pgd", "bim",
-    "predict_labels", "accuracy", "eps_sweep", "Sweep", "plot_sweeps", "plot_perturbation", "random_sphere", "SphereResult", "NoiseLayer",
-    "noise_attack", "NoiseAttackResult", "quantize_8bit", "evolve_fooling_images", "transfer_matrix",
-    "TransferResult", "adversarial_loss", "train_classifier",
+    "predict_labels", "accuracy", "plot_perturbation", "random_sphere", "SphereResult", "NoiseLayer",
+    "noise_attack", "NoiseAttackResult", "quantize_8bit", "evolve_fooling_images",
 ]
 
 LOSSES = ("ce", "margin")
@@ -356,95 +355,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, labels, batch_size: int | None =
     return float((predict_labels(model, x, batch_size).cpu() == y.cpu()).float().mean())
 
 
-@dataclass
-class Sweep:
-    """Accuracy against epsilon (what :func:`eps_sweep` returns)."""
-
-    attack: str
-    eps: list[float]
-    accuracy: list[float]
-    n_images: int
-    model: str = "model"
-    seconds: float = 0.0
-    per_image: torch.Tensor | None = field(default=None, repr=False)  # (len(eps), N) bool: still correct
-
-    def table(self, digits: int = 3) -> str:
-        """The PyTorch FGSM tutorial's table: one row per epsilon."""
-        rows = [f"{self.model} — {self.attack}, {self.n_images} images", f"{'eps':>8} {'eps*255':>8} {'accuracy':>9}"]
-        rows += [f"{e:8.3f} {e * 255:8.1f} {a:9.{digits}f}" for e, a in zip(self.eps, self.accuracy)]
-        return "\n".join(rows)
-
-    def plot(self, ax=None, **kw):
-        """Accuracy against epsilon on ``ax`` (a new figure when None); returns the axes.
-
-        ``kw`` go to ``ax.plot`` (``color``, ``marker``, ``linestyle``, ``label``...); by default
-        FGSM is drawn with circles and a solid line, PGD with squares and a dashed line. To tell
-        several sweeps apart by colour *and* marker/line style, use :func:`plot_sweeps`.
-        """
-        import matplotlib.pyplot as plt
-
-        ax = ax if ax is not None else plt.subplots(figsize=(5, 3.5), dpi=100)[1]
-        kw.setdefault("marker", "s" if self.attack == "PGD" else "o")
-        if "ls" not in kw:
-            kw.setdefault("linestyle", "--" if self.attack == "PGD" else "-")
-        ax.plot(self.eps, self.accuracy, label=kw.pop("label", f"{self.model} {self.attack}"), **kw)
-        ax.set(xlabel="epsilon (L-inf radius, [0, 1] pixel units)", ylabel="accuracy (fraction correct)",
-               ylim=(-0.02, 1.02), title=f"Accuracy under attack ({self.n_images} test images)")
-        ax.grid(alpha=0.3)
-        return ax
-
-
-SWEEP_MARKERS = ("o", "^", "s", "D", "v", "P", "X")
-SWEEP_LINESTYLES = ("-", "--", ":", "-.")
-
-
-def plot_sweeps(sweeps: Sequence[Sweep], ax=None, *, mark_eps: float | None = None, mark_label: str | None = None,
-                title: str = "Accuracy under attack", legend_cols: int = 2):
-    """Several :class:`Sweep` curves that can be told apart in colour *and* in shape.
-
-    Every curve gets its own colour; the network (``Sweep.model``) sets the marker and the attack
-    (``Sweep.attack``) the line style, so two curves of the same network differ in line style and two
-    of the same attack differ in marker (also in print and for colour-blind readers). The legend goes
-    below the axes, off the data; a top axis gives epsilon in grey levels (x 255).
-
-    Parameters
-    ----------
-    sweeps : list or tuple of Sweep
-    ax : matplotlib Axes, optional
-        A new 7 x 5.4 inch figure when None.
-    mark_eps : float, optional
-        Draws a dotted vertical line at this epsilon (e.g. the radius a network was trained for).
-    mark_label : str, optional
-        The line's legend entry.
-
-    Returns
-    -------
-    matplotlib Axes
-    """
-    import matplotlib.pyplot as plt
-
-    original = sweeps
-    sweeps = list(sweeps) if isinstance(sweeps, (list, tuple)) else []
-    if not sweeps or not all(isinstance(s, Sweep) for s in sweeps):
-        raise TypeError(f"sweeps must be a non-empty list of Sweep (what eps_sweep returns), got {original!r}")
-    if ax is None:
-        ax = plt.subplots(figsize=(7, 5.4), dpi=100, layout="constrained")[1]
-    models = list(dict.fromkeys(s.model for s in sweeps))
-    attacks = list(dict.fromkeys(s.attack for s in sweeps))
-    colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
-    for i, s in enumerate(sweeps):
-        s.plot(ax, color=colours[i % len(colours)], marker=SWEEP_MARKERS[models.index(s.model) % len(SWEEP_MARKERS)],
-               linestyle=SWEEP_LINESTYLES[attacks.index(s.attack) % len(SWEEP_LINESTYLES)], markersize=6,
-               label=f"{s.model}, {s.attack} ({s.n_images} images)")
-    if mark_eps is not None:
-        ax.axvline(check_eps(mark_eps, what="mark_eps"), color="0.4", lw=1, ls=":", label=mark_label)
-    ax.set_title(title)
-    top = ax.secondary_xaxis("top", functions=(lambda e: e * 255, lambda g: g / 255))
-    top.set_xlabel("epsilon x 255 (grey levels)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=legend_cols, frameon=False)
-    return ax
-
-
 def plot_perturbation(ax, x_adv: torch.Tensor, x: torch.Tensor, *, vmax: float | None = None,
                       percentile: float = 100.0, colorbar: bool = True, title: str | None = None):
     """The signed change ``x_adv - x`` of one image, in grey levels, on a zero-centred diverging map.
@@ -494,74 +404,6 @@ def plot_perturbation(ax, x_adv: torch.Tensor, x: torch.Tensor, *, vmax: float |
         ax.set_title(title)
     ax.axis("off")
     return delta
-
-
-@reference
-def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[float], attack: str = "fgsm", *,
-              batch_size: int = 50, progress: bool = True, name: str | None = None, **attack_kw) -> Sweep:
-    """Accuracy under ``attack`` for every epsilon, on a whole test set, batched.
-
-    FGSM's direction ``sign(grad)`` does not depend on epsilon, so it is computed once per batch
-    (one forward + backward, whose logits also give the clean accuracy) and every other epsilon
-    costs one forward pass. PGD runs per epsilon (``attack_kw`` go to :func:`pgd`: ``steps``,
-    ``step_size`` as a fraction via ``step_ratio`` = step / eps, ``restarts``, ``early_stop``, which
-    is True here: an image leaves the batch at its first fooling iterate, so the steps are paid
-    only for the images that still resist). Epsilon 0 is the clean accuracy.
-    ``batch_size`` 50: on one CPU thread, small batches of small images run faster per image
-    than large ones (measured: FGSM sweep of 2000 Fashion-MNIST images, 8.4 s at 50, 14.8 s at 500).
-
-    Returns
-    -------
-    Sweep
-        ``.accuracy[i]`` for ``.eps[i]``; ``.table()``, ``.plot()``.
-    """
-    check_model(model)
-    x = check_images(x, model=model, pixel_range=True)
-    y = target_indices(labels, x.shape[0], what="label")
-    if callable(y):
-        raise TypeError("labels must be class indices, not a function")
-    eps_values = [check_eps(e) for e in eps_values]
-    if not eps_values:
-        raise ValueError("eps_values is empty; give e.g. [0, 0.05, 0.1, 0.2]")
-    if attack not in ("fgsm", "pgd"):
-        raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
-    batch_size = positive_int(batch_size, "batch_size")
-    loss = _check_loss(attack_kw.pop("loss", "ce"))
-    step_ratio = attack_kw.pop("step_ratio", None)
-    early_stop = attack_kw.pop("early_stop", True)
-
-    start = time.perf_counter()
-    correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool)
-    with guarded(model, what="eps_sweep"):
-        for a, b in progress_bar(_chunks(len(x), batch_size), desc=f"{attack} sweep", progress=progress, leave=False):
-            xb, yb = x[a:b], y[a:b].to(x.device)
-            if attack == "fgsm":
-                with torch.enable_grad():  # one forward + backward; its logits give the clean accuracy
-                    xg = xb.detach().clone().requires_grad_(True)
-                    logits = model(xg)  # (n, K)
-                    (g,) = torch.autograd.grad(attack_objective(logits, yb, loss).sum(), xg)
-                clean = (logits.detach().argmax(1) == yb).cpu()
-                direction = g.sign()  # (n, C, H, W)
-                with torch.no_grad():
-                    for i, e in enumerate(eps_values):
-                        correct[i, a:b] = clean if e == 0 else (
-                            model((xb + e * direction).clamp(0, 1)).argmax(1) == yb).cpu()
-            else:
-                with torch.no_grad():
-                    clean = (model(xb).argmax(1) == yb).cpu()
-                for i, e in enumerate(eps_values):
-                    if e == 0:
-                        correct[i, a:b] = clean
-                        continue
-                    kw = dict(attack_kw)
-                    if step_ratio is not None:
-                        kw["step_size"] = step_ratio * e
-                    adv = pgd(model, xb, yb, e, loss=loss, early_stop=early_stop, **kw)
-                    with torch.no_grad():
-                        correct[i, a:b] = (model(adv).argmax(1) == yb).cpu()
-    acc = correct.float().mean(1).tolist()
-    return Sweep(attack.upper(), eps_values, acc, len(x), name or getattr(model, "name", type(model).__name__),
-                 time.perf_counter() - start, correct)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,100 +568,3 @@ def evolve_fooling_images(model: nn.Module, classes: Sequence[int], shape: Seque
         fit = probs.gather(2, idx.view(k, 1, 1).expand(k, p, 1))[..., 0]
     best = pop[torch.arange(k), fit.argmax(1)]
     return best, torch.stack(history)
-
-
-@dataclass
-class TransferResult:
-    """Accuracy of every model (columns) on attacks crafted on every model (rows)."""
-
-    names: list[str]
-    accuracy: torch.Tensor  # (S, T)
-    clean: list[float]
-
-    def table(self) -> str:
-        w = max(12, *(len(n) + 2 for n in self.names))
-        corner = "crafted on \\ tested on"
-        head = f"{corner:<{w + 4}}" + "".join(f"{n:>{w}}" for n in self.names)
-        rows = [head, f"{'(clean)':<{w + 4}}" + "".join(f"{a:>{w}.3f}" for a in self.clean)]
-        for i, n in enumerate(self.names):
-            rows.append(f"{n:<{w + 4}}" + "".join(f"{float(a):>{w}.3f}" for a in self.accuracy[i]))
-        return "\n".join(rows)
-
-
-def transfer_matrix(models: Mapping[str, nn.Module], x: torch.Tensor, labels,
-                    attack: Callable | None = None, batch_size: int = 1000) -> TransferResult:
-    """Craft adversarial examples on each model and test them on all (Szegedy et al. 2014; Papernot 2016).
-
-    ``attack(model, x, labels) -> x_adv`` (default: :func:`pgd` with eps 0.1, 10 steps).
-    """
-    if not isinstance(models, Mapping) or len(models) < 1:
-        raise ValueError("models must be a dict {name: model} with at least one model")
-    attack = attack or (lambda m, xx, yy: pgd(m, xx, yy, 0.1, steps=10, batch_size=batch_size))
-    names = list(models)
-    x = check_images(x, pixel_range=True)
-    clean = [accuracy(models[n], x, labels, batch_size) for n in names]
-    acc = torch.zeros(len(names), len(names))
-    for i, src in enumerate(names):
-        adv = attack(models[src], x, labels)
-        for j, dst in enumerate(names):
-            acc[i, j] = accuracy(models[dst], adv, labels, batch_size)
-    return TransferResult(names, acc, clean)
-
-
-# ----------------------------------------------------------------------------------------------
-# adversarial training (Goodfellow et al. 2015, seed 003)
-
-
-def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float = 0.5) -> torch.Tensor:
-    """``alpha J(x, y) + (1 - alpha) J(x + eps sign(grad_x J), y)`` (Goodfellow et al. 2015, eq. 6).
-
-    For *training*: the model stays in its current mode and its parameters keep their gradients;
-    the FGSM copy is detached (no gradient through the attack).
-    """
-    eps = check_eps(eps)
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    xi = x.detach().clone().requires_grad_(True)
-    clean = F.cross_entropy(model(xi), y)
-    if eps == 0 or alpha == 1:
-        return clean
-    (g,) = torch.autograd.grad(clean, xi, retain_graph=True)
-    x_adv = (x + eps * g.sign()).clamp(0, 1).detach()
-    return alpha * clean + (1 - alpha) * F.cross_entropy(model(x_adv), y)
-
-
-def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 2, eps: float = 0.0,
-                     alpha: float = 0.5, lr: float = 2e-3, batch_size: int = 128, seed: int = 0,
-                     progress: bool = True) -> list[float]:
-    """Train ``model`` **in place** with Adam on ``(x, y)``, plainly (``eps=0``) or adversarially.
-
-    Returns the mean loss of every epoch. The model is left in eval mode with frozen parameters
-    (as :func:`coursekit.load_model` returns its models).
-    """
-    check_model(model)
-    x = check_images(x, model=model, pixel_range=True)
-    epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
-
-    gen = torch.Generator().manual_seed(seed)
-    model.requires_grad_(True).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    try:
-        for epoch in range(epochs):
-            perm = torch.randperm(len(x), generator=gen)
-            total = 0.0
-            for a, b in progress_bar(_chunks(len(x), batch_size), progress=progress, desc=f"epoch {epoch + 1}/{epochs}",
-                             leave=False):
-                idx = perm[a:b]
-                loss = adversarial_loss(model, x[idx], y[idx], eps, alpha)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * (b - a)
-            losses.append(total / len(x))
-    finally:
-        model.eval().requires_grad_(False)
-        for p in model.parameters():
-            p.grad = None
-    return losses
-

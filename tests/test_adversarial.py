@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coursekit import adversarial as A
+from coursekit import robustness as R
 from coursekit.guard import TrainModeWarning, model_state
 
 
@@ -304,7 +305,7 @@ def test_unbounded_attack_reaches_zero_accuracy(fashion, batch):
 def test_fgsm_sweep_matches_fgsm_per_eps(fashion, fashion_test):
     x, y = fashion_test[0][:60], fashion_test[1][:60]
     eps = [0.0, 0.05, 0.2]
-    sweep = A.eps_sweep(fashion, x, y, eps, batch_size=25, progress=False)
+    sweep = R.eps_sweep(fashion, x, y, eps, batch_size=25, progress=False)
     assert sweep.eps == eps and sweep.n_images == 60 and sweep.per_image.shape == (3, 60)
     assert sweep.accuracy[0] == pytest.approx(A.accuracy(fashion, x, y))
     for e, acc in zip(eps, sweep.accuracy):
@@ -316,18 +317,18 @@ def test_fgsm_sweep_matches_fgsm_per_eps(fashion, fashion_test):
 
 def test_pgd_sweep_matches_pgd_per_eps(fashion, fashion_test):
     x, y = fashion_test[0][:30], fashion_test[1][:30]
-    sweep = A.eps_sweep(fashion, x, y, [0.0, 0.05], "pgd", steps=3, step_ratio=0.5, seed=3, progress=False)
+    sweep = R.eps_sweep(fashion, x, y, [0.0, 0.05], "pgd", steps=3, step_ratio=0.5, seed=3, progress=False)
     adv = A.pgd(fashion, x, y, 0.05, steps=3, step_size=0.025, seed=3, early_stop=True)
     assert sweep.accuracy[1] == pytest.approx(A.accuracy(fashion, adv, y))
-    full = A.eps_sweep(fashion, x, y, [0.0, 0.05], "pgd", steps=3, step_ratio=0.5, seed=3, early_stop=False,
+    full = R.eps_sweep(fashion, x, y, [0.0, 0.05], "pgd", steps=3, step_ratio=0.5, seed=3, early_stop=False,
                        progress=False)
     adv = A.pgd(fashion, x, y, 0.05, steps=3, step_size=0.025, seed=3)
     assert full.accuracy[1] == pytest.approx(A.accuracy(fashion, adv, y))
     assert sweep.accuracy[1] <= full.accuracy[1] + 1e-9  # early stop catches every fooling iterate
     with pytest.raises(ValueError, match="attack must be"):
-        A.eps_sweep(fashion, x, y, [0.1], "cw")
+        R.eps_sweep(fashion, x, y, [0.1], "cw")
     with pytest.raises(ValueError, match="0-255"):
-        A.eps_sweep(fashion, x, y, [0, 8])
+        R.eps_sweep(fashion, x, y, [0, 8])
 
 
 # -- the seeds' experiments ----------------------------------------------------------------------
@@ -400,26 +401,26 @@ def test_evolution_never_loses_its_best(fashion):
 
 def test_transfer_matrix(fashion, fashion_arch, batch):
     x, y = batch
-    res = A.transfer_matrix({"a": fashion, "b": fashion_arch}, x, y,
+    res = R.transfer_matrix({"a": fashion, "b": fashion_arch}, x, y,
                             attack=lambda m, xx, yy: A.fgsm(m, xx, yy, 0.1))
     assert res.accuracy.shape == (2, 2)
     assert float(res.accuracy[0, 0]) == pytest.approx(A.accuracy(fashion, A.fgsm(fashion, x, y, 0.1), y))
     assert "crafted on" in res.table()
     with pytest.raises(ValueError, match="dict"):
-        A.transfer_matrix({}, x, y)
+        R.transfer_matrix({}, x, y)
 
 
 def test_adversarial_loss_and_training(batch):
     x, y = batch
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    assert torch.allclose(A.adversarial_loss(net, x, y, 0.1, alpha=1.0), F.cross_entropy(net(x), y))
+    assert torch.allclose(R.adversarial_loss(net, x, y, 0.1, alpha=1.0), F.cross_entropy(net(x), y))
     adv_x = (x + 0.1 * _grad_ce(net, x, y).sign()).clamp(0, 1)
     want = 0.3 * F.cross_entropy(net(x), y) + 0.7 * F.cross_entropy(net(adv_x), y)
-    assert torch.allclose(A.adversarial_loss(net, x, y, 0.1, alpha=0.3), want, atol=1e-6)
+    assert torch.allclose(R.adversarial_loss(net, x, y, 0.1, alpha=0.3), want, atol=1e-6)
     with pytest.raises(ValueError, match="alpha"):
-        A.adversarial_loss(net, x, y, 0.1, alpha=2)
-    losses = A.train_classifier(net, x, y, epochs=5, eps=0.05, batch_size=8, progress=False)
+        R.adversarial_loss(net, x, y, 0.1, alpha=2)
+    losses = R.train_classifier(net, x, y, epochs=5, eps=0.05, batch_size=8, progress=False)
     assert len(losses) == 5 and losses[-1] < losses[0]
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     assert all(p.grad is None for p in net.parameters())
@@ -430,7 +431,7 @@ def test_adversarial_loss_and_training(batch):
 
 
 def _sweep(model, attack, acc):
-    return A.Sweep(attack, [0.0, 0.1, 0.2], acc, 10, model)
+    return R.Sweep(attack, [0.0, 0.1, 0.2], acc, 10, model)
 
 
 def test_sweep_plot_default_style_per_attack_and_overrides_without_warnings():
@@ -457,7 +458,7 @@ def test_plot_sweeps_tells_curves_apart_by_colour_and_shape():
 
     sweeps = [_sweep("plain", "FGSM", [0.9, 0.1, 0.1]), _sweep("plain", "PGD", [0.9, 0.0, 0.0]),
               _sweep("robust", "FGSM", [0.8, 0.7, 0.2]), _sweep("robust", "PGD", [0.8, 0.6, 0.0])]
-    ax = A.plot_sweeps(sweeps, mark_eps=0.1, mark_label="trained eps")
+    ax = R.plot_sweeps(sweeps, mark_eps=0.1, mark_label="trained eps")
     curves = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 3]
     assert len(curves) == 4
     assert len({to_hex(ln.get_color()) for ln in curves}) == 4  # every curve its own colour
@@ -477,7 +478,7 @@ def test_plot_sweeps_tells_curves_apart_by_colour_and_shape():
 @pytest.mark.parametrize("bad", [[], [1, 2], None])
 def test_plot_sweeps_rejects_what_is_not_a_sweep(bad):
     with pytest.raises(TypeError, match="Sweep"):
-        A.plot_sweeps(bad)
+        R.plot_sweeps(bad)
 
 
 def test_plot_perturbation_is_signed_zero_centred_with_a_colour_bar():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from coursekit import adversarial as A
+from coursekit import robustness as R
 from coursekit.checks import run_check
 
 
@@ -122,7 +123,7 @@ def test_known_mistakes_are_named(name, fn, phrase):
 def test_calling_coursekit_earns_nothing():
     r = run_check("adversarial.fgsm", lambda m, x, y, e: A.fgsm(m, x, y, e))
     assert r.earned == 0 and "reference" in r.summary()
-    r = run_check("adversarial.sweep", lambda m, x, y, es: A.eps_sweep(m, x, y, es, progress=False).accuracy)
+    r = run_check("adversarial.sweep", lambda m, x, y, es: R.eps_sweep(m, x, y, es, progress=False).accuracy)
     assert r.earned == 0
 
 

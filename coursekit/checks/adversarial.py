@@ -26,13 +26,14 @@ from torch import nn
 from .. import adversarial as _adv
 from .. import gradients as _grad
 from .. import optimize as _opt
+from .. import robustness as _rob
 from ..guard import model_state
 from ..models import Normalize
 from . import Mistake, Report, exercise
 
 MEAN, STD = 0.4, 0.25  # the random models' own normalisation
 K = 5  # classes
-_ENGINES = [_adv.fgsm, _adv.pgd, _adv.eps_sweep, _grad.gradient, _opt.ascend, _opt.project]
+_ENGINES = [_adv.fgsm, _adv.pgd, _rob.eps_sweep, _grad.gradient, _opt.ascend, _opt.project]
 
 
 def random_classifier(seed: int, batchnorm: bool = False, size: int = 12) -> nn.Sequential:
@@ -247,7 +248,7 @@ def check_sweep(student, report: Report) -> None:
     y = _adv.predict_labels(model, x)  # all correct at eps 0 ...
     y[:10] = (y[:10] + 1) % K  # ... except a quarter: the clean accuracy is 0.75
     eps_values = [0.0, 2 / 255, 8 / 255, 0.1, 0.3]
-    expected = _adv.eps_sweep(model, x, y, eps_values, batch_size=40, progress=False).accuracy
+    expected = _rob.eps_sweep(model, x, y, eps_values, batch_size=40, progress=False).accuracy
 
     def compare(got, want, mistakes):
         if not isinstance(got, (list, tuple, torch.Tensor)) or len(got) != len(want):
@@ -275,7 +276,7 @@ def check_sweep(student, report: Report) -> None:
         })
     with report.part("a model in train mode: accuracies in eval mode, mode put back", points=1):
         bn = random_classifier(report.seed, batchnorm=True)  # one seed: the same model throughout
-        want = _adv.eps_sweep(bn, x, y, eps_values, batch_size=40, progress=False).accuracy
+        want = _rob.eps_sweep(bn, x, y, eps_values, batch_size=40, progress=False).accuracy
         bn.train()
         before, x0 = model_state(bn), x.clone()
         got = report.call(student, bn, x, y.clone(), eps_values)
