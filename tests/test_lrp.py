@@ -331,10 +331,66 @@ def test_plots(fashion, fashion_test):
     assert len(lines) == 3 and ax.get_title()
     keep = [i for i, k in enumerate(cons["b"].kinds) if "Relay" not in k]
     assert list(lines[1].get_ydata()) == pytest.approx(list(cons["b"].ratios[keep, 0]))
+    # lines that overlap (both 1.0 in the upper layers) differ in marker and line style, not only colour
+    assert lines[0].get_marker() != lines[1].get_marker() and lines[0].get_linestyle() != lines[1].get_linestyle()
+    legend = ax.get_legend()
+    assert legend.get_bbox_to_anchor().x0 >= ax.get_window_extent().x1  # the legend sits right of the axes
     R = L.lrp(fashion, x[:1], y[:1], "EpsilonPlus")
     ax2 = L.plot_relevance(x[0], R[0], title="map")
     im = ax2.get_images()[0]
     lo, hi = im.get_clim()
     assert lo == -hi and im.get_cmap().name == "bwr"
+    assert ax2.figure.axes[-1].get_ylabel() == "relevance"  # the colour bar
     plt.close("all")
-    assert "ratio" in cons["a"].table()
+    table = cons["a"].table().splitlines()
+    assert "ratio" in table[0] and len(table) == len(cons["a"].layers) + 1
+    assert len({len(row) for row in table}) == 1  # header and rows line up column by column
+
+
+def test_relevance_limit_shares_one_scale(fashion, fashion_test):
+    import matplotlib.pyplot as plt
+
+    x, y = fashion_test
+    R = L.lrp(fashion, x[:2], y[:2], "EpsilonPlus")  # (2, 1, 28, 28)
+    a, b = torch.tensor([[1.0, -4.0], [2.0, 0.0]]), torch.tensor([[[0.5, 3.0], [-1.0, 0.0]]])  # (2, 2), (1, 2, 2)
+    assert L.relevance_limit(a, b, percentile=100) == 4.0  # the largest |value| of both maps
+    assert L.relevance_limit(a, percentile=50) == pytest.approx(1.5)  # median of |a| = (1, 4, 2, 0)
+    assert L.relevance_limit(torch.zeros(3, 3)) == 1e-12
+    lim = L.relevance_limit(R[0], R[1])
+    assert lim == pytest.approx(float(torch.quantile(R[:, 0].abs().flatten(), 0.995)), rel=1e-5)
+    ax = L.plot_relevance(None, R[0], limit=lim, colorbar=True)
+    assert ax.get_images()[0].get_clim() == (-lim, lim)
+    bar = ax.figure.axes[-1]
+    assert bar.get_ylim()[1] == pytest.approx(lim)
+    # a single map scaled by its own percentile, clipped pixels marked by the colour bar's pointed ends
+    ax = L.plot_relevance(None, R[1], percentile=90)
+    assert ax.get_images()[0].get_clim()[1] < float(R[1].abs().max())
+    plt.close("all")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"limit": 0.0}, "limit must be a positive number"),
+    ({"limit": -1.0}, "limit must be a positive number"),
+    ({"limit": "auto"}, "limit must be a positive number"),
+])
+def test_plot_relevance_bad_limit(kwargs, match):
+    import matplotlib.pyplot as plt
+
+    with pytest.raises(ValueError, match=match):
+        L.plot_relevance(None, torch.randn(4, 4), **kwargs)
+    with pytest.raises(ValueError, match="relevance must be"):
+        L.plot_relevance(None, torch.randn(2, 1, 4, 4))
+    plt.close("all")
+
+
+def test_relevance_limit_and_plot_conservation_bad_input():
+    with pytest.raises(ValueError, match="at least one map"):
+        L.relevance_limit()
+    with pytest.raises(ValueError, match="percentile must be in"):
+        L.relevance_limit(torch.ones(2, 2), percentile=0)
+    with pytest.raises(ValueError, match=r"map 1 must be a tensor .* got \(2, 1, 2, 2\)"):
+        L.relevance_limit(torch.ones(2, 2), torch.ones(2, 1, 2, 2))
+    with pytest.raises(ValueError, match="non-empty dict"):
+        L.plot_conservation({})
+    with pytest.raises(TypeError, match=r"results\['a'\] must be a Conservation"):
+        L.plot_conservation({"a": [1.0, 0.9]})

@@ -20,6 +20,7 @@ from .analysis import (
     lrp,
     plot_conservation,
     plot_relevance,
+    relevance_limit,
 )
 from .canonizers import EfficientNetCanonizer, MergeBatchNorm, Residual, Sum, merge_batchnorm
 from .composites import (
@@ -56,7 +57,7 @@ from .rules import (
 )
 
 __all__ = [
-    "lrp", "conservation", "Conservation", "plot_conservation", "plot_relevance", "default_canonizers",
+    "lrp", "conservation", "Conservation", "plot_conservation", "plot_relevance", "relevance_limit", "default_canonizers",
     "EfficientNetCanonizer", "MergeBatchNorm", "Residual", "Sum", "merge_batchnorm",
     "BASE_RULES", "COMPOSITES", "LRPComposite", "make_composite", "lrp_zero", "lrp_epsilon", "epsilon_plus",
     "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "epsilon_gamma_box", "montavon2019",

@@ -21,7 +21,8 @@ from ..rules import Canonizer
 from .canonizers import EfficientNetCanonizer
 from .composites import make_composite
 
-__all__ = ["lrp", "default_canonizers", "Conservation", "conservation", "plot_conservation", "plot_relevance"]
+__all__ = ["lrp", "default_canonizers", "Conservation", "conservation", "plot_conservation", "plot_relevance",
+           "relevance_limit"]
 
 
 def default_canonizers(model: nn.Module) -> list[Canonizer]:
@@ -121,10 +122,12 @@ class Conservation:
 
     def table(self, image: int = 0, decimals: int = 6) -> str:
         """One line per layer: name, type/rule, relevance sum at its output and the ratio to the logit."""
-        width = max(len(n) for n in self.layers)
-        rows = [f"{'layer (relevance at its output)':{width}s}  {'type / rule':36s} {'sum':>12s} {'ratio':>10s}"]
+        header = "layer (relevance at its output)"
+        width = max(len(header), *(len(n) for n in self.layers))
+        kind_width = max(len("type / rule"), *(len(k) for k in self.kinds))
+        rows = [f"{header:{width}s}  {'type / rule':{kind_width}s} {'sum':>12s} {'ratio':>10s}"]
         for name, kind, s, r in zip(self.layers, self.kinds, self.sums[:, image], self.ratios[:, image]):
-            rows.append(f"{name:{width}s}  {kind:36s} {s:12.{max(decimals - 2, 1)}f} {r:10.{decimals}f}")
+            rows.append(f"{name:{width}s}  {kind:{kind_width}s} {s:12.{max(decimals - 2, 1)}f} {r:10.{decimals}f}")
         return "\n".join(rows)
 
 
@@ -155,9 +158,16 @@ def conservation(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGa
     return Conservation(layers, kinds, torch.stack([s.float().cpu() for s in sums]).numpy(), in_branch)
 
 
+# distinct colour, marker and line style for each line of a conservation plot (lines that overlap stay visible)
+_LINE_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
+
+
 def plot_conservation(results: dict, image: int = 0, ax=None, title: str = "Relevance conservation, logit -> pixels",
                       main_path: bool = True, labels: bool | None = None, depth: bool = False):
     """Relevance sum / logit per layer for one or more :class:`Conservation` results (one line each).
+
+    Each line has its own colour, marker and line style, so lines that lie on top of each other stay
+    visible; the legend sits outside the axes, to the right.
 
     Parameters
     ----------
@@ -175,16 +185,23 @@ def plot_conservation(results: dict, image: int = 0, ax=None, title: str = "Rele
     """
     import matplotlib.pyplot as plt
 
+    if not isinstance(results, dict) or not results:
+        raise ValueError(f"results must be a non-empty dict {{label: Conservation}}, got {type(results).__name__}")
     if ax is None:
-        _, ax = plt.subplots(figsize=(9, 3.8), dpi=110)
-    for label, res in results.items():
+        _, ax = plt.subplots(figsize=(9, 3.8))
+    for k, (label, res) in enumerate(results.items()):
+        if not isinstance(res, Conservation):
+            raise TypeError(f"results[{label!r}] must be a Conservation (from lrp.conservation), got {type(res).__name__}")
         res = res.main_path() if main_path else res
-        keep = [i for i, k in enumerate(res.kinds) if "Relay" not in k]  # element-wise layers repeat the value
+        keep = [i for i, kind in enumerate(res.kinds) if "Relay" not in kind]  # element-wise layers repeat the value
         xs = np.linspace(0, 1, len(keep)) if depth else np.arange(len(keep))
-        ax.plot(xs, res.ratios[keep, image], marker="o", ms=3, label=f"{label} ({len(keep)} layers)" if depth else label)
+        marker, style = _LINE_STYLES[k % len(_LINE_STYLES)]
+        ax.plot(xs, res.ratios[keep, image], marker=marker, ms=5, ls=style, lw=1.6, mfc="none" if k % 2 else None,
+                label=f"{label} ({len(keep)} layers)" if depth else label)
         show = labels if labels is not None else (len(keep) <= 30 and not depth)
         if show:
-            ax.set_xticks(xs, [res.layers[i] for i in keep], rotation=60, ha="right", fontsize=7)
+            ax.set_xticks(xs, [res.layers[i] for i in keep], rotation=45, ha="right")
+            ax.set_xlabel("relevance at the output of layer ... (logit on the left, pixel map on the right)")
         elif depth:
             ax.set_xlabel("position from the logit (0) to the pixels (1)")
         else:
@@ -192,38 +209,90 @@ def plot_conservation(results: dict, image: int = 0, ax=None, title: str = "Rele
     ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
     ax.set_ylabel("relevance sum / logit")
     ax.set_title(title)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
 
 
+def relevance_limit(*maps: torch.Tensor, percentile: float = 99.5) -> float:
+    """One colour-scale end for several relevance maps, so they can share a colour bar.
+
+    Parameters
+    ----------
+    *maps : Tensor (C, H, W) or (H, W)
+        Relevance maps; a 3-D map is summed over channels first, as :func:`plot_relevance` does.
+    percentile : float in (0, 100]
+        The scale ends at this percentile of |relevance| over all the maps' pixels.
+
+    Returns
+    -------
+    float > 0 (1e-12 when every map is zero)
+    """
+    if not maps:
+        raise ValueError("relevance_limit needs at least one map")
+    if not 0 < float(percentile) <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    values = []
+    for i, m in enumerate(maps):
+        if not isinstance(m, torch.Tensor) or m.dim() not in (2, 3):
+            shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"map {i} must be a tensor (C, H, W) or (H, W), got {shape}")
+        r = m.detach().float().cpu()
+        values.append((r.sum(0) if r.dim() == 3 else r).abs().flatten())  # (H*W,)
+    return float(np.percentile(torch.cat(values).numpy(), percentile)) or 1e-12
+
+
 def plot_relevance(image, relevance: torch.Tensor, ax=None, title: str | None = None, colorbar: bool = True,
-                   percentile: float = 99.5, alpha_image: float = 0.0):
+                   percentile: float = 99.5, alpha_image: float = 0.0, limit: float | None = None):
     """A signed relevance map (summed over channels) on a zero-centred diverging colour map.
+
+    Red is relevance for the explained class, blue against it, white zero; the colour scale runs
+    from ``-limit`` to ``+limit``.
 
     Parameters
     ----------
     image : Tensor (C, H, W) in [0, 1] or None
         Drawn in grey underneath when ``alpha_image`` > 0.
     relevance : Tensor (C, H, W) or (H, W)
+    ax : matplotlib Axes, optional
+    title : str, optional
+    colorbar : bool
+        Draw a colour bar next to the map (pointed ends mark values beyond the scale).
     percentile : float
-        The colour scale ends at this percentile of |relevance| (a few extreme pixels would wash it out).
+        Without ``limit``: the colour scale ends at this percentile of |relevance| (a few extreme
+        pixels would wash it out).
+    alpha_image : float in [0, 1)
+    limit : float > 0, optional
+        The colour-scale end, e.g. from :func:`relevance_limit` so that several maps share one scale.
+
+    Returns
+    -------
+    matplotlib Axes (its image, ``ax.get_images()[-1]``, is the mappable for a shared colour bar)
     """
     import matplotlib.pyplot as plt
 
     r = relevance.detach().float().cpu()
     if r.dim() == 3:
         r = r.sum(0)  # (H, W)
+    if r.dim() != 2:
+        raise ValueError(f"relevance must be (C, H, W) or (H, W), got shape {tuple(relevance.shape)}")
     r = r.numpy()
-    lim = float(np.percentile(np.abs(r), percentile)) or 1e-12
+    if limit is None:
+        lim = float(np.percentile(np.abs(r), percentile)) or 1e-12
+    elif isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0:
+        lim = float(limit)
+    else:
+        raise ValueError(f"limit must be a positive number (the colour-scale end) or None, got {limit!r}")
     if ax is None:
-        _, ax = plt.subplots(figsize=(3.2, 3.2), dpi=110)
+        _, ax = plt.subplots(figsize=(3.2, 3.2))
     if image is not None and alpha_image > 0:
         grey = image.detach().float().cpu().mean(0).numpy()
         ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
     im = ax.imshow(r, cmap="bwr", vmin=-lim, vmax=lim, alpha=1 - alpha_image if alpha_image else 1.0)
     ax.set_axis_off()
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title)
     if colorbar:
-        plt.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="relevance")
+        extend = "both" if float(np.abs(r).max()) > lim else "neither"
+        plt.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="relevance", extend=extend)
     return ax
