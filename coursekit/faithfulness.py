@@ -42,6 +42,7 @@ from torch import nn
 from .guard import guarded
 from .images import gaussian_blur
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
+from .plotting import curve_style, legend_below
 from .progress import progress_bar
 from .saliency import to_map
 
@@ -444,12 +445,14 @@ def plot_curves(result: FaithfulnessResult, image: int | None = None, axes=None,
     fig = axes[0].figure
     for ax, kind in zip(axes, kinds):
         aucs = result.aucs(kind)
-        for name, probs in result._curves(kind).items():
+        for i, (name, probs) in enumerate(result._curves(kind).items()):
             if image is not None and not 0 <= image < probs.shape[0]:
                 raise ValueError(f"image must be in 0..{probs.shape[0] - 1}, got {image}")
             curve = probs.mean(axis=0) if image is None else probs[image]
             a = aucs[name].mean() if image is None else aucs[name][image]
-            style = {"color": "gray", "linestyle": "--"} if name.lower().startswith("random") else {}
+            style = curve_style(i, len(curve))
+            if name.lower().startswith("random"):
+                style.update(color="gray", linestyle="--", marker=None)
             ax.plot(result.fractions, curve, label=f"{name} (AUC {a:.2f})", **style)
         better = "lower" if kind == "deletion" else "higher"
         ax.set_title(f"{kind} ({better} AUC = more faithful)", fontsize=10)
@@ -458,7 +461,7 @@ def plot_curves(result: FaithfulnessResult, image: int | None = None, axes=None,
         ax.set_ylabel("probability of the target class" + ("" if image is not None else " (mean over images)"))
         ax.set_xlim(0, 1)
         ax.set_ylim(bottom=0)
-        ax.legend(fontsize=7)
+        legend_below(ax, pad=0.14)
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

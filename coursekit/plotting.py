@@ -11,7 +11,7 @@ import torch
 
 from .images import _convert_channels, _to_tensor, to_numpy_image
 
-__all__ = ["show_images", "overlay", "show_overlays", "normalize_map", "notebook_figures"]
+__all__ = ["show_images", "overlay", "show_overlays", "normalize_map", "notebook_figures", "curve_style", "legend_below"]
 
 
 def _as_list(images) -> list:
@@ -148,3 +148,28 @@ def notebook_figures(dpi: int = 100, jpeg_quality: int | None = None, fontsize: 
         set_matplotlib_formats("png")
     else:
         set_matplotlib_formats("jpeg", pil_kwargs={"quality": jpeg_quality})
+
+
+# curves that must be told apart in print and by colour-blind readers: colour AND marker AND dash
+CURVE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+CURVE_DASHES = ("-", "--", "-.", ":")
+
+
+def curve_style(i: int, n_points: int | None = None) -> dict:
+    """Line keywords for the ``i``-th of several curves on one axes: its own marker and dash.
+
+    ``n_points`` (the curve's length) thins the markers to about 12 so long curves stay readable.
+    """
+    if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+        raise ValueError(f"i must be an int >= 0, got {i!r}")
+    style = {"marker": CURVE_MARKERS[i % len(CURVE_MARKERS)], "linestyle": CURVE_DASHES[i % len(CURVE_DASHES)],
+             "markersize": 5}
+    if n_points is not None and n_points > 12:
+        style["markevery"] = max(1, n_points // 12)
+    return style
+
+
+def legend_below(ax, ncol: int = 2, fontsize: float = 9, pad: float = 0.16, **kwargs):
+    """A legend under the axes (below its x label), so it never covers the curves."""
+    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -pad), ncol=ncol, fontsize=fontsize, frameon=False,
+                     **kwargs)

@@ -30,6 +30,7 @@ from torch import nn
 
 from .hooks import get_layer
 from .inputs import check_images, check_model
+from .plotting import curve_style
 from .progress import progress_bar
 from .saliency import to_map
 
@@ -361,19 +362,19 @@ def plot_randomization(result: RandomizationResult, metric: str = "spearman", ax
     if ax is None:
         _, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(result.steps) + 2), 4))
     k = np.arange(len(result.steps))
-    for name, s in result.scores[metric].items():
-        (line,) = ax.plot(k, s.mean(axis=1), marker="o", label=name)
+    for i, (name, s) in enumerate(result.scores[metric].items()):
+        (line,) = ax.plot(k, s.mean(axis=1), label=name, **curve_style(i))
         if s.shape[1] > 1:
             ax.fill_between(k, s.min(axis=1), s.max(axis=1), color=line.get_color(), alpha=0.15)
     ax.set_xticks(k)
-    ax.set_xticklabels(result.steps, rotation=45, ha="right", fontsize=8)
+    ax.set_xticklabels(result.steps, rotation=45, ha="right", fontsize=9)
     ax.axhline(0, color="black", linewidth=0.5)
     what = "layers randomised cumulatively, from the top" if result.cascading else "the single layer randomised"
     ax.set_xlabel(what)
     ax.set_ylabel("Spearman rank corr. of |map| with original" if metric == "spearman" else f"{metric} with original map")
     ax.set_ylim(-0.2 if metric == "spearman" else None, 1.05)
     ax.set_title(title or ("Cascading" if result.cascading else "Independent") + " randomisation (Adebayo et al. 2018)")
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)  # beside the curves
     ax.grid(alpha=0.3)
     ax.figure.tight_layout()
     return ax.figure

@@ -236,6 +236,11 @@ def test_compare_methods_table_and_plot():
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels[0].startswith("a (AUC ") and labels[1].startswith("random (AUC ")
     assert fig.axes[0].get_title().startswith("deletion") and fig.axes[1].get_xlabel().startswith("fraction")
+    fig.canvas.draw()
+    for ax in fig.axes:  # the legend sits below the curves, not over them
+        assert ax.get_legend().get_window_extent().y1 < ax.get_window_extent().y0
+    method, random = fig.axes[0].get_lines()[:2]
+    assert method.get_marker() not in (None, "None", "") and random.get_color() == "gray"
     with pytest.raises(ValueError, match="image"):
         fa.plot_curves(res, image=5)
     with pytest.raises(ValueError, match="maps"):

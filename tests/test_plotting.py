@@ -46,3 +46,22 @@ def test_show_overlays():
     fig = show_overlays(torch.rand(1, 3, 8, 8), {"a": torch.rand(8, 8), "b": torch.rand(8, 8)}, suptitle="s")
     titles = [a.get_title() for a in fig.axes]
     assert "input" in titles and "a" in titles and "b" in titles
+
+
+def test_curve_styles_differ_and_legend_goes_below():
+    import matplotlib.pyplot as plt
+
+    from coursekit.plotting import curve_style, legend_below
+
+    styles = [curve_style(i) for i in range(4)]
+    assert len({(s["marker"], s["linestyle"]) for s in styles}) == 4
+    assert curve_style(0, n_points=120)["markevery"] == 10 and "markevery" not in curve_style(0, n_points=8)
+    with pytest.raises(ValueError, match="i must be"):
+        curve_style(-1)
+    fig, ax = plt.subplots()
+    for i in range(3):
+        ax.plot([0, 1], [i, i + 1], label=f"curve {i}", **curve_style(i))
+    legend = legend_below(ax)
+    fig.canvas.draw()
+    assert legend.get_window_extent().y1 < ax.get_window_extent().y0
+    plt.close(fig)

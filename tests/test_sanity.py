@@ -151,6 +151,10 @@ def test_table_and_plots(fashion, fashion_test):
     fig = sanity.plot_randomization(res)
     ax = fig.axes[0]
     assert len(ax.get_lines()) == 2 + 1  # two methods and the zero line
+    a, b = ax.get_lines()[:2]  # told apart by marker and dash, not by colour alone
+    assert a.get_marker() != b.get_marker() and a.get_linestyle() != b.get_linestyle()
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().x0 > ax.get_window_extent().x1  # beside the curves
     assert [t.get_text() for t in ax.get_xticklabels()] == ["original", "classifier.4", "features.7"]
     assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
     assert all(len(maps) == len(res.steps) for maps in res.maps.values())  # one map per step
