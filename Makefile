@@ -3,13 +3,22 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+# Test workers: one per available core (nproc counts a container's or taskset's limit), at most 8.
+# Each worker and each notebook kernel it starts keeps coursekit's 1-thread policy (tests/conftest.py),
+# so two workers share two cores without PyTorch's busy-waiting threads fighting over them.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 8 ] && n=8; echo $$n)
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
+# Notebooks first: they are the longest items, so they start while the short tests fill the gaps.
+TEST_PATHS := notebooks solutions tests
 
-.PHONY: course lab test release lint clean help
+.PHONY: course lab test test-quick stability release lint clean help
 
 help:
 	@echo "make course   execute every lecture notebook offline, HTML to build/"
 	@echo "make lab      open JupyterLab on the course"
-	@echo "make test     run the whole test suite (unit, cross-checks, notebooks, grading)"
+	@echo "make test     run the whole test suite (unit, cross-checks, notebooks, grading, browser)"
+	@echo "make test-quick  unit tests and cross-checks only (no notebooks, no grading runs, no browser)"
+	@echo "make stability   run the notebooks' checked cells under several CPU kernel sets and thread counts"
 	@echo "make release  regenerate exercises/ from solutions/ with nbgrader"
 
 # The runtime environment; re-installed when pyproject.toml changes.
@@ -33,7 +42,13 @@ lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 tests notebooks solutions
+	$(PY) -m pytest -n $(JOBS) --dist loadscope $(NBVAL) $(TEST_PATHS)
+
+test-quick: $(VENV)/.installed-dev
+	$(PY) -m pytest -n $(JOBS) --dist loadscope -m "not slow" tests
+
+stability: $(VENV)/.installed-dev
+	$(PY) tests/nbstability.py $(NOTEBOOKS) $(sort $(wildcard solutions/*/*.ipynb))
 
 release: $(VENV)/.installed-dev
 	$(PY) -m coursekit.grading.release

@@ -379,8 +379,7 @@ def explore_activations(model: nn.Module, x: torch.Tensor, layers=None, static: 
     )
     if view.figure is not None:  # static grid: its panels are square, each of ours is two images wide
         w, h = view.figure.get_size_inches()
-        view.figure.set_size_inches(w, 0.6 * h + 0.3)
-        view.figure.tight_layout()
+        view.figure.set_size_inches(w, 0.6 * h + 0.3)  # its constrained layout re-flows when drawn
     return view
 
 
