@@ -187,7 +187,7 @@ MISTAKES = [
     ("lrp.maxpool", maxpool_factory("even"), "spread evenly", 1),
     ("lrp.maxpool", maxpool_factory("proportional"), "in proportion", 1),
     ("lrp.zbox", zbox_factory("normalised_bounds"), "normalised units", 1),
-    ("lrp.zbox", zbox_factory("no_norm"), "without normalising", 1),
+    ("lrp.zbox", zbox_factory("no_norm"), "not normalised at all", 1),
     ("lrp.zbox", zbox_factory("div_std"), "divided by std", 1),
     ("lrp.zbox", zbox_factory("swap"), "swapped", 1),
     ("lrp.zbox", zbox_factory("plus"), "subtracts them", 1),
