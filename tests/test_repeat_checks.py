@@ -404,3 +404,50 @@ def test_an_independent_correct_answer_earns_full_points_every_run(name):
         r = run_check(name, INDEPENDENT[name], seed=seed)
         assert r.earned == r.points, r.summary()
         assert not r.tampering, r.tampering
+
+
+# -- never a wrong diagnosis: on the deciding cases no two named mistakes give the same numbers ----
+
+
+def _coinciding(mistakes: dict, rtol: float, atol: float) -> list:
+    items = [(k, v.double()) for k, v in mistakes.items()]
+    return [(k1[:50], k2[:50]) for i, (k1, v1) in enumerate(items) for k2, v2 in items[i + 1:]
+            if v1.shape == v2.shape and torch.allclose(v1, v2, rtol=rtol, atol=atol)]
+
+
+def test_no_two_named_mistakes_coincide_on_the_deciding_cases():
+    """expect_close names the first mistake that matches: two that coincide would name one of them wrongly."""
+    import numpy as np
+
+    from coursekit.checks import Report
+    from coursekit.checks import adversarial as ca
+    from coursekit.checks import dream as cd
+    from coursekit.checks import lrp as cl
+
+    a = torch.tensor([[1.0, 2.0, 0.5], [0.5, -1.0, 2.0]])
+    W, b = torch.tensor([[1.0, -2.0, 3.0], [0.5, 1.0, -1.0]]), torch.tensor([0.5, -0.25])
+    assert _coinciding(cl._epsilon_mistakes(a, W, b, torch.tensor([[1.0, 2.0], [-0.5, 1.5]]), 0.5), 1e-3, 1e-4) == []
+    g = torch.Generator().manual_seed(40)
+    conv, x, R = cl._random_conv(g, 2, 3), torch.randn(2, 2, 5, 5, generator=g), torch.randn(2, 3, 5, 5, generator=g)
+    with torch.no_grad():
+        conv.bias.copy_(torch.tensor([0.3, -0.4, 0.1]))
+    assert _coinciding(cl._alpha_beta_mistakes(x, conv, R, 2.0, 1.0), 1e-3, 1e-4) == []
+    g = torch.Generator().manual_seed(41)
+    conv, pixels = cl._random_conv(g, 3, 4), torch.rand(2, 3, 6, 6, generator=g)
+    pixels[:, :, 0], pixels[:, :, -1] = 0.0, 1.0
+    _, zbox = cl._zbox_case(pixels, conv, torch.rand(2, 4, 6, 6, generator=g), torch.tensor([0.485, 0.456, 0.406]),
+                            torch.tensor([0.229, 0.224, 0.225]), 0.0, 1.0)
+    assert _coinciding(zbox, 1e-3, 1e-4) == []
+    for seed in range(3):
+        report = Report("x", rng=np.random.default_rng(seed))
+        model = cl.dense_network(report.seed)
+        x = torch.rand(4, 10, generator=torch.Generator().manual_seed(report.seed))
+        assert _coinciding(cl._conservation_mistakes(model, x, 1, 0.1), 1e-3, 1e-4) == []
+        model = ca.random_classifier(report.seed)
+        x, y = ca.random_batch(report)
+        assert _coinciding(ca._fgsm_variants(model, x, y, 8 / 255), 1e-3, 1e-5) == []
+        features = cd.random_features_net(report.seed)
+        x = 0.25 + 0.5 * torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(report.seed))
+        assert _coinciding(cd._step_variants(features, x, (3, -2), 0.02)["mistakes"], 1e-4, 1e-6) == []
+        x = torch.rand(1, 3, 30, 22, generator=torch.Generator().manual_seed(report.seed), dtype=torch.float64)
+        assert _coinciding(cd._octave_mistakes(cd._make_step(report), x, 3, 1.5)[1], 1e-6, 1e-8) == []
