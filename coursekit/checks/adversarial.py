@@ -14,7 +14,11 @@ diagnosed mistake come first: no clamp to [0, 1], the model left in train mode, 
 units, normalising outside a model that already normalises, probabilities where logits are
 expected, descending instead of ascending the loss, projecting onto the wrong ball.
 Expected values come from coursekit's references (blocked while the student's function runs,
-together with the engines behind them).
+together with the engines behind them). The margin's fixed rows include one whose other logits are
+all negative (a mask of 0 instead of -inf shows); the sweep's case is drawn until every named
+mistake changes the accuracies. A step along the raw gradient is recognised whatever the loss's
+reduction. The train-mode parts compare with the student's own eval-mode answer, so that another
+mistake (a missing clamp) does not cost that part too.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ coursekit's references (:mod:`coursekit.style`, :mod:`coursekit.dream`,
 check starts with the cases that expose the mistakes it names (not normalised or normalised by the
 wrong size, features transposed, wrong neighbours, squared and absolute mixed up, gradient not
 normalised, image not clamped, the roll not undone, the detail not carried up), then random ones.
+The octave check's first picture (30 x 22, scale 1.5) has sizes that int() truncates differently
+from round(). The large-step part of ``dream.step`` compares with the student's own small step, so
+that a wrong normalisation does not cost that part too.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ and ``Composite.applied`` are blocked while the student's function runs. Each ch
 fixed cases that expose every mistake it names (the stabiliser missing or with the wrong sign, the
 beta term with the wrong sign, a zero denominator, relevance copied or spread evenly in a pooling
 window, z^B bounds in normalised instead of pixel units, relevance not conserved, ...), then fresh
-random ones.
+random ones. The deciding cases are fixed, not drawn: ``lrp.epsilon`` has a unit with z = 0 exactly
+(``torch.sign(0) = 0`` leaves it unstabilised), ``lrp.alpha_beta`` always runs a stride-2
+convolution on a 6 x 6 input (a transposed convolution then needs ``output_padding``).
 """
 
 from __future__ import annotations
