@@ -232,7 +232,7 @@ def _call_conv(report: Report, student, x: torch.Tensor, conv: nn.Conv2d, *args)
     try:
         got = report.call(student, x.clone(), conv, *args)
     except StudentError as e:
-        if "size of tensor" in str(e) or "shape" in str(e):
+        if "size of tensor" in str(e) or "must match the size" in str(e) or "Sizes of tensors" in str(e):
             hint = _TRANSPOSED_HINT if conv.stride[0] > 1 else _PADDING_HINT
             raise Mistake(f"{e}. Most likely {hint}") from None
         raise
