@@ -208,7 +208,7 @@ def _reversed(step, x, n_octaves, scale):
 
 
 @pytest.mark.parametrize("fn, phrase", [
-    (octaves_no_detail, "dreamed picture itself was upsampled"),
+    (octaves_no_detail, "the dream itself upsampled"),
     (lambda step, x, n_octaves=3, scale=1.4: step(x), "no pyramid"),
     (_reversed, "smallest octave's size"),
 ])
@@ -251,3 +251,107 @@ def test_stub_raises_check_failed(name, capsys):
     with pytest.raises(CheckFailed):
         check(name, stub)
     assert "not implemented yet" in capsys.readouterr().out
+
+
+# -- more mistakes with their own diagnosis (issue 18) ------------------------------------------
+
+
+@pytest.mark.parametrize("fn, phrase", [
+    (_gram(lambda n, c, h, w: n * c * h * w), "N*C*H*W"),
+    (_gram(lambda n, c, h, w: h * w - 1), "H*W - 1"),
+    (_gram(lambda n, c, h, w: (h * w) ** 2), "(H*W)^2"),
+])
+def test_more_gram_mistakes(fn, phrase):
+    _diagnosed("dream.gram", fn, phrase)
+
+
+@pytest.mark.parametrize("fn, phrase", [
+    (lambda fs, ts: style_loss_ok(fs, ts) / 4, "factor 1/4"),
+    (lambda fs, ts: sum((gram_ok(f) - a).pow(2).flatten(1).mean(1).sqrt() for f, a in zip(fs, ts)), "square root"),
+])
+def test_more_style_loss_mistakes(fn, phrase):
+    _diagnosed("dream.style_loss", fn, phrase)
+
+
+def _step_rolled(dims=(2, 3), negate=False):
+    def fn(features, x, shift, lr=0.02):
+        x = x.detach().clone().requires_grad_(True)
+        s = tuple(-v for v in shift) if negate else tuple(shift)
+        (g,) = torch.autograd.grad(features(torch.roll(x, shifts=s, dims=dims)).pow(2).flatten(1).mean(1).sum(), x)
+        return (x + lr * g / g.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)).clamp(0, 1).detach()
+
+    return fn
+
+
+@pytest.mark.parametrize("fn, phrase", [
+    (_step(normalise=lambda g: g.flatten(1).std(1).view(-1, 1, 1, 1)), "standard deviation"),
+    (_step(normalise=lambda g: g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)), "L2 norm"),
+    (_step_rolled(dims=(3, 2)), "wrong axes"),
+    (_step_rolled(negate=True), "rolled by -shift"),
+])
+def test_more_step_mistakes(fn, phrase):
+    _diagnosed("dream.step", fn, phrase)
+
+
+@pytest.mark.parametrize("fn", [_step(normalise=lambda g: 1.0), _step(sign=-1.0), _step(use_shift=False)],
+                         ids=["not normalised", "descent", "shift ignored"])
+def test_a_wrong_step_does_not_also_fail_the_large_step_part(fn):
+    for seed in SEEDS:
+        report = run_check("dream.step", fn, seed=seed)
+        large = report.parts[-1]
+        assert large.earned == large.points, report.summary()
+        assert report.earned < report.points
+
+
+def test_a_missing_clamp_fails_the_large_step_part_by_name():
+    report = run_check("dream.step", _step(clamp=False), seed=0)
+    assert report.parts[-1].earned == 0 and "not clamped" in report.parts[-1].message, report.summary()
+
+
+def _octaves_with(sizes_of=None, resize=_resize, extra=0):
+    def fn(step, x, n_octaves=3, scale=1.4):
+        h, w = x.shape[-2:]
+        n = n_octaves + extra
+        sizes = sizes_of(h, w, n, scale) if sizes_of else [(round(h / scale**k), round(w / scale**k))
+                                                             for k in range(n - 1, -1, -1)]
+        detail = torch.zeros(x.shape[0], x.shape[1], *sizes[0], dtype=x.dtype)
+        for size in sizes:
+            base = x if size == (h, w) else resize(x, size)
+            detail = detail if detail.shape[-2:] == size else resize(detail, size)
+            out = step(base + detail)
+            detail = out - base
+        return out
+
+    return fn
+
+
+def octaves_base_from_previous_base(step, x, n_octaves=3, scale=1.4):
+    h, w = x.shape[-2:]
+    sizes = [(round(h / scale**k), round(w / scale**k)) for k in range(n_octaves - 1, -1, -1)]
+    base, detail = x, None
+    for size in sizes:
+        base = _resize(base, size)  # from the previous (smaller) base, not from x
+        detail = torch.zeros_like(base) if detail is None else _resize(detail, size)
+        out = step(base + detail)
+        detail = out - base
+    return out
+
+
+@pytest.mark.parametrize("fn, phrase", [
+    (_octaves_with(sizes_of=lambda h, w, n, s: [(int(h / s**k), int(w / s**k)) for k in range(n - 1, -1, -1)]),
+     "truncated with int()"),
+    (_octaves_with(resize=lambda t, size: F.interpolate(t, size=size, mode="bilinear", align_corners=True)),
+     "align_corners=True"),
+    (_octaves_with(resize=lambda t, size: F.interpolate(t, size=size, mode="nearest")), "mode='nearest'"),
+    (_octaves_with(extra=1), "one octave too many"),
+    (_octaves_with(extra=-1), "one octave too few"),
+])
+def test_more_octave_mistakes(fn, phrase):
+    _diagnosed("dream.octaves", fn, phrase)
+
+
+def test_a_base_resized_from_the_previous_base_is_not_called_an_upsampled_dream():
+    for seed in SEEDS:
+        report = _diagnosed("dream.octaves", octaves_base_from_previous_base, "each base resized from the previous",
+                            seed=seed)
+        assert "dreamed picture itself was upsampled" not in report.summary()

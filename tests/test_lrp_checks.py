@@ -187,7 +187,7 @@ MISTAKES = [
     ("lrp.maxpool", maxpool_factory("even"), "spread evenly", 1),
     ("lrp.maxpool", maxpool_factory("proportional"), "in proportion", 1),
     ("lrp.zbox", zbox_factory("normalised_bounds"), "normalised units", 1),
-    ("lrp.zbox", zbox_factory("no_norm"), "without normalising", 1),
+    ("lrp.zbox", zbox_factory("no_norm"), "not normalised at all", 1),
     ("lrp.zbox", zbox_factory("div_std"), "divided by std", 1),
     ("lrp.zbox", zbox_factory("swap"), "swapped", 1),
     ("lrp.zbox", zbox_factory("plus"), "subtracts them", 1),
@@ -270,3 +270,127 @@ def test_calling_coursekit_earns_nothing(name, fn):
     r = run_check(name, fn)
     assert r.earned == 0, r.summary()
     assert "reference" in r.summary() or "coursekit" in r.summary(), r.summary()
+
+
+# -- more mistakes with their own diagnosis (issue 18) ------------------------------------------
+
+
+def epsilon_torch_sign(a, W, b, R_out, eps):
+    z = a @ W.T + b
+    return a * ((R_out / (z + eps * torch.sign(z))) @ W)  # torch.sign(0) = 0: z = 0 stays 0
+
+
+def alpha_beta_by(backward, detach_s=True, split_bias=True):
+    """alpha-beta with J^T s computed by ``backward(s, w, conv, x)``."""
+    def lrp_alpha_beta(x, conv, R_out, alpha, beta):
+        w, b = conv.weight, conv.bias
+        xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+        bp, bn = (b.clamp(min=0), b.clamp(max=0)) if split_bias else (b, b)
+
+        def part(pairs, bias):
+            z = sum(F.conv2d(t, v, None, conv.stride, conv.padding) for t, v in pairs) + bias.view(1, -1, 1, 1)
+            s = R_out / (z + 1e-6 * _sign(z))
+            if not detach_s:  # the gradient trick with s still attached: d/dx sum(z * R / z)
+                leaves = [t.detach().clone().requires_grad_(True) for t, _ in pairs]
+                with torch.enable_grad():
+                    z = sum(F.conv2d(t, v, None, conv.stride, conv.padding) for t, (_, v) in zip(leaves, pairs))
+                    z = z + bias.view(1, -1, 1, 1)
+                    grads = torch.autograd.grad((z * (R_out / (z + 1e-6 * _sign(z)))).sum(), leaves)
+                return sum(t.detach() * g for t, g in zip(leaves, grads))
+            return sum(t * backward(s, v, conv, t) for t, v in pairs)
+
+        rp = part([(xp, wp), (xn, wn)], bp)
+        rn = part([(xp, wn), (xn, wp)], bn)
+        return (alpha * rp - beta * rn).detach()
+    return lrp_alpha_beta
+
+
+def _transposed_no_output_padding(s, w, conv, x):
+    return F.conv_transpose2d(s, w, None, conv.stride, conv.padding)
+
+
+def _transposed(s, w, conv, x):
+    """The transposed convolution with the output_padding that gives back x's size (the independent answer)."""
+    k, p, st = w.shape[-1], conv.padding[0], conv.stride[0]
+    op = (x.shape[-1] + 2 * p - k) % st
+    return F.conv_transpose2d(s, w, None, st, p, output_padding=op)
+
+
+def alpha_beta_no_padding(x, conv, R_out, alpha, beta):
+    w = conv.weight
+    xp, wp, wn = x.clamp(min=0), w.clamp(min=0), w.clamp(max=0)
+    zp = F.conv2d(xp, wp) + conv.bias.clamp(min=0).view(1, -1, 1, 1)  # stride and padding forgotten
+    zn = F.conv2d(xp, wn) + conv.bias.clamp(max=0).view(1, -1, 1, 1)
+    return alpha * xp * F.conv_transpose2d(R_out / zp, wp) - beta * xp * F.conv_transpose2d(R_out / zn, wn)
+
+
+def maxpool_top_left(a, R_out, k):
+    out = torch.zeros_like(a)
+    out[:, :, ::k, ::k] = R_out
+    return out
+
+
+def zbox_with_stats(mean_of, std_of):
+    def lrp_zbox(pixels, conv, R_out, mean, std, low=0.0, high=1.0):
+        return zbox_factory()(pixels, conv, R_out, mean_of(mean, std), std_of(mean, std), low, high)
+    return lrp_zbox
+
+
+def dense_variant(post=None, start=None, bias=True):
+    def lrp_dense(model, x, target, eps):
+        inputs, a = [], x
+        with torch.no_grad():
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    inputs.append(a)
+                a = layer(a)
+        R = torch.zeros_like(a)
+        R[:, target] = (start(a) if start else a)[:, target]
+        sums = [R.sum(1)]
+        for layer, a_in in zip(reversed([m for m in model if isinstance(m, nn.Linear)]), reversed(inputs)):
+            b = layer.bias if (layer.bias is not None and bias) else torch.zeros(layer.out_features)
+            R = epsilon_factory()(a_in, layer.weight, b, R, eps)
+            sums.append(R.sum(1))
+        sums = torch.stack(sums)
+        return R, (post(sums) if post else sums)
+    return lrp_dense
+
+
+NEW_MISTAKES = [
+    ("lrp.epsilon", epsilon_torch_sign, "torch.sign(0) is 0"),
+    ("lrp.alpha_beta", alpha_beta_by(_transposed_no_output_padding), "output_padding"),
+    ("lrp.alpha_beta", alpha_beta_no_padding, "without the layer's stride and padding"),
+    ("lrp.alpha_beta", alpha_beta_by(_transposed, detach_s=False), "detached before the backward pass"),
+    ("lrp.alpha_beta", alpha_beta_by(_transposed, split_bias=False), "whole bias went into both z+ and z-"),
+    ("lrp.maxpool", maxpool_top_left, "top-left pixel of every window"),
+    ("lrp.zbox", zbox_with_stats(lambda m, s: m.mean().expand(3), lambda m, s: s.mean().expand(3)),
+     "normalised with an averaged mean.mean() / std.mean()"),
+    ("lrp.zbox", zbox_with_stats(lambda m, s: s, lambda m, s: m), "mean and std were swapped"),
+    ("lrp.conservation", dense_variant(post=lambda s: s.flip(0)), "reverse order"),
+    ("lrp.conservation", dense_variant(start=lambda z: z.softmax(1)), "softmax probability"),
+    ("lrp.conservation", dense_variant(bias=False), "bias is missing from the denominators"),
+]
+
+
+@pytest.mark.parametrize("name, fn, phrase", NEW_MISTAKES, ids=[f"{m[0]}-{m[2][:24]}" for m in NEW_MISTAKES])
+def test_more_mistakes_have_their_own_diagnosis(name, fn, phrase):
+    for seed in (0, 1):
+        r = run_check(name, fn, seed=seed)
+        assert r.earned < r.points and phrase in r.summary(), r.summary()
+
+
+def test_averaged_mean_and_std_are_not_called_unnormalised_pixels():
+    r = run_check("lrp.zbox", zbox_with_stats(lambda m, s: m.mean().expand(3), lambda m, s: s.mean().expand(3)), seed=0)
+    assert "the pixels were fed to the layer without normalising them" not in r.summary(), r.summary()
+
+
+def test_a_generic_mismatch_of_the_sums_is_grammatical():
+    r = run_check("lrp.conservation", dense_variant(post=lambda s: s * 1.5), seed=0)
+    assert r.earned < r.points
+    assert "your sums differs" not in r.summary() and "your tensor of sums differs" in r.summary(), r.summary()
+
+
+def test_a_transposed_convolution_with_output_padding_earns_full_points():
+    for seed in (0, 1, 2):
+        r = run_check("lrp.alpha_beta", alpha_beta_by(_transposed), seed=seed)
+        assert r.earned == r.points, r.summary()

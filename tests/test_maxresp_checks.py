@@ -298,3 +298,14 @@ def test_neighbours_reference_blocked_and_stub():
     assert r.earned == 0 and "reference" in _messages(r)
     with pytest.raises(CheckFailed):
         check("maxresp.nearest_neighbours", _stub)
+
+
+def test_messages_about_plural_results_are_grammatical():
+    """'your new pictures differs' read badly (issue 18): the subject of every message is singular."""
+    def noisy_step(model, x, target, lr):
+        return (x + 0.3 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+
+    step = run_check("maxresp.ascent_step", noisy_step, seed=0).summary()
+    assert "your batch of new pictures differs" in step and "pictures differs" not in step.replace("batch of new pictures differs", ""), step
+    energy = run_check("maxresp.edge_energy", lambda x: x.pow(2).flatten(1).sum(1), seed=0).summary()
+    assert "your tensor of energies for" in energy and "your energies" not in energy, energy

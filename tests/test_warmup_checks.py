@@ -131,12 +131,14 @@ def _eval_restored(model, x, fn):
         return fn(model(x)[0])
 
 
+# a mistake in the probabilities costs part 2 only: the train-mode part compares with the student's own
+# eval-mode answer (issue 18)
 TOP_K_MISTAKES = [
-    (lambda m, x, k: _eval_restored(m, x, lambda z: z.topk(k)), 1, "logits (raw scores)"),
-    (lambda m, x, k: _eval_restored(m, x, lambda z: z.log_softmax(0).topk(k)), 1, "log-probabilities"),
-    (lambda m, x, k: _eval_restored(m, x, lambda z: (z.softmax(0).sort().values[-k:], z.argsort()[-k:])), 1,
+    (lambda m, x, k: _eval_restored(m, x, lambda z: z.topk(k)), 2, "logits (raw scores)"),
+    (lambda m, x, k: _eval_restored(m, x, lambda z: z.log_softmax(0).topk(k)), 2, "log-probabilities"),
+    (lambda m, x, k: _eval_restored(m, x, lambda z: (z.softmax(0).sort().values[-k:], z.argsort()[-k:])), 2,
      "ascending order"),
-    (lambda m, x, k: _eval_restored(m, x, lambda z: (z.softmax(0)[:k], torch.arange(k))), 1, "first k classes"),
+    (lambda m, x, k: _eval_restored(m, x, lambda z: (z.softmax(0)[:k], torch.arange(k))), 2, "first k classes"),
     (lambda m, x, k: (p := top_k(m, x, k), (p[0], p[1].float()))[1], 3, "indices have dtype"),
     (lambda m, x, k: top_k(m, x, k)[0], 0, "should return two tensors"),
     (lambda m, x, k: tuple(t[None] for t in top_k(m, x, k)), 0, "extra batch dimension"),
@@ -272,3 +274,31 @@ def test_sizes_of_to_input_cases_vary():
         run_check("warmup.to_input", lambda im: (shapes.add(im.shape), to_input(im))[1], seed=seed)
     assert len(shapes) >= 4 and all(s[2] == 3 and s[0] != s[1] for s in shapes)
     assert np.all([3 not in s[:2] for s in shapes])
+
+
+def _top_k_with(probs_of, keep_mode=False):
+    """A top_k with a mistake in the probabilities (and, optionally, predicting in training mode)."""
+    def top_k(model, x, k):
+        was = model.training
+        if not keep_mode:
+            model.eval()
+        with torch.no_grad():
+            logits = model(x)[0]
+        model.train(was)
+        top = logits.topk(k)
+        return probs_of(logits)[top.indices], top.indices
+    return top_k
+
+
+@pytest.mark.parametrize("probs_of", [lambda z: z, lambda z: z.log_softmax(0)], ids=["logits", "log-probabilities"])
+def test_a_wrong_probability_does_not_also_fail_the_train_mode_part(probs_of):
+    for seed in (0, 1, 2):
+        r = run_check("warmup.top_k", _top_k_with(probs_of), seed=seed)
+        assert r.parts[1].earned == 0 and r.parts[-1].earned == r.parts[-1].points, r.summary()
+
+
+def test_predicting_in_training_mode_still_fails_the_train_mode_part():
+    for seed in (0, 1, 2):
+        r = run_check("warmup.top_k", _top_k_with(lambda z: z.softmax(0), keep_mode=True), seed=seed)
+        assert r.parts[-1].earned == 0 and "training mode" in r.parts[-1].message, r.summary()
+        assert r.parts[1].earned == r.parts[1].points, r.summary()

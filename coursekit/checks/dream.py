@@ -14,6 +14,9 @@ coursekit's references (:mod:`coursekit.style`, :mod:`coursekit.dream`,
 check starts with the cases that expose the mistakes it names (not normalised or normalised by the
 wrong size, features transposed, wrong neighbours, squared and absolute mixed up, gradient not
 normalised, image not clamped, the roll not undone, the detail not carried up), then random ones.
+The octave check's first picture (30 x 22, scale 1.5) has sizes that int() truncates differently
+from round(). The large-step part of ``dream.step`` compares with the student's own small step, so
+that a wrong normalisation does not cost that part too.
 """
 
 from __future__ import annotations
@@ -86,6 +89,11 @@ def check_gram(student, report: Report) -> None:
                 "normalised by H*W*N (the whole batch); each image's Gram matrix is divided by its own H*W": _gram(f, hh * ww * nn_),
                 "the mean of the features was subtracted (a covariance); the Gram matrix uses the raw features":
                     _gram(f - f.mean(dim=(2, 3), keepdim=True), hh * ww),
+                "normalised by N*C*H*W (every element of the batch); each image's Gram matrix is divided by its own H*W":
+                    _gram(f, nn_ * cc * hh * ww),
+                "normalised by H*W - 1 (like an unbiased covariance); divide by the number of positions H*W":
+                    _gram(f, hh * ww - 1),
+                "normalised by (H*W)^2; divide by the number of positions H*W once": _gram(f, (hh * ww) ** 2),
             })
 
 
@@ -133,6 +141,10 @@ def check_style_loss(student, report: Report) -> None:
                     lambda f, a: (_style.gram_matrix(f, "positions") - a).flatten(1).norm(dim=1)),
                 "averaged over the layers; the style loss is their sum": expected / len(feats),
                 "only the last layer counted: add every layer's term": (grams[-1] - targets[-1]).pow(2).flatten(1).mean(1),
+                "an extra factor 1/4 (Gatys et al.'s 1 / (4 N^2 M^2) constant); this exercise uses the plain mean of "
+                "(G - A)^2": expected / 4,
+                "the square root of the mean squared difference (an RMS) per layer; the style loss is the mean of "
+                "(G - A)^2 itself": wrong(lambda f, a: (_style.gram_matrix(f, "positions") - a).pow(2).flatten(1).mean(1).sqrt()),
             })
 
 
@@ -203,10 +215,16 @@ def _step_variants(features, x, shift, lr):
     (g,) = torch.autograd.grad(a.pow(2).flatten(1).mean(1).sum(), xg)
     (g_plain,) = torch.autograd.grad(features(xg).pow(2).flatten(1).mean(1).sum(), xg)
     (g_lin,) = torch.autograd.grad(features(torch.roll(xg, shifts=tuple(shift), dims=(2, 3))).flatten(1).mean(1).sum(), xg)
+    (g_swap,) = torch.autograd.grad(features(torch.roll(xg, shifts=tuple(shift), dims=(3, 2))).pow(2).flatten(1).mean(1).sum(), xg)
+    back = tuple(-v for v in shift)
+    (g_back,) = torch.autograd.grad(features(torch.roll(xg, shifts=back, dims=(2, 3))).pow(2).flatten(1).mean(1).sum(), xg)
     x = x.detach()
 
     def per_image(v):
         return v.view(-1, 1, 1, 1)
+
+    def rms_step(grad):
+        return (x + lr * grad / per_image(grad.pow(2).flatten(1).mean(1).sqrt())).clamp(0, 1)
 
     rms = per_image(g.pow(2).flatten(1).mean(1).sqrt())
     rolled_grad = torch.roll(g, shifts=tuple(shift), dims=(2, 3))  # the gradient w.r.t. the rolled picture
@@ -228,9 +246,30 @@ def _step_variants(features, x, shift, lr):
             "the shift was ignored: roll the picture by `shift` before the forward pass":
                 (x + lr * g_plain / per_image(g_plain.pow(2).flatten(1).mean(1).sqrt())).clamp(0, 1),
             "the mean activation was climbed; DeepDream's energy is the mean of the *squared* activations":
-                (x + lr * g_lin / per_image(g_lin.pow(2).flatten(1).mean(1).sqrt())).clamp(0, 1),
+                rms_step(g_lin),
+            "normalised by the standard deviation of the gradient (g.std()); divide by its root-mean-square "
+            "sqrt(mean(g^2)), which does not subtract the mean":
+                (x + lr * g / per_image(g.flatten(1).std(1))).clamp(0, 1),
+            "normalised by the L2 norm of the gradient; the root-mean-square is that norm / sqrt(number of values)":
+                (x + lr * g / per_image(g.flatten(1).norm(dim=1))).clamp(0, 1),
+            "the shift went to the wrong axes: shift[0] rolls the rows (dim 2), shift[1] the columns (dim 3)":
+                rms_step(g_swap),
+            "rolled by -shift; roll by shift, torch.roll(x, shifts=shift, dims=(2, 3))": rms_step(g_back),
         },
     }
+
+
+def _expect_large_step(report: Report, got, small: torch.Tensor, x: torch.Tensor) -> None:
+    """lr = 0.5 must give the student's own lr = 0.02 step, 25 times longer, clamped to [0, 1]."""
+    got = report.expect_tensor(got, shape=x.shape, what="your result with lr=0.5").detach().to(x.dtype)
+    if got.min() < -1e-6 or got.max() > 1 + 1e-6:
+        raise Mistake(f"your result with lr=0.5 has pixels outside [0, 1] (min {float(got.min()):.3g}, max "
+                      f"{float(got.max()):.3g}): the image was not clamped to [0, 1] after the step")
+    free = (small > 1e-6) & (small < 1 - 1e-6)  # pixels the small step did not clamp
+    own = (x + 25 * (small - x)).clamp(0, 1)
+    if not torch.allclose(got[free], own[free], rtol=1e-3, atol=1e-5):
+        raise Mistake("with lr=0.5 your result is not your lr=0.02 step made 25 times longer and clamped to [0, 1]: "
+                      "the step is x + lr * g / rms(g), then .clamp(0, 1)")
 
 
 @exercise("dream.step", forbid=[_dream.dream_step, _dream.deepdream])
@@ -254,10 +293,13 @@ def check_step(student, report: Report) -> None:
             got = report.call(student, features, x.clone(), shift, lr)
             report.expect_close(got, v["expected"], rtol=1e-4, atol=1e-6, mistakes=v["mistakes"])
     with report.part("a large step stays in [0, 1]; model and picture left as they were", points=1):
+        # judged against the student's own small step on the same picture (x + 25 * (small - x), clamped), so
+        # that another mistake (a wrong normalisation, the roll) does not fail this part as well
         features = random_features_net(report.seed)
-        x = torch.rand(2, 3, 12, 12, generator=g)
+        x = 0.25 + 0.5 * torch.rand(2, 3, 12, 12, generator=g)
+        small = report.expect_tensor(report.call(student, features, x.clone(), (1, 1), 0.02), shape=x.shape,
+                                     what="your result with lr=0.02").detach()
         before, x_before = model_state(features, values=False), x.clone()
-        v = _step_variants(features, x, (1, 1), 0.5)
         got = report.call(student, features, x, (1, 1), 0.5)
         if not torch.equal(x, x_before) or x.requires_grad or x.grad is not None:
             raise Mistake("your function changed the caller's x (in place, or it now requires grad): work on a copy, "
@@ -265,7 +307,7 @@ def check_step(student, report: Report) -> None:
         other = before.differences(model_state(features, values=False))
         if other:
             raise Mistake("your function left the model changed: " + "; ".join(other))
-        report.expect_close(got, v["expected"], rtol=1e-4, atol=1e-6, mistakes=v["mistakes"], what="your result with lr=0.5")
+        _expect_large_step(report, got, small, x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,16 +331,35 @@ def _resize(t, size):
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
 
 
+def _octave_sizes(h, w, n, scale, rounding=round):
+    return [(max(1, int(rounding(h / scale**k))), max(1, int(rounding(w / scale**k)))) for k in range(n)][::-1]
+
+
+def _octave_loop(step, x, sizes, resize=_resize):
+    """The octave loop with the given sizes (smallest first) and resizing: the answer, or a variant of it."""
+    h, w = x.shape[-2:]
+    detail = torch.zeros_like(resize(x, sizes[0]))
+    for size in sizes:
+        base = resize(x, size) if size != (h, w) else x
+        detail = resize(detail, size) if detail.shape[-2:] != size else detail
+        res = step(base + detail)
+        detail = res - base
+    return res
+
+
 def _octave_mistakes(step, x, n, scale):
     h, w = x.shape[-2:]
-    sizes = [(max(1, round(h / scale**k)), max(1, round(w / scale**k))) for k in range(n)][::-1]
+    sizes = _octave_sizes(h, w, n, scale)
     out = {}
-    # 1. the dream itself carried up, not the detail
+    # 1. the dream itself carried up, not the detail. Resizing each octave's base from the previous base gives
+    # exactly the same numbers (bilinear resizing is linear: resize(base) + resize(detail) = resize(dream)), so
+    # one diagnosis names both
     pic = _resize(x, sizes[0])
     for size in sizes:
         pic = step(_resize(pic, size) if pic.shape[-2:] != size else pic)
-    out["the dreamed picture itself was upsampled to the next octave; carry only the detail (dream - resized "
-        "original) and add it to the original resized to the next size"] = pic
+    out["each octave started from the previous octave's result resized (the dream itself upsampled, or each base "
+        "resized from the previous, smaller base; both give these numbers): resize the *original* picture to every "
+        "octave's size and add only the detail (dream - that octave's resized original), upsampled"] = pic
     # 2. detail = change of the last octave only
     detail = torch.zeros_like(_resize(x, sizes[0]))
     for size in sizes:
@@ -309,15 +370,18 @@ def _octave_mistakes(step, x, n, scale):
         detail = res - start
     out["the detail kept only the last octave's change (dream - its start); it is dream - resized original, "
         "all octaves' changes together"] = res
-    # 3. each octave resized from the previous octave's base (blur piles up)
-    detail, base = torch.zeros_like(_resize(x, sizes[0])), x
-    for size in sizes:
-        base = _resize(base, size) if base.shape[-2:] != size else base
-        detail = _resize(detail, size) if detail.shape[-2:] != size else detail
-        res = step(base + detail)
-        detail = res - base
-    out["each octave's base was resized from the previous (smaller) one; resize the original picture every time"] = res
     out["no pyramid: only the full-size octave was dreamed (the detail from the small octaves is lost)"] = step(x)
+    out["the octave sizes were truncated with int(); round them, round(H / scale**k)"] = _octave_loop(
+        step, x, _octave_sizes(h, w, n, scale, rounding=int))
+    out["resized with align_corners=True; use F.interpolate(..., mode='bilinear', align_corners=False)"] = _octave_loop(
+        step, x, sizes, lambda t, size: F.interpolate(t, size=size, mode="bilinear", align_corners=True))
+    out["resized with mode='nearest'; use F.interpolate(..., mode='bilinear', align_corners=False)"] = _octave_loop(
+        step, x, sizes, lambda t, size: F.interpolate(t, size=size, mode="nearest"))
+    out[f"one octave too many ({n + 1}): the picture is shrunk n_octaves - 1 times, sizes H / scale**k for "
+        f"k = n_octaves - 1, ..., 0"] = _octave_loop(step, x, _octave_sizes(h, w, n + 1, scale))
+    if n > 1:
+        out[f"one octave too few ({n - 1}): there are n_octaves sizes, H / scale**k for k = n_octaves - 1, ..., 0"] = \
+            _octave_loop(step, x, _octave_sizes(h, w, n - 1, scale))
     return sizes, out
 
 

@@ -14,7 +14,9 @@ and ``Composite.applied`` are blocked while the student's function runs. Each ch
 fixed cases that expose every mistake it names (the stabiliser missing or with the wrong sign, the
 beta term with the wrong sign, a zero denominator, relevance copied or spread evenly in a pooling
 window, z^B bounds in normalised instead of pixel units, relevance not conserved, ...), then fresh
-random ones.
+random ones. The deciding cases are fixed, not drawn: ``lrp.epsilon`` has a unit with z = 0 exactly
+(``torch.sign(0) = 0`` leaves it unstabilised), ``lrp.alpha_beta`` always runs a stride-2
+convolution on a 6 x 6 input (a transposed convolution then needs ``output_padding``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 from .. import gradients as _grad
 from ..lrp import rules as _rules
 from ..rules import Composite
-from . import Mistake, Report, exercise
+from . import Mistake, Report, StudentError, exercise
 
 _ENGINES = [_rules.LRPRule.backward, _rules.stabilize, _grad.gradient, Composite.applied]
 EPS_AB = 1e-6  # the stabiliser of alpha-beta and z^B in the exercises (coursekit's default)
@@ -93,6 +95,24 @@ def _linear(W, b) -> nn.Linear:
     return _frozen(layer)
 
 
+def _zero_z_layer():
+    """A layer whose second unit has z = 0 exactly in both rows, with relevance on it: (a, W, b, R)."""
+    a = torch.tensor([[1.0, 1.0, 0.5], [2.0, 2.0, 1.0]])  # (2, 3)
+    W = torch.tensor([[1.0, -1.0, 2.0], [1.0, -1.0, 0.0], [0.5, 0.5, -1.0]])  # (3, 3): unit 1 computes a0 - a1
+    b = torch.tensor([0.25, 0.0, -0.5])
+    R = torch.tensor([[1.0, 2.0, -0.5], [0.5, -1.0, 1.5]])  # (2, 3): relevance on the z = 0 unit
+    return a, W, b, R
+
+
+def _expect_sign_of_zero(got, a, W, b) -> None:
+    """The z = 0 case: torch.sign(0) = 0 leaves the unit unstabilised (R / 0)."""
+    z = a @ W.T + b
+    if isinstance(got, torch.Tensor) and not torch.isfinite(got).all() and bool((z == 0).any()):
+        raise Mistake("your result contains NaN or inf on a layer with a unit whose z is exactly 0: torch.sign(0) "
+                      "is 0, so z + eps * torch.sign(z) leaves that denominator at 0. Use a sign with sign(0) = +1, "
+                      "torch.where(z >= 0, 1.0, -1.0)")
+
+
 def _epsilon_mistakes(a, W, b, R, eps) -> dict:
     return {
         "the stabiliser is missing: divide by z + eps * sign(z), not by z": _epsilon_variant(a, W, b, R, eps, "none"),
@@ -119,10 +139,18 @@ def check_epsilon(student, report: Report) -> None:
     with report.part("returns the input relevance, shape (N, in) = (2, 3)", points=1):
         got = report.call(student, a.clone(), W.clone(), b.clone(), R.clone(), eps)
         report.expect_tensor(got, shape=(2, 3))
+    # the title is printed in the solution notebook's committed output: the z = 0 layer is named in `what`
     with report.part("values on the hand-checkable layer (eps = 0.5, z = -1 and 1.75 in the first row)", points=1):
         got = report.call(student, a.clone(), W.clone(), b.clone(), R.clone(), eps)
         _no_nan(got, expected)
         report.expect_close(got, expected, mistakes=_epsilon_mistakes(a, W, b, R, eps))
+        a0, W0, b0, R0 = _zero_z_layer()  # the stabiliser's sign at z = 0 is +1 (torch.sign gives 0 there)
+        expected = _one_layer(_rules.Epsilon(eps), _linear(W0, b0), a0, R0)
+        got = report.call(student, a0.clone(), W0.clone(), b0.clone(), R0.clone(), eps)
+        _expect_sign_of_zero(got, a0, W0, b0)
+        _no_nan(got, expected)
+        report.expect_close(got, expected, what="your result (a unit with z = 0)",
+                            mistakes=_epsilon_mistakes(a0, W0, b0, R0, eps))
     with report.part("values on random layers (batch 4, 7 inputs, 5 outputs)", points=1):
         for _ in range(2):
             g = torch.Generator().manual_seed(report.seed)
@@ -150,14 +178,18 @@ def _conv_vjp(conv, x, w, s):
 
 
 def _alpha_beta_variant(x, conv, R, alpha, beta, *, eps=EPS_AB, beta_sign=-1.0, both_signs=True, shared=False,
-                        bias=True):
+                        bias=True, split_bias=True):
     w = conv.weight
     b = conv.bias if bias else None
     xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
     pos = [(xp, wp)] + ([(xn, wn)] if both_signs else [])  # contributions x_i w_ij > 0
     neg = [(xp, wn)] + ([(xn, wp)] if both_signs else [])  # contributions x_i w_ij < 0
-    zp = sum(_conv_map(conv, t, v) for t, v in pos) + (b.clamp(min=0).view(1, -1, 1, 1) if b is not None else 0)
-    zn = sum(_conv_map(conv, t, v) for t, v in neg) + (b.clamp(max=0).view(1, -1, 1, 1) if b is not None else 0)
+    if b is None:
+        bp = bn = torch.zeros(w.shape[0])
+    else:
+        bp, bn = (b.clamp(min=0), b.clamp(max=0)) if split_bias else (b, b)
+    zp = sum(_conv_map(conv, t, v) for t, v in pos) + bp.view(1, -1, 1, 1)
+    zn = sum(_conv_map(conv, t, v) for t, v in neg) + bn.view(1, -1, 1, 1)
     if shared:
         zp = zn = zp + zn
     sp, sn = R / _signed(zp, eps), R / _signed(zn, eps)
@@ -179,10 +211,44 @@ def _alpha_beta_mistakes(x, conv, R, alpha, beta) -> dict:
         "z- (negative ones only)": _alpha_beta_variant(x, conv, R, alpha, beta, shared=True),
         "the bias is missing: its positive part belongs in z+, its negative part in z-":
             _alpha_beta_variant(x, conv, R, alpha, beta, bias=False),
+        "the whole bias went into both z+ and z-: split it, b.clamp(min=0) in z+ and b.clamp(max=0) in z-":
+            _alpha_beta_variant(x, conv, R, alpha, beta, split_bias=False),
     }
     if alpha == 1.0 and beta == 0.0:  # with beta = 0 some of these coincide with the answer
         out = {k: v for k, v in out.items() if "wrong sign" not in k and "missing: R" not in k}
     return out
+
+
+_TRANSPOSED_HINT = (
+    "with stride 2 the transposed convolution of a 6 x 6 input's output has 5 x 5 pixels, not 6: "
+    "F.conv_transpose2d needs output_padding = (H + 2 * padding - kernel_size) % stride (or let autograd "
+    "or torch.nn.grad.conv2d_input(x.shape, ...) compute J^T s, which knows the input's size)")
+_PADDING_HINT = ("the convolution was applied without the layer's stride and padding: pass conv.stride, "
+                 "conv.padding (and conv.dilation, conv.groups) to F.conv2d")
+
+
+def _call_conv(report: Report, student, x: torch.Tensor, conv: nn.Conv2d, *args):
+    """Call the student on (a copy of x, ``conv``, *args); a size mismatch is explained (stride 2, or no padding)."""
+    try:
+        got = report.call(student, x.clone(), conv, *args)
+    except StudentError as e:
+        if "size of tensor" in str(e) or "must match the size" in str(e) or "Sizes of tensors" in str(e):
+            hint = _TRANSPOSED_HINT if conv.stride[0] > 1 else _PADDING_HINT
+            raise Mistake(f"{e}. Most likely {hint}") from None
+        raise
+    if isinstance(got, torch.Tensor) and got.dim() == 4 and got.shape[:2] == x.shape[:2] and got.shape != x.shape:
+        hint = _TRANSPOSED_HINT if conv.stride[0] > 1 and got.shape[2] == x.shape[2] - 1 else _PADDING_HINT
+        raise Mistake(f"your result has shape {tuple(got.shape)}, expected {tuple(x.shape)} (like x): {hint}")
+    return got
+
+
+def _not_vanishing(got, expected, what="your result") -> None:
+    """Relevance close to 0 everywhere: s = R / z was not detached, so the gradient went through z / z = 1."""
+    if isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.isfinite(got).all() \
+            and float(got.abs().max()) < 1e-3 * float(expected.abs().max()):
+        raise Mistake(f"{what} is almost 0 everywhere (largest {float(got.abs().max()):.2g}): was s = R / z "
+                      "detached before the backward pass? Backpropagating z * (R / z) differentiates R * z / z, "
+                      "a constant; the gradient trick needs s as a constant, (z * s.detach()).sum()")
 
 
 def _random_conv(g: torch.Generator, cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -212,16 +278,17 @@ def check_alpha_beta(student, report: Report) -> None:
     R2 = torch.rand(2, 3, 5, 5, generator=g)
     with report.part("returns (N, C, H, W) like x and leaves the layer as it was", points=1):
         given = copy.deepcopy(conv)
-        got = report.call(student, x.clone(), given, R.clone(), 2.0, 1.0)
+        got = _call_conv(report, student, x, given, R.clone(), 2.0, 1.0)
         report.expect_tensor(got, shape=x.shape)
         _expect_layer_unchanged(given, _params(conv))
     with report.part("values, alpha = 2, beta = 1, inputs of both signs", points=1):
-        got = report.call(student, x.clone(), copy.deepcopy(conv), R.clone(), 2.0, 1.0)
+        got = _call_conv(report, student, x, copy.deepcopy(conv), R.clone(), 2.0, 1.0)
         expected = _one_layer(_rules.AlphaBeta(2, 1), conv, x, R)
         _no_nan(got, expected)
+        _not_vanishing(got, expected)
         report.expect_close(got, expected, mistakes=_alpha_beta_mistakes(x, conv, R, 2.0, 1.0))
     with report.part("a unit with no negative contribution (z- = 0): stabilised, no NaN", points=1):
-        got = report.call(student, x2.clone(), copy.deepcopy(conv2), R2.clone(), 2.0, 1.0)
+        got = _call_conv(report, student, x2, copy.deepcopy(conv2), R2.clone(), 2.0, 1.0)
         expected = _one_layer(_rules.AlphaBeta(2, 1), conv2, x2, R2)
         _no_nan(got, expected)
         report.expect_close(got, expected, mistakes=_alpha_beta_mistakes(x2, conv2, R2, 2.0, 1.0))
@@ -229,7 +296,8 @@ def check_alpha_beta(student, report: Report) -> None:
                      points=1):
         for alpha, beta in ((1.0, 0.0), (2.0, 1.0)):
             g = torch.Generator().manual_seed(report.seed)
-            stride = int(report.rng.choice([1, 2]))
+            # stride 2 on an even size always comes first: a transposed convolution then needs output_padding
+            stride = 2 if beta == 0.0 else int(report.rng.choice([1, 2]))
             cin, cout = int(report.rng.integers(1, 4)), int(report.rng.integers(2, 5))
             conv = _random_conv(g, cin, cout, stride)
             x = torch.randn(3, cin, 6, 6, generator=g)
@@ -241,7 +309,7 @@ def check_alpha_beta(student, report: Report) -> None:
             with torch.no_grad():
                 R = torch.randn(conv(x).shape, generator=g)
             expected = _one_layer(_rules.AlphaBeta(alpha, beta), conv, x, R)
-            got = report.call(student, x.clone(), copy.deepcopy(conv), R.clone(), alpha, beta)
+            got = _call_conv(report, student, x, copy.deepcopy(conv), R.clone(), alpha, beta)
             _no_nan(got, expected)
             report.expect_close(got, expected, what=f"your result (alpha = {alpha:g}, beta = {beta:g}, stride {stride})",
                                 mistakes=_alpha_beta_mistakes(x, conv, R, alpha, beta))
@@ -261,7 +329,12 @@ def _winner_take_all(a, R, k):
 def _maxpool_mistakes(a, R, k) -> dict:
     up = R.repeat_interleave(k, 2).repeat_interleave(k, 3)  # (N, C, H, W): each window's R on all its pixels
     share = a / F.avg_pool2d(a, k).mul(k * k).repeat_interleave(k, 2).repeat_interleave(k, 3)
+    corner = torch.zeros_like(up)
+    corner[:, :, ::k, ::k] = R  # what a stride-k transposed convolution with a one-hot kernel gives
     return {
+        "the relevance went to the top-left pixel of every window, not to its maximum (zero-insertion "
+        "upsampling): find each window's maximum, e.g. with F.max_pool2d(..., return_indices=True) and "
+        "F.max_unpool2d, or the gradient of the max pooling": corner,
         "the relevance was copied to every pixel of the window: relevance is not conserved (the sum grew "
         f"{k * k}-fold); the whole R of a window goes to its maximum only": up,
         "the relevance was spread evenly over the window (R / k^2 each, like average pooling); winner-take-all "
@@ -309,6 +382,12 @@ def _zbox_variant(xn, low, high, conv, R, *, swap=False, sign=-1.0):
     return xn * _conv_vjp(conv, xn, w, s) + sign * (lo * _conv_vjp(conv, lo, wl, s) + hi * _conv_vjp(conv, hi, wh, s))
 
 
+def _zbox_swapped_stats(pixels, conv, R, mean, std, low, high):
+    m, s = std.view(1, -1, 1, 1), mean.view(1, -1, 1, 1)
+    lo, hi = (torch.full_like(m, low) - m) / s, (torch.full_like(m, high) - m) / s
+    return _zbox_variant((pixels - m) / s, lo, hi, conv, R)
+
+
 def _zbox_case(pixels, conv, R, mean, std, low, high):
     m, s = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
     xn = (pixels - m) / s
@@ -319,8 +398,13 @@ def _zbox_case(pixels, conv, R, mean, std, low, high):
         "the bounds were used in normalised units: low and high are pixel values; the layer sees "
         "(x - mean) / std, so convert them the same way, l = (low - mean) / std, h = (high - mean) / std":
             _zbox_variant(xn, raw_lo, raw_hi, conv, R),
-        "the pixels were fed to the layer without normalising them: the first convolution sees (x - mean) / std":
+        "your result is what z^B gives when every channel shares one mean and one std (the pixels not normalised "
+        "at all, or normalised with an averaged mean.mean() / std.mean() or scalars: with one common std the two "
+        "give the same relevance): normalise each channel with its own mean and std, "
+        "(pixels - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), and the bounds the same way":
             _zbox_variant(pixels, raw_lo, raw_hi, conv, R),
+        "mean and std were swapped: the layer sees (x - mean) / std": _zbox_swapped_stats(pixels, conv, R, mean, std,
+                                                                                           low, high),
         "the relevance was divided by std (the chain rule through the normalisation): relevance passes the "
         "normalisation unchanged, R_pixel = R_normalised": expected / s,
         "w+ and w- are swapped: the lower bound l goes with w+ and the upper bound h with w-":
@@ -383,7 +467,7 @@ def dense_network(seed: int, sizes=(10, 8, 6, 4), bias: bool = True) -> nn.Seque
     return _frozen(net)
 
 
-def _dense_lrp(model, x, target, eps, start="logit", relu_clamp=False, one_hot=True):
+def _dense_lrp(model, x, target, eps, start="logit", relu_clamp=False, one_hot=True, bias=True):
     """Obviously-correct loop: (R at the input (N, D), sums (L + 1, N)) with coursekit's epsilon rule per layer."""
     inputs, a = [], x
     with torch.no_grad():
@@ -393,11 +477,12 @@ def _dense_lrp(model, x, target, eps, start="logit", relu_clamp=False, one_hot=T
             a = layer(a)
     logits = a  # (N, K)
     mask = F.one_hot(torch.full((len(x),), target), logits.shape[1]).to(logits) if one_hot else torch.ones_like(logits)
-    R = (logits if start == "logit" else torch.ones_like(logits)) * mask
+    top = {"logit": logits, "one": torch.ones_like(logits), "prob": logits.softmax(1)}[start]
+    R = top * mask
     sums = [R.sum(1)]
     linears = [m for m in model if isinstance(m, nn.Linear)]
     for layer, a_in in zip(reversed(linears), reversed(inputs)):
-        rule = _rules.Epsilon(eps, bias=layer.bias is not None)
+        rule = _rules.Epsilon(eps, bias=bias and layer.bias is not None)
         R = _one_layer(rule, layer, a_in, R)
         if relu_clamp and layer is not linears[0]:
             R = R.clamp(min=0)
@@ -406,7 +491,14 @@ def _dense_lrp(model, x, target, eps, start="logit", relu_clamp=False, one_hot=T
 
 
 def _conservation_mistakes(model, x, target, eps) -> dict:
+    sums = _dense_lrp(model, x, target, eps)[1]  # (L + 1, N)
     return {
+        "the rows of sums are in reverse order: the first row is the logit (the top), the last the input layer":
+            sums.flip(0),
+        "the relevance at the top is the softmax probability; start with the logit of the target class":
+            _dense_lrp(model, x, target, eps, start="prob")[1],
+        "the bias is missing from the denominators: each layer's z = a W^T + b includes its bias":
+            _dense_lrp(model, x, target, eps, bias=False)[1],
         "the relevance at the top is 1, not the logit: start with R = logit of the target class (zeros elsewhere)":
             _dense_lrp(model, x, target, eps, start="one")[1],
         "the relevance at the top holds every logit: keep only the target's (zeros for the other classes)":
@@ -423,7 +515,7 @@ def _expect_pair(report: Report, got, n_rows: int, n: int, d: int):
     sums = got[1]
     if isinstance(sums, (list, tuple)) and all(isinstance(s, torch.Tensor) for s in sums):
         sums = torch.stack([s.reshape(-1) for s in sums])
-    sums = report.expect_tensor(sums, shape=(n_rows, n), what="sums (one row per layer, logit first)")
+    sums = report.expect_tensor(sums, shape=(n_rows, n), what="the tensor of sums (one row per layer, logit first)")
     return R.detach(), sums.detach()
 
 
@@ -451,7 +543,7 @@ def check_conservation(student, report: Report) -> None:
                 raise Mistake(f"relevance is not conserved: sum / logit per layer = [{rows}] for image 0; without "
                               "biases and with eps = 0 every layer hands on exactly what it received (is a bias or "
                               "a stabiliser in your denominator?)")
-            report.expect_close(sums, sums_exp, what="your sums")
+            report.expect_close(sums, sums_exp, what="your tensor of sums")
         report.expect_close(R, R_exp, what="R (relevance at the input)")
     with report.part("random networks with biases and eps > 0: sums and R match", points=1):
         for _ in range(2):
@@ -463,6 +555,6 @@ def check_conservation(student, report: Report) -> None:
             R_exp, sums_exp = _dense_lrp(model, x, target, eps)
             got = report.call(student, model, x.clone(), target, eps)
             R, sums = _expect_pair(report, got, 4, 4, 10)
-            report.expect_close(sums, sums_exp, what=f"your sums (eps = {eps:g}, with biases)",
+            report.expect_close(sums, sums_exp, what=f"your tensor of sums (eps = {eps:g}, with biases)",
                                 mistakes=_conservation_mistakes(model, x, target, eps))
             report.expect_close(R, R_exp, what=f"R (eps = {eps:g}, with biases)")

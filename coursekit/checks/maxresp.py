@@ -111,7 +111,7 @@ def check_ascent_step(student, report: Report) -> None:
     with report.part("returns new pictures (N, C, H, W), detached; x and the model left unchanged", points=1):
         before = _snapshot(model)
         got = report.call(student, model, x, target, lr)
-        report.expect_tensor(got, shape=x.shape, detached=True, what="your new pictures")
+        report.expect_tensor(got, shape=x.shape, detached=True, what="your batch of new pictures")
         if not torch.equal(x, x0) or x.requires_grad or x.grad is not None:
             raise Mistake("your function changed the caller's x (in place, or made it require grad): work on a copy, "
                           "x = x.detach().clone().requires_grad_(True)")
@@ -119,7 +119,7 @@ def check_ascent_step(student, report: Report) -> None:
 
     with report.part("an ascent step: the picture moves along the gradient of the target's score", points=1):
         got = report.call(student, model, x.clone(), target, lr)
-        report.expect_tensor(got, shape=x.shape, what="your new pictures")
+        report.expect_tensor(got, shape=x.shape, what="your batch of new pictures")
         along = ((got.detach() - x) * g).flatten(1).sum(1)  # (N,)
         if (along < 0).all():
             raise Mistake(
@@ -149,7 +149,7 @@ def check_ascent_step(student, report: Report) -> None:
                 "gradient of the softmax probability; differentiate the class logit, model(x)[:, target]":
                     (x + lr * probs_g / probs_g.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-30)).clamp(0, 1),
             },
-            what="your new pictures",
+            what="your batch of new pictures",
         )
 
 
@@ -240,7 +240,7 @@ def check_edge_energy(student, report: Report) -> None:
             raise Mistake("a single number: return one energy per image, shape (N,) (sum over channels and pixels, not over the batch)")
         if isinstance(got, torch.Tensor) and got.shape == (n, 3):
             raise Mistake("shape (N, C): add the channels' energies together, result.view(N, C).sum(1)")
-        report.expect_tensor(got, shape=(n,), what="your energies")
+        report.expect_tensor(got, shape=(n,), what="your tensor of energies")
         if not got.requires_grad:
             raise Mistake("the result is not differentiable w.r.t. x (it will be a penalty in gradient ascent): "
                           "use torch operations only, no .detach(), .item() or numpy")
@@ -250,14 +250,14 @@ def check_edge_energy(student, report: Report) -> None:
         # 6..9 pixels: after one downscale the image is <= 5 pixels, so only the first scale counts
         h, w = (int(v) for v in report.rng.integers(6, 10, size=2))
         x = torch.rand(2, 3, h, w, generator=g)  # float32 pictures, as the instructions' kernel is float32
-        _check_energy(report, student, x, {**_EDGE_MISTAKES, **_PYRAMID_MISTAKES}, f"your energies of {h}x{w} pictures")
+        _check_energy(report, student, x, {**_EDGE_MISTAKES, **_PYRAMID_MISTAKES}, f"your tensor of energies for {h}x{w} pictures")
 
     with report.part("the pyramid: repeat on F.avg_pool2d(u, 2, padding=1) while min(height, width) > 5", points=2):
         # 14..17 pixels -> 8 or 9 -> 5: two scales, and a third one at exactly 5 pixels for a wrong stopping rule
         h = int(report.rng.integers(14, 18))
         w = int(report.rng.integers(20, 41))
         x = torch.rand(2, 3, h, w, generator=g)  # float32 pictures, as the instructions' kernel is float32
-        _check_energy(report, student, x, {**_PYRAMID_MISTAKES, **_EDGE_MISTAKES}, f"your energies of {h}x{w} pictures")
+        _check_energy(report, student, x, {**_PYRAMID_MISTAKES, **_EDGE_MISTAKES}, f"your tensor of energies for {h}x{w} pictures")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,13 +364,13 @@ def check_nearest_neighbours(student, report: Report) -> None:
             raise Mistake(f"shape {tuple(got.shape)} is (k, Q): one row per query, (Q, k); sort along dim=1")
         if isinstance(got, torch.Tensor) and tuple(got.shape) == (q_n, m):
             raise Mistake(f"shape {tuple(got.shape)}: keep only the first k = {k} neighbours of each query")
-        report.expect_tensor(got, shape=(q_n, k), what="your indices")
+        report.expect_tensor(got, shape=(q_n, k), what="your tensor of indices")
         if got.dtype not in (torch.int64, torch.int32):
             raise Mistake(f"dtype {got.dtype}: return integer indices (torch.long)")
 
     with report.part("nearest first, by Euclidean distance", points=2):
         got = report.call(student, queries.clone(), bank.clone(), k)
-        got = report.expect_tensor(got, shape=(q_n, k), what="your indices").long()
+        got = report.expect_tensor(got, shape=(q_n, k), what="your tensor of indices").long()
         if torch.equal(got, expected):
             return
         dot = queries.double() @ bank.double().T
