@@ -251,7 +251,8 @@ def test_efficientnet_without_canonizer_matches_zennit_without(effnet_case):
     """Without canonizers both libraries double the relevance at every skip connection (~11x the logit)."""
     model, _, x, y = effnet_case
     expected = zennit_relevance(model, x, y, zc.EpsilonPlusFlat())
-    got = L.lrp(model, x, y, L.epsilon_plus_flat(), canonizers=None)
+    with pytest.warns(L.UncanonizedWarning, match="BatchNormAct2d"), pytest.warns(L.ConservationWarning):
+        got = L.lrp(model, x, y, L.epsilon_plus_flat(), canonizers=None)  # said so, twice
     close(got, expected, tol=1e-4)
     with torch.no_grad():
         logit = model(x)[0, y[0]]
