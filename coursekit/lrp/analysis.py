@@ -240,7 +240,7 @@ def lrp(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGammaBox", 
     score = _relevance_target(target, x.shape[0], start, seen)
     store: list = []
     account = isinstance(composite, LRPComposite) and not callable(target_indices(target, x.shape[0]))
-    relevance = gradient(model, x, score, composite=composite.recording(store) if account else composite,
+    relevance = gradient(model, x, score, composite=composite.recording(store, passes=False) if account else composite,
                          canonizers=_canonizers(model, canonizers), what="LRP")
     if account:
         _check_accounting(model, relevance, torch.cat(seen), store)
