@@ -19,6 +19,7 @@ from torchvision.models.resnet import BasicBlock
 from coursekit import lrp as L
 from coursekit.guard import model_state
 from coursekit.models import CourseModel
+from coursekit.rules import UncoveredLayerError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,6 +80,9 @@ def test_canonizer_is_the_same_function_picked_by_auto_and_undone(name, kind, su
             torch.testing.assert_close(model(x64), reference, rtol=1e-10, atol=1e-10)
     assert before.differences(model_state(model)) == []
     L.lrp(model, x64, 0, "EpsilonPlusFlat")
+    assert before.differences(model_state(model)) == []
+    with pytest.raises(UncoveredLayerError, match="Linear"):  # an error after the canonizer ran: undone too
+        L.lrp(model, x64, 0, L.LRPComposite({nn.Conv2d: L.ZPlus()}))
     assert before.differences(model_state(model)) == []
 
 

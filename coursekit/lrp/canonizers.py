@@ -389,7 +389,7 @@ def unexplained(model: nn.Module) -> list[str]:
             continue
         skip = type(m).__name__ in RESIDUAL_BLOCKS and getattr(m, "use_res_connect", True) is not False \
             and getattr(m, "has_skip", True) is not False
-        if skip or isinstance(m, _BN):
+        if skip or isinstance(m, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm and lazy ones too
             found.append(f"{name or '(model)'} ({type(m).__name__})")
             inside.append(name)
     return found
