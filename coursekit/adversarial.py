@@ -37,7 +37,7 @@ from torch import nn
 
 from ._reference import reference
 from .guard import guarded
-from .inputs import check_images, check_model, positive_int, target_indices
+from .inputs import check_class_range, check_images, check_model, positive_int, target_indices
 from .optimize import Adam, SignStep, ascend
 from .progress import progress_bar
 
@@ -185,7 +185,7 @@ def _run_attack(model, x, y, t, eps, norm, steps, step_size, start, loss, progre
     rule = SignStep(step_size, eps=eps, origin=x, norm=norm, box=(0.0, 1.0))
     n = x.shape[0]
     active = torch.ones(n, dtype=torch.bool, device=x.device)  # (N,) still to attack
-    done_value = torch.zeros(n, device=x.device)  # (N,) objective at the fooling iterate
+    done_value = torch.zeros(n, dtype=x.dtype, device=x.device)  # (N,) objective at the fooling iterate
     first = []
 
     def value():
@@ -291,11 +291,17 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
     with guarded(model, what="pgd"):
         y = _labels(model, x, labels, batch_size)
         t = _targets(target, y, labels is not None)
+        if t is not None or labels is not None:  # one image through the model: how many classes it has
+            with torch.no_grad():
+                classes = model(x[:1]).shape[1]
+            check_class_range(y, classes, "label")
+            if t is not None:
+                check_class_range(t, classes)
         out = x.clone()
 
         jobs = [(a, b, r) for a, b in _chunks(len(x), batch_size) for r in range(restarts)]
         best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        best_value = torch.full((len(x),), -math.inf, device=x.device)
+        best_value = torch.full((len(x),), -math.inf, dtype=x.dtype, device=x.device)  # x has the model's dtype
         for a, b, r in progress_bar(jobs, desc="pgd", progress=progress, leave=False):
             xb = x[a:b]
             start = _random_start(xb, eps, norm, gen) if random_start else xb
@@ -318,8 +324,9 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
 
 def bim(model, x, labels=None, eps: float = 8 / 255, *, steps: int = 10, step_size: float | None = None, **kw):
     """The basic iterative method (Kurakin et al. 2017): :func:`pgd` from ``x`` (no random start),
-    step ``eps / steps`` by default (the ball's edge is just reachable)."""
-    step_size = check_eps(eps) / positive_int(steps, "steps") if step_size is None else step_size
+    step ``eps / steps`` by default (the ball's edge is just reachable), under the attack's ``norm``."""
+    if step_size is None:
+        step_size = check_eps(eps, kw.get("norm", "linf")) / positive_int(steps, "steps")
     return pgd(model, x, labels, eps, steps=steps, step_size=step_size, random_start=False, **kw)
 
 
@@ -429,12 +436,13 @@ def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 100
     """Classify ``n`` points drawn uniformly on the L2 sphere of ``radius`` around one image.
 
     Szegedy et al. (2014) / Fleuret's slides: at twice the distance of an adversarial example, random
-    directions change nothing. ``clamp=True`` clamps the points to [0, 1] (they then leave the sphere).
+    directions change nothing. ``clamp=True`` clamps the points to [0, 1] (they then leave the sphere);
+    the centre must then lie in [0, 1] itself (a ValueError for 0-255 pixels or a normalised image).
 
     x (1, C, H, W) -> SphereResult (labels (n,))
     """
     check_model(model)
-    x = check_images(x, model=model)
+    x = check_images(x, model=model, pixel_range=clamp)  # clamping to [0, 1] needs a centre inside it
     if x.shape[0] != 1:
         raise ValueError(f"random_sphere takes one image (1, C, H, W), got a batch of {x.shape[0]}")
     if not float(radius) > 0:
@@ -513,6 +521,8 @@ def noise_attack(model: nn.Module, x: torch.Tensor, target, *, l2_weight: float 
             raise StopIteration
 
     with guarded(model, what="noise_attack"):
+        with torch.no_grad():
+            check_class_range(torch.tensor([t]), model(x).shape[1])
         history = ascend(value, [noise], Adam(lr), max_steps, progress=progress, desc="noise layer", on_value=stop)
         with torch.no_grad():
             x_adv = (x + best["noise"]).clamp(0, 1)

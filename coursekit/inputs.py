@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["check_model", "check_images", "model_dtype", "target_indices", "target_scores", "positive_int"]
+__all__ = ["check_model", "check_images", "model_dtype", "target_indices", "target_scores", "positive_int",
+           "check_class_range"]
 
 
 def check_model(model) -> nn.Module:
@@ -135,6 +136,14 @@ def target_indices(target, n: int, repeats: int = 1, what: str = "target"):
     return idx.repeat_interleave(repeats) if repeats > 1 else idx
 
 
+def check_class_range(indices: torch.Tensor, k: int, what: str = "target") -> torch.Tensor:
+    """``indices`` (a LongTensor) unchanged when every one is a class of a ``k``-class model, else a clear ValueError."""
+    bad = (indices < 0) | (indices >= k)
+    if bool(bad.any()):
+        raise ValueError(f"{what} class index {int(indices[bad][0])} out of range: the model has {k} classes (0..{k - 1})")
+    return indices
+
+
 def target_scores(output: torch.Tensor, target) -> torch.Tensor:
     """The scalar per image that a method explains, maximises or attacks.
 
@@ -160,8 +169,5 @@ def target_scores(output: torch.Tensor, target) -> torch.Tensor:
         if s.dim() != 1:
             raise ValueError(f"a target function must return shape (N,) or a scalar, got {tuple(s.shape)}")
         return s
-    k = output.shape[1]
-    if (target < 0).any() or (target >= k).any():
-        bad = target[(target < 0) | (target >= k)][0]
-        raise ValueError(f"target class index {int(bad)} out of range: the model has {k} classes (0..{k - 1})")
+    check_class_range(target, output.shape[1])
     return output.gather(1, target.to(output.device)[:, None])[:, 0]

@@ -535,3 +535,60 @@ def test_plot_perturbation_bad_input():
     with pytest.raises(ValueError, match="vmax"):
         A.plot_perturbation(ax, x, x, vmax=-1)
     plt.close(fig)
+
+
+# -- issue 22: float64 models, bim under L2, class ranges, random_sphere's clamp -----------------
+
+
+def test_pgd_family_on_a_float64_model(fashion, batch):
+    import copy
+
+    model = copy.deepcopy(fashion).double()
+    x, y = batch[0][:6].double(), batch[1][:6]
+    eps, steps, alpha = 0.04, 4, 0.015
+    xa = x.clone()  # BIM by hand, in float64
+    for _ in range(steps):
+        xa = xa + alpha * _grad_ce(model, xa, y).sign()
+        xa = (x + (xa - x).clamp(-eps, eps)).clamp(0, 1)
+    got = _unchanged(model, lambda: A.bim(model, x, y, eps, steps=steps, step_size=alpha))
+    assert got.dtype == torch.float64 and torch.allclose(got, xa, atol=1e-12)
+    for adv in (A.pgd(model, x, y, eps, steps=3, restarts=2), A.pgd(model, x, y, eps, steps=3, early_stop=True),
+                A.pgd(model, x, y, 1.0, steps=3, norm="l2", target=(y + 1) % 10), A.fgsm(model, x, y, eps)):
+        assert adv.dtype == torch.float64 and adv.min() >= 0 and adv.max() <= 1
+    sweep = R.eps_sweep(model, x, y, [0.0, 0.05], attack="pgd", steps=3)
+    assert sweep.accuracy[1] <= sweep.accuracy[0]
+
+
+def test_bim_l2_default_step_is_eps_over_steps(fashion, batch):
+    x, y = batch
+    got = A.bim(fashion, x, y, 1.5, norm="l2", steps=5)
+    want = A.pgd(fashion, x, y, 1.5, norm="l2", steps=5, step_size=0.3, random_start=False)
+    assert torch.equal(got, want)
+    assert (got - x).flatten(1).norm(dim=1).max() <= 1.5 + 1e-4
+    with pytest.raises(ValueError, match="larger than any useful linf radius"):
+        A.bim(fashion, x, y, 1.5)
+
+
+@pytest.mark.parametrize("attack", [
+    lambda m, x, y: A.pgd(m, x, y, 0.05, steps=2, target=10),
+    lambda m, x, y: A.bim(m, x, y, 0.05, steps=2, target=[10] * len(x)),
+    lambda m, x, y: A.fgsm(m, x, y, 0.05, target=-1),
+    lambda m, x, y: A.pgd(m, x, None, 0.05, steps=2, target=10),
+    lambda m, x, y: A.pgd(m, x, 10, 0.05, steps=2),
+    lambda m, x, y: A.noise_attack(m, x[:1], 10, max_steps=2),
+])
+def test_class_indices_out_of_range_are_named(fashion, batch, attack):
+    x, y = batch
+    before = model_state(fashion)
+    with pytest.raises(ValueError, match=r"class index -?1?0? ?out of range: the model has 10 classes \(0\.\.9\)"):
+        attack(fashion, x, y)
+    assert not before.differences(model_state(fashion))
+
+
+def test_random_sphere_clamp_needs_a_centre_in_the_box(fashion, batch):
+    x = batch[0][:1]
+    with pytest.raises(ValueError, match="0-255 pixels: divide by 255"):
+        A.random_sphere(fashion, x * 255, 1.0, n=4, clamp=True)
+    with pytest.raises(ValueError, match="normalised"):
+        A.random_sphere(fashion, fashion.normalize(x), 1.0, n=4, clamp=True)
+    assert A.random_sphere(fashion, x * 255, 1.0, n=4).labels.shape == (4,)  # unclamped: any centre

@@ -251,8 +251,118 @@ def test_efficientnet_without_canonizer_matches_zennit_without(effnet_case):
     """Without canonizers both libraries double the relevance at every skip connection (~11x the logit)."""
     model, _, x, y = effnet_case
     expected = zennit_relevance(model, x, y, zc.EpsilonPlusFlat())
-    got = L.lrp(model, x, y, L.epsilon_plus_flat(), canonizers=None)
+    with pytest.warns(L.UncanonizedWarning, match="BatchNormAct2d"), pytest.warns(L.ConservationWarning):
+        got = L.lrp(model, x, y, L.epsilon_plus_flat(), canonizers=None)  # said so, twice
     close(got, expected, tol=1e-4)
     with torch.no_grad():
         logit = model(x)[0, y[0]]
     assert float(got.sum() / logit) > 5
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision ResNet, VGG-BN, MobileNetV2 (random weights): our canonizers against zennit's
+
+
+def _random_batchnorm(net, seed=0):
+    """Batch-norm statistics and affine parameters that are not the identity (as trained ones are not)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.eps = 0.0  # zennit's merged batch-norm keeps dividing by sqrt(1 + eps): compare at eps = 0
+    return net
+
+
+def _torchvision(name):
+    import torchvision
+
+    from coursekit.models import imagenet_classes
+
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, name)(weights=None)
+    if name.startswith("vgg"):  # VGG's 120M-weight dense layers are not what the canonizer is about
+        net.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 1000))
+    net = _random_batchnorm(net.eval().requires_grad_(False))
+    meta = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    return CourseModel(net, name=name, classes=imagenet_classes(), input_size=(3, 64, 64), mean=meta.mean,
+                       std=meta.std, layers={}).double().eval()
+
+
+@pytest.fixture(scope="module")
+def tv_batch():
+    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def _mobilenet_rewrite(net):
+    """MobileNetV2 rewritten by hand: batch-norms folded, skips through zennit's Sum, pooling a layer."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    def fold_all(seq):
+        out, layers = [], list(seq)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.BatchNorm2d):
+                continue
+            if isinstance(layer, nn.Sequential):
+                out += fold_all(layer)
+            elif i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d):
+                out.append(_fold(layer, layers[i + 1]))
+            else:
+                out.append(nn.ReLU6() if isinstance(layer, nn.ReLU6) else layer)
+        return out
+
+    blocks = []
+    for block in net.features:
+        if isinstance(block, InvertedResidual):
+            seq = nn.Sequential(*fold_all(block.conv))
+            blocks.append(_Skip(seq) if block.use_res_connect else seq)
+        else:
+            blocks.append(nn.Sequential(*fold_all(block)))
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), net.classifier).eval()
+
+
+def _zennit_composite(case, model, canonizers):
+    low, high = bounds(model)
+    comp = {"EpsilonGammaBox": lambda: zc.EpsilonGammaBox(low=low, high=high), "EpsilonPlusFlat": zc.EpsilonPlusFlat,
+            "EpsilonAlpha2Beta1": zc.EpsilonAlpha2Beta1}[case]()
+    comp.canonizers = canonizers
+    return comp
+
+
+TV_CASES = [("resnet18", "EpsilonGammaBox"), ("resnet18", "EpsilonPlusFlat"), ("resnet18", "EpsilonAlpha2Beta1"),
+            ("resnet50", "EpsilonGammaBox"), ("vgg11_bn", "EpsilonGammaBox"), ("vgg11_bn", "EpsilonPlusFlat")]
+
+
+@pytest.mark.parametrize("name, case", TV_CASES)
+def test_torchvision_canonizers_match_zennit(name, case, tv_batch):
+    """'auto' picks ResNetCanonizer / VGGCanonizer; zennit runs its ResNetCanonizer / VGGCanonizer."""
+    from zennit import torchvision as ztv
+
+    model = _torchvision(name)
+    with torch.no_grad():
+        target = model(tv_batch).argmax(1)
+    theirs_canonizer = ztv.ResNetCanonizer() if name.startswith("resnet") else ztv.VGGCanonizer()
+    expected = zennit_relevance(model, tv_batch, target, _zennit_composite(case, model, [theirs_canonizer]))
+    got = L.lrp(model, tv_batch, target, case)
+    close(got, expected)
+    if case == "EpsilonPlusFlat":  # and the canonizers matter: without them zennit's map is another one
+        uncanonized = zennit_relevance(model, tv_batch, target, _zennit_composite(case, model, []))
+        assert (uncanonized - expected).abs().max() > 0.1 * expected.abs().max()
+
+
+@pytest.mark.parametrize("case", ["EpsilonGammaBox", "EpsilonPlusFlat"])
+def test_mobilenet_v2_canonizer_matches_zennit_on_a_hand_rewrite(case, tv_batch):
+    model = _torchvision("mobilenet_v2")
+    rewritten = _mobilenet_rewrite(model.net)
+    with torch.no_grad():
+        target = model(tv_batch).argmax(1)
+        torch.testing.assert_close(rewritten(model.normalize(tv_batch)), model(tv_batch), atol=1e-10, rtol=1e-10)
+    wrapped = CourseModel(rewritten, name="rewrite", classes=model.classes, input_size=model.input_size,
+                          mean=model.mean, std=model.std, layers={}).double()
+    expected = zennit_relevance(wrapped, tv_batch, target, _zennit_composite(case, model, []))
+    got = L.lrp(model, tv_batch, target, case)
+    close(got, expected)

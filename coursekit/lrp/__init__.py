@@ -2,7 +2,8 @@
 
 * :mod:`.rules` — the LRP rules, each a parameter setting of one generic backward rule;
 * :mod:`.composites` — which rule for which layer (zennit's composites and Montavon et al. 2019);
-* :mod:`.canonizers` — batch-norm merging and explicit residual sums (timm EfficientNet);
+* :mod:`.canonizers` — batch-norm merging and explicit residual sums (timm EfficientNet; torchvision
+  ResNet, VGG-BN, MobileNetV2), and the refusal of what no canonizer covers;
 * :mod:`.analysis` — :func:`lrp`, conservation layer by layer, plots.
 
 ::
@@ -15,6 +16,9 @@
 
 from .analysis import (
     Conservation,
+    ConservationWarning,
+    UncanonizedWarning,
+    check_explainable,
     conservation,
     default_canonizers,
     lrp,
@@ -22,7 +26,18 @@ from .analysis import (
     plot_relevance,
     relevance_limit,
 )
-from .canonizers import EfficientNetCanonizer, MergeBatchNorm, Residual, Sum, merge_batchnorm
+from .canonizers import (
+    RESIDUAL_BLOCKS,
+    EfficientNetCanonizer,
+    MergeBatchNorm,
+    MobileNetV2Canonizer,
+    Residual,
+    ResNetCanonizer,
+    Sum,
+    VGGCanonizer,
+    merge_batchnorm,
+    unexplained,
+)
 from .composites import (
     BASE_RULES,
     COMPOSITES,
@@ -58,7 +73,9 @@ from .rules import (
 
 __all__ = [
     "lrp", "conservation", "Conservation", "plot_conservation", "plot_relevance", "relevance_limit", "default_canonizers",
-    "EfficientNetCanonizer", "MergeBatchNorm", "Residual", "Sum", "merge_batchnorm",
+    "ConservationWarning", "UncanonizedWarning", "check_explainable",
+    "EfficientNetCanonizer", "ResNetCanonizer", "VGGCanonizer", "MobileNetV2Canonizer", "MergeBatchNorm", "Residual",
+    "Sum", "merge_batchnorm", "unexplained", "RESIDUAL_BLOCKS",
     "BASE_RULES", "COMPOSITES", "LRPComposite", "make_composite", "lrp_zero", "lrp_epsilon", "epsilon_plus",
     "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "epsilon_gamma_box", "montavon2019",
     "LRPRule", "Term", "Group", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "Norm",

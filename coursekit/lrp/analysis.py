@@ -9,6 +9,7 @@ and :mod:`coursekit.faithfulness` / :mod:`coursekit.sanity` take it like any oth
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,45 +17,179 @@ import torch
 from torch import nn
 
 from ..gradients import gradient
+from ..guard import _user_stacklevel
 from ..inputs import check_images, check_model, target_indices, target_scores
 from ..rules import Canonizer
-from .canonizers import EfficientNetCanonizer
-from .composites import make_composite
+from .canonizers import (
+    EfficientNetCanonizer,
+    MergeBatchNorm,
+    MobileNetV2Canonizer,
+    ResNetCanonizer,
+    VGGCanonizer,
+    unexplained,
+)
+from .composites import LRPComposite, make_composite
+from .rules import ZBox
 
 __all__ = ["lrp", "default_canonizers", "Conservation", "conservation", "plot_conservation", "plot_relevance",
-           "relevance_limit"]
+           "relevance_limit", "ConservationWarning", "UncanonizedWarning"]
+
+
+class ConservationWarning(UserWarning):
+    """Relevance was created or lost outside every LRP rule (more than 5 % of the logit): the map is not LRP's."""
+
+
+class UncanonizedWarning(UserWarning):
+    """LRP ran on a model with batch-norms or residual blocks that no canonizer rewrote."""
+
+
+def _torchvision_types() -> dict:
+    try:
+        from torchvision.models import VGG, MobileNetV2, ResNet
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return {}
+    return {ResNet: ResNetCanonizer, MobileNetV2: MobileNetV2Canonizer, VGG: VGGCanonizer}
 
 
 def default_canonizers(model: nn.Module) -> list[Canonizer]:
-    """The canonizers a model needs: :class:`EfficientNetCanonizer` for timm EfficientNets, else none."""
-    if any(type(m).__name__ == "EfficientNet" for m in model.modules()):
-        return [EfficientNetCanonizer()]
-    return []
+    """The canonizers a model needs ("auto").
+
+    :class:`EfficientNetCanonizer` for timm EfficientNets; :class:`ResNetCanonizer`,
+    :class:`MobileNetV2Canonizer` and (when it has batch-norms) :class:`VGGCanonizer` for torchvision's
+    networks; for any other model with batch-norms :class:`MergeBatchNorm` (Conv/Linear + batch-norm
+    in an ``nn.Sequential``); else none.
+    """
+    modules = list(model.modules())
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules)
+    out: list[Canonizer] = []
+    if any(type(m).__name__ == "EfficientNet" for m in modules):
+        out.append(EfficientNetCanonizer())
+    for kind, canonizer in _torchvision_types().items():
+        if any(isinstance(m, kind) for m in modules) and (canonizer is not VGGCanonizer or has_bn):
+            out.append(canonizer())
+    if not out and has_bn:
+        out.append(MergeBatchNorm())
+    return out
 
 
-def _canonizers(model, canonizers):
+class _Explainable(Canonizer):
+    """Runs after the other canonizers: refuses (``refuse=True``) or warns about what LRP would explain wrongly."""
+
+    def __init__(self, refuse: bool):
+        self.refuse = refuse
+
+    def apply(self, model):
+        check_explainable(model, self.refuse)
+        return lambda: None
+
+
+def check_explainable(model: nn.Module, refuse: bool = True) -> None:
+    """Raise a ValueError (``refuse``) or warn (:class:`UncanonizedWarning`) when LRP would explain ``model`` wrongly.
+
+    The modules listed by :func:`coursekit.lrp.canonizers.unexplained` (batch-norm not merged,
+    residual blocks with their addition) are named, with what to do.
+    """
+    found = unexplained(model)
+    if not found:
+        return
+    more = f" and {len(found) - 6} more" if len(found) > 6 else ""
+    why = (f"{', '.join(found[:6])}{more}. A batch-norm left in place is skipped (relevance passes it unchanged, "
+           "its scale and shift ignored) and a residual addition copies relevance into both paths, so the map would "
+           "not sum to the logit (torchvision's resnet18: about 255x).")
+    if refuse:
+        raise ValueError(
+            f"LRP cannot explain {type(model).__name__} correctly: no canonizer rewrote {why} coursekit has canonizers "
+            "for torchvision's ResNet, VGG-BN and MobileNetV2 and timm's EfficientNet-Lite (canonizers='auto' picks "
+            "them); for another network write a coursekit.rules.Canonizer (see coursekit.lrp.canonizers) and pass "
+            "canonizers=[...], or pass canonizers=None to get the uncanonized map anyway, with a warning.")
+    warnings.warn(f"this LRP map of {type(model).__name__} is not a correct explanation: the canonizers given left "
+                  f"{why} Use canonizers='auto' or a canonizer for these blocks.", UncanonizedWarning,
+                  stacklevel=_user_stacklevel())
+
+
+def _canonizers(model, canonizers, warn: bool = True):
+    """The canonizers to run, followed by the check that they left nothing LRP explains wrongly."""
     if canonizers == "auto":
-        return default_canonizers(model)
-    if canonizers is None:
-        return []
-    canonizers = list(canonizers) if isinstance(canonizers, (list, tuple)) else [canonizers]
-    for c in canonizers:
-        if not isinstance(c, Canonizer):
-            raise TypeError(f"canonizers must be Canonizer objects (or 'auto' / None), got {type(c).__name__}")
-    return canonizers
+        chosen, refuse = default_canonizers(model), True
+    elif canonizers is None:
+        chosen, refuse = [], False
+    else:
+        chosen = list(canonizers) if isinstance(canonizers, (list, tuple)) else [canonizers]
+        refuse = False
+        for c in chosen:
+            if not isinstance(c, Canonizer):
+                raise TypeError(f"canonizers must be Canonizer objects (or 'auto' / None), got {type(c).__name__}")
+    if not unexplained(model):  # canonizers never add batch-norms or residual blocks
+        return chosen
+    if not chosen:
+        if refuse or warn:
+            check_explainable(model, refuse)
+        return chosen
+    return chosen + [_Explainable(refuse)] if refuse or warn else chosen
 
 
-def _relevance_target(target, n: int, start: str):
-    """A target callable whose gradient at the output is the logit itself (``start='logit'``) or 1."""
+def _check_box(composite, x: torch.Tensor) -> None:
+    """z^B assumes every pixel within its bounds: refuse 0-255 pixels or an already normalised input."""
+    rules = [getattr(composite, "first", None), *getattr(composite, "name_rules", {}).values()]
+    for rule in rules:
+        if not isinstance(rule, ZBox):
+            continue
+        low, high = (torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in (rule.low, rule.high))
+        low, high = (b.view(1, -1, 1, 1) if b.dim() == 1 else b for b in (low, high))
+        tol = 1e-6
+        if bool((x < low - tol).any()) or bool((x > high + tol).any()):
+            lo, hi = float(x.min()), float(x.max())
+            hint = " It looks like 0-255 pixels: divide by 255." if hi > 1.5 and float(high.max()) <= 1 else ""
+            hint = " It looks normalised: pass [0, 1] pixels, the model normalises itself." \
+                if lo < -0.01 and float(low.min()) >= 0 else hint
+            raise ValueError(
+                f"the {composite.name} composite's z^B rule {rule!r} assumes every pixel of x within its bounds, got "
+                f"values in [{lo:.3g}, {hi:.3g}]; its map would be meaningless.{hint} For other bounds give them in "
+                "the units of x, e.g. lrp.epsilon_gamma_box(low=..., high=...), or use a composite without z^B "
+                "(e.g. 'EpsilonPlusFlat').")
+
+
+def _relevance_target(target, n: int, start: str, seen: list | None = None):
+    """A target callable whose gradient at the output is the logit itself (``start='logit'``) or 1.
+
+    ``seen`` (a list) receives the relevance put on the explained output, (N,) per batch.
+    """
     if start not in ("logit", "one"):
         raise ValueError(f"start must be 'logit' (relevance at the top = the logit) or 'one', got {start!r}")
     targets = target_indices(target, n)
 
     def score(output):  # (N, K) -> (N,)
         s = target_scores(output, targets)
+        if seen is not None:
+            seen.append(s.detach() if start == "logit" else torch.ones_like(s))
         return s * s.detach() if start == "logit" else s  # d(s * s0)/ds = s0: the top relevance is the logit
 
     return score
+
+
+def _check_accounting(model: nn.Module, relevance: torch.Tensor, top: torch.Tensor, store: list) -> None:
+    """Warn when relevance was created or lost *outside* every rule (a hidden ``+``, an unruled scaling).
+
+    Every LRP rule reports the relevance sums at its output and inputs (``store``); what a rule absorbs
+    (biases, epsilon) is accounted for there. What is left, ``pixels - top - sum(in - out)``, comes from
+    operations inside ``forward`` that no rule sees: ``x + f(x)`` copies relevance into both paths,
+    ``F.batch_norm`` or ``2 * x`` scales it. A map's sum alone cannot tell this from biases that push
+    against the class (fashion_cnn's LRP-0 maps sum to up to 1.3 x the logit, correctly).
+    """
+    sums = relevance.flatten(1).sum(1)  # (N,)
+    top = top.to(sums)
+    absorbed = sum((out.to(sums) - inp.to(sums) for *_, out, inp in store), torch.zeros_like(sums))  # (N,)
+    hidden = sums - top + absorbed  # (N,) relevance from outside the rules
+    bad = (hidden.abs() > 0.05 * top.abs()) & (top != 0) & torch.isfinite(hidden)
+    if bool(bad.any()):
+        idx = bad.nonzero()[:, 0].tolist()
+        shown = ", ".join(f"image {i}: map sum {float(sums[i] / top[i]):.3g} x the logit, {float(hidden[i] / top[i]):+.3g} "
+                          "from outside the rules" for i in idx[:3]) + (" ..." if len(idx) > 3 else "")
+        warnings.warn(
+            f"this LRP map of {type(model).__name__} is not a correct explanation ({shown}): relevance was created or "
+            "lost where no LRP rule sees it, typically a residual addition (x + f(x)) or a normalisation computed inside "
+            "forward(). Rewrite those blocks with a canonizer (see coursekit.lrp.canonizers); lrp.conservation shows "
+            "the sums layer by layer.", ConservationWarning, stacklevel=_user_stacklevel())
 
 
 def lrp(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGammaBox", canonizers="auto",
@@ -70,7 +205,10 @@ def lrp(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGammaBox", 
     composite : str or LRPComposite
         Rules per layer: a name from :data:`coursekit.lrp.COMPOSITES` or a composite object.
     canonizers : "auto", None or sequence of Canonizer
-        "auto": :func:`default_canonizers` (the EfficientNet canonizer for timm EfficientNets).
+        "auto": :func:`default_canonizers` (torchvision ResNet, VGG-BN, MobileNetV2, timm
+        EfficientNet, batch-norm in an ``nn.Sequential``); a ValueError naming the modules when
+        batch-norms or residual blocks are left that no canonizer rewrote. None or a list: those
+        canonizers only, and an :class:`UncanonizedWarning` when such modules are left.
         They are undone afterwards, even on error.
     start : {"logit", "one"}
         Relevance put on the explained output: its value (the map then sums to the logit when
@@ -79,12 +217,35 @@ def lrp(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGammaBox", 
     Returns
     -------
     Tensor (N, C, H, W): relevance per pixel and channel, detached.
+
+    Raises
+    ------
+    ValueError
+        Also when the composite's z^B rule does not hold ``x`` (0-255 pixels, a normalised input).
+
+    Warns
+    -----
+    UncanonizedWarning
+        Explicit ``canonizers`` left batch-norms or residual blocks LRP explains wrongly.
+    ConservationWarning
+        Relevance was created or lost outside every rule (more than 5 % of the logit): an addition
+        or scaling inside ``forward`` that no canonizer rewrote. (The map's sum itself may leave
+        [0, 1] correctly: biases that push against the class leave more than the logit.)
     """
     check_model(model)
     x = check_images(x, model=model)
     composite = make_composite(composite)
-    score = _relevance_target(target, x.shape[0], start)
-    return gradient(model, x, score, composite=composite, canonizers=_canonizers(model, canonizers), what="LRP")
+    _check_box(composite, x)
+    seen: list = []
+    score = _relevance_target(target, x.shape[0], start, seen)
+    store: list = []
+    account = isinstance(composite, LRPComposite) and not callable(target_indices(target, x.shape[0]))
+    relevance = gradient(model, x, score, composite=composite.recording(store, passes=False) if account else composite,
+                         canonizers=_canonizers(model, canonizers), what="LRP")
+    if account:
+        _check_accounting(model, relevance, torch.cat(seen), store)
+    return relevance
+
 
 
 @dataclass
@@ -137,7 +298,8 @@ def conservation(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGa
     Parameters
     ----------
     model, x, target, composite, canonizers
-        As in :func:`lrp`.
+        As in :func:`lrp`, except that an explicit ``canonizers`` (None, a list) gives no warning:
+        the sums show what is wrong.
 
     Returns
     -------
@@ -146,15 +308,18 @@ def conservation(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGa
     check_model(model)
     x = check_images(x, model=model)
     store: list = []
-    comp = make_composite(composite).recording(store)
+    comp = make_composite(composite)
+    _check_box(comp, x)
+    comp = comp.recording(store)
     score = _relevance_target(target, x.shape[0], "logit")
-    pixels = gradient(model, x, score, composite=comp, canonizers=_canonizers(model, canonizers), what="LRP")
+    chosen = _canonizers(model, canonizers, warn=False)  # "auto" refuses; the sums show the rest
+    pixels = gradient(model, x, score, composite=comp, canonizers=chosen, what="LRP")
     if not store:
         raise RuntimeError("no layer reported relevance; is the composite attached to this model?")
     layers = [name for name, *_ in store] + ["pixels"]
     kinds = [f"{kind} / {rule}" for _, kind, rule, _, _ in store] + ["input map"]
     sums = [out for *_, out, _ in store] + [pixels.flatten(1).sum(1)]
-    in_branch = [".branch." in f".{name}." for name in layers]
+    in_branch = [".branch." in f".{name}." or ".shortcut." in f".{name}." for name in layers]
     return Conservation(layers, kinds, torch.stack([s.float().cpu() for s in sums]).numpy(), in_branch)
 
 

@@ -18,6 +18,12 @@ rules see the padding exactly as the model does). ReLU6 stays a separate layer t
 passes unchanged. The input normalisation is handled by the LRP composite (relevance passes it
 unchanged; z^B's pixel bounds are converted through it), so relevance ends in pixel space.
 
+The torchvision canonizers do the same for the networks students bring: :class:`ResNetCanonizer`
+(``BasicBlock`` / ``Bottleneck``, with the ``downsample`` shortcut merged too), :class:`VGGCanonizer`
+(VGG-BN: batch-norm inside ``features``) and :class:`MobileNetV2Canonizer` (inverted residuals,
+ReLU6, and the functional global average pooling made a layer so that it gets its rule).
+:func:`~coursekit.lrp.analysis.default_canonizers` ("auto") picks them by the model's block types.
+
 Every canonizer returns an undo function that puts back exactly the modules it replaced; the
 user's modules and parameters are never written to (merged layers are new copies).
 """
@@ -32,7 +38,8 @@ from torch import nn
 
 from ..rules import Canonizer
 
-__all__ = ["Sum", "Residual", "merge_batchnorm", "MergeBatchNorm", "EfficientNetCanonizer"]
+__all__ = ["Sum", "Residual", "merge_batchnorm", "MergeBatchNorm", "EfficientNetCanonizer", "ResNetCanonizer",
+           "VGGCanonizer", "MobileNetV2Canonizer"]
 
 
 class Sum(nn.Module):
@@ -43,15 +50,30 @@ class Sum(nn.Module):
 
 
 class Residual(nn.Module):
-    """``sum(branch(x), x)``: a residual block with its addition made explicit."""
+    """``after(sum(branch(x), shortcut(x)))``: a residual block with its addition made explicit.
 
-    def __init__(self, branch: nn.Module):
+    Parameters
+    ----------
+    branch : nn.Module
+    shortcut : nn.Module, optional
+        The skip path (torchvision's ``downsample``); the identity when None.
+    after : nn.Module, optional
+        What follows the addition (ResNet's ReLU); nothing when None.
+    """
+
+    def __init__(self, branch: nn.Module, shortcut: nn.Module | None = None, after: nn.Module | None = None):
         super().__init__()
         self.branch = branch
+        if shortcut is not None:
+            self.shortcut = shortcut
         self.sum = Sum()
+        if after is not None:
+            self.after = after
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sum(self.branch(x), x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C', H', W')
+        skip = self.shortcut(x) if "shortcut" in self._modules else x
+        out = self.sum(self.branch(x), skip)
+        return self.after(out) if "after" in self._modules else out
 
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -213,3 +235,161 @@ class EfficientNetCanonizer(Canonizer):
             if not isinstance(layers[name], nn.Identity):
                 branch.add_module(name, layers[name])
         return Residual(branch) if block.has_skip else branch
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision: ResNet, VGG-BN, MobileNetV2
+
+
+_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _merged_sequential(seq: nn.Module, where: str) -> nn.Sequential:
+    """A new ``nn.Sequential`` like ``seq`` (same names, nested ones too) with every Conv/Linear + batch-norm merged.
+
+    ``seq`` itself is not modified; layers other than the merged pairs are shared with it.
+    """
+    if not isinstance(seq, nn.Sequential):
+        raise ValueError(f"{where} is {type(seq).__name__}, expected an nn.Sequential of layers")
+    out, items = nn.Sequential(), list(seq._modules.items())
+    skip_next = False
+    for i, (name, layer) in enumerate(items):
+        if skip_next:
+            skip_next = False
+            continue
+        follower = items[i + 1][1] if i + 1 < len(items) else None
+        if isinstance(layer, _LINEAR) and isinstance(follower, _BN):
+            out.add_module(name, merge_batchnorm(layer, follower))
+            out.add_module(items[i + 1][0], _after_norm(follower))
+            skip_next = True
+        elif isinstance(layer, nn.Sequential):
+            out.add_module(name, _merged_sequential(layer, f"{where}.{name}"))
+        else:
+            out.add_module(name, layer)
+    return out
+
+
+def _find(model: nn.Module, kind: type, canonizer: str, hint: str) -> list[nn.Module]:
+    nets = [m for m in model.modules() if isinstance(m, kind)]
+    if not nets:
+        raise ValueError(f"{canonizer} found no torchvision {kind.__name__} inside {type(model).__name__}; {hint}")
+    return nets
+
+
+class ResNetCanonizer(Canonizer):
+    """torchvision ResNet (He et al. 2016; ``resnet18`` ... ``resnet152``, ``resnext``, ``wide_resnet``), reversibly.
+
+    * the stem ``conv1`` + ``bn1`` is merged (:func:`merge_batchnorm`), ``bn1`` becomes an identity;
+    * every ``BasicBlock`` / ``Bottleneck`` becomes a :class:`Residual`: its convolutions with their
+      batch-norms merged and a ReLU between them as the branch, the ``downsample`` (1x1 convolution
+      + batch-norm, merged) as the shortcut, the explicit :class:`Sum` and the final ReLU after it.
+
+    Blocks of other classes (a subclass with its own ``forward``) are refused with a ValueError.
+    """
+
+    def apply(self, model):
+        from torchvision.models.resnet import ResNet
+
+        undo: list = []
+        try:
+            for net in _find(model, ResNet, "ResNetCanonizer", "use it with torchvision.models.resnet18() etc."):
+                _replace(net, "conv1", merge_batchnorm(net.conv1, net.bn1), undo)
+                _replace(net, "bn1", _after_norm(net.bn1), undo)
+                for stage in ("layer1", "layer2", "layer3", "layer4"):
+                    blocks = net._modules[stage]
+                    for key in list(blocks._modules):
+                        _replace(blocks, key, self._block(blocks._modules[key], f"{stage}.{key}"), undo)
+        except Exception:
+            _undo(undo)()
+            raise
+        return _undo(undo)
+
+    @staticmethod
+    def _block(block: nn.Module, where: str) -> Residual:
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
+        if type(block) not in (BasicBlock, Bottleneck):
+            raise ValueError(f"ResNetCanonizer does not know {where} ({type(block).__name__}); it handles "
+                             "torchvision's BasicBlock and Bottleneck")
+        count = 2 if type(block) is BasicBlock else 3
+        branch = nn.Sequential()
+        for i in range(1, count + 1):
+            branch.add_module(f"conv{i}", merge_batchnorm(block._modules[f"conv{i}"], block._modules[f"bn{i}"]))
+            if i < count:
+                branch.add_module(f"relu{i}", nn.ReLU())
+        shortcut = None if block.downsample is None else _merged_sequential(block.downsample, f"{where}.downsample")
+        return Residual(branch, shortcut, nn.ReLU())
+
+
+class VGGCanonizer(MergeBatchNorm):
+    """torchvision VGG-BN (``vgg11_bn`` ... ``vgg19_bn``): every batch-norm in ``features`` merged into its convolution."""
+
+    def apply(self, model):
+        from torchvision.models import VGG
+
+        _find(model, VGG, "VGGCanonizer", "use it with torchvision.models.vgg16_bn() etc.")
+        return super().apply(model)
+
+
+class MobileNetV2Canonizer(Canonizer):
+    """torchvision MobileNetV2 (Sandler et al. 2018), reversibly.
+
+    ``features`` is replaced by a new ``nn.Sequential``: every Conv2dNormActivation with its
+    batch-norm merged (ReLU6 kept, relevance passes it unchanged), every ``InvertedResidual`` as its
+    merged layers, wrapped in :class:`Residual` when it has a skip connection (``use_res_connect``),
+    and an ``nn.AdaptiveAvgPool2d(1)`` at the end: MobileNetV2 pools with a function call, which no
+    rule could see; after this layer the function pools a 1x1 map, which changes nothing.
+    """
+
+    def apply(self, model):
+        from torchvision.models.mobilenetv2 import InvertedResidual, MobileNetV2
+
+        undo: list = []
+        try:
+            for net in _find(model, MobileNetV2, "MobileNetV2Canonizer",
+                              "use it with torchvision.models.mobilenet_v2()"):
+                if type(net).forward is not MobileNetV2.forward or type(net)._forward_impl is not MobileNetV2._forward_impl:
+                    raise ValueError(f"{type(net).__name__} has its own forward; MobileNetV2Canonizer handles "
+                                     "torchvision's MobileNetV2 as it is")
+                features = nn.Sequential()
+                for key, block in net.features._modules.items():
+                    where = f"features.{key}"
+                    if isinstance(block, InvertedResidual):
+                        branch = _merged_sequential(block.conv, f"{where}.conv")
+                        features.add_module(key, Residual(branch) if block.use_res_connect else branch)
+                    else:
+                        features.add_module(key, _merged_sequential(block, where))
+                features.add_module("pool", nn.AdaptiveAvgPool2d(1))
+                _replace(net, "features", features, undo)
+        except Exception:
+            _undo(undo)()
+            raise
+        return _undo(undo)
+
+
+# residual blocks (an addition inside forward) of torchvision and timm, by class name
+RESIDUAL_BLOCKS = frozenset({
+    "BasicBlock", "Bottleneck", "InvertedResidual", "MBConv", "FusedMBConv", "CNBlock", "ResBottleneckBlock",
+    "DepthwiseSeparableConv", "EdgeResidual", "ConvNeXtBlock", "BottleneckBlock", "ResidualBlock",
+})
+
+
+def unexplained(model: nn.Module) -> list[str]:
+    """``"name (Type)"`` of every module that LRP's rules would explain wrongly as it is.
+
+    A batch-norm not merged into a layer (its relay rule ignores its scale and shift) and a
+    residual block (its addition copies relevance into both paths) of a kind in
+    :data:`RESIDUAL_BLOCKS` that still has its skip connection; layers inside a listed block are
+    not listed again.
+    """
+    found: list[str] = []
+    inside: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        skip = type(m).__name__ in RESIDUAL_BLOCKS and getattr(m, "use_res_connect", True) is not False \
+            and getattr(m, "has_skip", True) is not False
+        if skip or isinstance(m, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm and lazy ones too
+            found.append(f"{name or '(model)'} ({type(m).__name__})")
+            inside.append(name)
+    return found

@@ -103,6 +103,7 @@ class LRPComposite(Composite):
         self.pixel_relevance = bool(pixel_relevance)
         self._assigned: dict[str, Rule] = {}
         self._record: list | None = None
+        self._record_passes = True
 
     def __repr__(self) -> str:
         return f"LRPComposite({self.name!r})"
@@ -127,9 +128,14 @@ class LRPComposite(Composite):
         """A copy with another rule for the pixel layer (e.g. ``Flat()``, ``WSquare()``, ``ZBox(0, 1)``)."""
         return self._copy(first=rule)
 
-    def recording(self, store: list) -> LRPComposite:
-        """A copy that appends ``(name, layer type, relevance at output, relevance at input)`` per layer to ``store``."""
-        return self._copy(_record=store)
+    def recording(self, store: list, passes: bool = True) -> LRPComposite:
+        """A copy that appends ``(name, layer type, relevance at output, relevance at input)`` per layer to ``store``.
+
+        ``passes=False`` records only the layers whose rule may change the total: not those that keep
+        their plain gradient (max pooling, reshapes; observing them costs a second pass) nor those
+        that relay relevance unchanged (ReLU, the normalisation).
+        """
+        return self._copy(_record=store, _record_passes=passes)
 
     # -- the plan ---------------------------------------------------------------------------------
 
@@ -168,9 +174,9 @@ class LRPComposite(Composite):
             rule = super().rule_for(name, module)
         if self._record is not None and rule is not None:
             leaf = next(module.children(), None) is None
-            if isinstance(rule, Pass) and leaf and not isinstance(module, (nn.Identity, nn.Dropout)):
+            if isinstance(rule, Pass) and leaf and self._record_passes and not isinstance(module, (nn.Identity, nn.Dropout)):
                 rule = _Recorded(GradientRule(), name, self._record)
-            elif isinstance(rule, BackwardRule):
+            elif isinstance(rule, BackwardRule) and (self._record_passes or not isinstance(rule, Relay)):
                 rule = _Recorded(rule, name, self._record)
         return rule
 
