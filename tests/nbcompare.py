@@ -6,11 +6,13 @@ are rounded: an attack whose sign(gradient) flips where the gradient is zero up 
 network trained from scratch. Such a cell declares, in its metadata, how far each printed number may
 move (the prose quotes it no more precisely than that)::
 
-    "coursekit": {"compare": {"abs": 0.02, "rel": 0.1, "ignore_lines": ["^two FGSM sweeps"]}}
+    "coursekit": {"compare": {"abs": 0.02, "rel": 0.1, "ignore_lines": ["^two FGSM sweeps"],
+                              "mask": ["\\d+\\.\\d s\\b"]}}
 
 A number passes when it is within ``abs`` OR within ``rel`` (a fraction) of the committed one; the
 words and layout around the numbers must still match (whitespace runs count as one space). Lines
-matching an ``ignore_lines`` pattern (a timing) are dropped from both sides. ``tests/conftest.py``
+matching an ``ignore_lines`` pattern are dropped from both sides; text matching a ``mask`` pattern
+(a timing inside a line) is replaced by ``…`` on both sides. ``tests/conftest.py``
 applies this to nbval's comparison, ``tests/nbstability.py`` to its report.
 """
 
@@ -28,15 +30,20 @@ def tolerance(cell_metadata) -> dict | None:
     spec = (cell_metadata or {}).get(METADATA_KEY, {}).get("compare")
     if spec is None:
         return None
-    unknown = set(spec) - {"abs", "rel", "ignore_lines"}
+    unknown = set(spec) - {"abs", "rel", "ignore_lines", "mask"}
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)} in the cell's coursekit.compare metadata: {spec}")
     return {"abs": float(spec.get("abs", 0.0)), "rel": float(spec.get("rel", 0.0)),
-            "ignore_lines": [re.compile(p) for p in spec.get("ignore_lines", [])]}
+            "ignore_lines": [re.compile(p) for p in spec.get("ignore_lines", [])],
+            "mask": [re.compile(p) for p in spec.get("mask", [])]}
 
 
-def _drop_lines(text: str, patterns) -> str:
-    return "".join(line for line in text.splitlines(keepends=True) if not any(p.search(line) for p in patterns))
+def _drop_lines(text: str, tol: dict) -> str:
+    """The text without the lines and parts the tolerance declares volatile."""
+    kept = "".join(line for line in text.splitlines(keepends=True) if not any(p.search(line) for p in tol["ignore_lines"]))
+    for pattern in tol.get("mask", []):
+        kept = pattern.sub("…", kept)
+    return kept
 
 
 def _value(token: str) -> float:
@@ -49,8 +56,8 @@ def reconcile(fresh: str, committed: str, tol: dict) -> str:
     Returning the committed text on a match lets the caller keep an exact comparison: anything that
     moved more than declared still shows up as a difference, with both versions printed.
     """
-    fresh = _drop_lines(fresh, tol["ignore_lines"])
-    committed = _drop_lines(committed, tol["ignore_lines"])
+    fresh = _drop_lines(fresh, tol)
+    committed = _drop_lines(committed, tol)
     words_f = [re.sub(r"\s+", " ", w) for w in NUMBER.split(fresh)]
     words_c = [re.sub(r"\s+", " ", w) for w in NUMBER.split(committed)]
     if words_f != words_c:
@@ -74,10 +81,10 @@ def reconcile_outputs(fresh: list, committed: list, tol: dict | None) -> tuple[l
     for new, old in zip(fresh, committed):
         new, old = _copy(new), _copy(old)
         if new.get("output_type") == "stream" and old.get("output_type") == "stream" and new.get("name") == old.get("name"):
-            old["text"] = _drop_lines(_text(old["text"]), tol["ignore_lines"])
+            old["text"] = _drop_lines(_text(old["text"]), tol)
             new["text"] = reconcile(_text(new["text"]), old["text"], tol)
         elif "text/plain" in new.get("data", {}) and "text/plain" in old.get("data", {}):
-            old["data"]["text/plain"] = _drop_lines(_text(old["data"]["text/plain"]), tol["ignore_lines"])
+            old["data"]["text/plain"] = _drop_lines(_text(old["data"]["text/plain"]), tol)
             new["data"]["text/plain"] = reconcile(_text(new["data"]["text/plain"]), old["data"]["text/plain"], tol)
         new_fresh.append(new)
         new_committed.append(old)

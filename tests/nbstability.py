@@ -175,7 +175,7 @@ def compare(path: Path, runs: dict[str, dict], all_outputs: bool) -> list[str]:
             if str(i) not in run["outputs"]:
                 continue
             text = run["outputs"][str(i)]
-            if tol is not None and text != committed and reconcile(text, committed, tol) == _drop_lines(committed, tol["ignore_lines"]):
+            if tol is not None and text != committed and reconcile(text, committed, tol) == _drop_lines(committed, tol):
                 within.append(name)  # moved, but no more than the cell declares
                 continue
             versions.setdefault(text, []).append(name)

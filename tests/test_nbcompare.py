@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbcompare import reconcile, reconcile_outputs, tolerance
 
-TOL = {"abs": 0.02, "rel": 0.0, "ignore_lines": []}
+TOL = {"abs": 0.02, "rel": 0.0, "ignore_lines": [], "mask": []}
 
 
 def test_numbers_within_tolerance_give_the_committed_text():
@@ -23,14 +23,14 @@ def test_a_number_beyond_tolerance_keeps_the_fresh_text():
 
 
 def test_relative_tolerance():
-    tol = {"abs": 0.0, "rel": 0.1, "ignore_lines": []}
+    tol = {"abs": 0.0, "rel": 0.1, "ignore_lines": [], "mask": []}
     assert reconcile("radius 5.34\n", "radius 5.09\n", tol) == "radius 5.09\n"
     assert reconcile("radius 5.70\n", "radius 5.09\n", tol) == "radius 5.70\n"
 
 
 def test_words_must_still_match_but_column_widths_may_move():
     assert reconcile("tiger cat 0.50\n", "Egyptian cat 0.50\n", TOL) == "tiger cat 0.50\n"
-    assert reconcile("count  9 of 300\n", "count 10 of 300\n", {"abs": 2, "rel": 0, "ignore_lines": []}) == "count 10 of 300\n"
+    assert reconcile("count  9 of 300\n", "count 10 of 300\n", {"abs": 2, "rel": 0, "ignore_lines": [], "mask": []}) == "count 10 of 300\n"
 
 
 def test_ignored_lines_are_dropped_from_both_sides():
@@ -39,6 +39,14 @@ def test_ignored_lines_are_dropped_from_both_sides():
         [{"output_type": "stream", "name": "stdout", "text": "two FGSM sweeps: 92 s\nacc 0.1\n"}],
         [{"output_type": "stream", "name": "stdout", "text": "two FGSM sweeps: 17 s\nacc 0.1\n"}], tol)
     assert fresh[0]["text"] == committed[0]["text"] == "acc 0.1\n"
+
+
+def test_masked_timings_inside_a_line():
+    tol = tolerance({"coursekit": {"compare": {"mask": [r"\d+\.\d s\b"]}}})
+    assert reconcile("300 evaluations in 9.1 s; loss 66.2\n", "300 evaluations in 17.3 s; loss 66.2\n", tol) == \
+        "300 evaluations in …; loss 66.2\n"
+    assert reconcile("300 evaluations in 9.1 s; loss 70.0\n", "300 evaluations in 17.3 s; loss 66.2\n", tol) != \
+        "300 evaluations in …; loss 66.2\n"
 
 
 def test_no_metadata_means_exact_and_unknown_keys_are_refused():
