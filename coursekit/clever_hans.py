@@ -141,6 +141,11 @@ def watermark_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 def load_watermark_model(device: str | torch.device = "cpu"):
     """The shipped Clever-Hans network (``python -m coursekit.train fashion_cnn_watermark`` retrains it).
 
+    Parameters
+    ----------
+    device : str or torch.device
+        As in :func:`coursekit.load_model`: ``"cpu"``, ``"auto"`` or an explicit device.
+
     Returns
     -------
     CourseModel in eval mode with frozen parameters, inputs (N, 1, 28, 28) in [0, 1].
@@ -152,19 +157,23 @@ def load_watermark_model(device: str | torch.device = "cpu"):
         WeightsNotAvailableError,
         fashion_weights_path,
     )
+    from .devices import resolve_device
     from .nets import FASHION_CLASSES, FashionCNN
 
+    device = resolve_device(device)
     path = fashion_weights_path("fashion_cnn_watermark")
     if not path.exists():
         raise WeightsNotAvailableError(
             f"the Clever-Hans network's weights are not at {path}; retrain them with "
             "python -m coursekit.train fashion_cnn_watermark"
         )
-    net = FashionCNN()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model = CourseModel(net, name="fashion_cnn_watermark", classes=FASHION_CLASSES, input_size=(1, 28, 28),
-                        mean=FASHION_MEAN, std=FASHION_STD,
-                        layers={"first_conv": "net.features.0", "gradcam": "net.features.8", "logits": "net.classifier.4"})
+    with torch.device("cpu"):  # built on the CPU whatever torch.set_default_device says, then moved
+        net = FashionCNN()
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model = CourseModel(net, name="fashion_cnn_watermark", classes=FASHION_CLASSES, input_size=(1, 28, 28),
+                            mean=FASHION_MEAN, std=FASHION_STD,
+                            layers={"first_conv": "net.features.0", "gradcam": "net.features.8",
+                                    "logits": "net.classifier.4"})
     return model.requires_grad_(False).eval().to(device)
 
 
