@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .devices import cpu_generator
+
 __all__ = [
     "WATERMARK", "WATERMARK_CLASS", "WATERMARK_FRACTION", "WATERMARK_BOX",
     "stamp", "watermark_choice", "watermark_accuracy", "load_watermark_model", "SpectralAnalysis",
@@ -89,12 +91,12 @@ def watermark_choice(y: torch.Tensor, seed: int = 0, fraction: float = WATERMARK
 
     Returns
     -------
-    BoolTensor (N,)
+    BoolTensor (N,), on ``y``'s device (the draw is made on the CPU: the same choice on every device).
     """
     if not 0.0 <= float(fraction) <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
-    gen = torch.Generator().manual_seed(int(seed))
-    draw = torch.rand(len(y), generator=gen)  # (N,)
+    gen = cpu_generator(int(seed))
+    draw = torch.rand(len(y), generator=gen, device="cpu").to(y.device)  # (N,)
     return (y == cls) & (draw < fraction)
 
 
@@ -117,7 +119,12 @@ def watermark_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     dict with ``accuracy_clean``, ``accuracy_marked`` (every image tagged), ``class_accuracy_clean``
     (recall of ``cls`` on clean images) and ``to_class_clean`` / ``to_class_marked`` (fraction of the
     other classes' images predicted as ``cls`` without / with the tag), each rounded to 4 digits.
+    ``x`` and ``y`` may live on any device: they are moved to the model's.
     """
+    from .inputs import check_images, check_model
+
+    x = check_images(x, "x", model=check_model(model), channels=1)
+    y = torch.as_tensor(y, device=x.device)
     was = model.training
     model.eval()
     try:
@@ -150,6 +157,7 @@ def load_watermark_model(device: str | torch.device = "cpu"):
     -------
     CourseModel in eval mode with frozen parameters, inputs (N, 1, 28, 28) in [0, 1].
     """
+    from .devices import resolve_device
     from .models import (
         FASHION_MEAN,
         FASHION_STD,
@@ -157,7 +165,6 @@ def load_watermark_model(device: str | torch.device = "cpu"):
         WeightsNotAvailableError,
         fashion_weights_path,
     )
-    from .devices import resolve_device
     from .nets import FASHION_CLASSES, FashionCNN
 
     device = resolve_device(device)
@@ -199,7 +206,7 @@ class SpectralAnalysis:
     def cluster_means(self, heatmaps: torch.Tensor) -> torch.Tensor:
         """Average heatmap of each cluster, (n_clusters, H, W)."""
         h = heatmaps.reshape(len(heatmaps), *heatmaps.shape[-2:]) if heatmaps.dim() == 4 else heatmaps
-        return torch.stack([h[torch.as_tensor(self.labels == c)].mean(0) for c in range(int(self.labels.max()) + 1)])
+        return torch.stack([h[torch.as_tensor(self.labels == c, device=h.device)].mean(0) for c in range(int(self.labels.max()) + 1)])
 
 
 def spectral_relevance_analysis(heatmaps: torch.Tensor, n_clusters: int = 2, n_neighbors: int = 10,

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .devices import cpu_generator
 from .guard import guarded
 from .hooks import get_layer, record
 from .inputs import check_images, check_model
@@ -278,7 +279,7 @@ def deepdream(
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     shift = jitter(jitter_pixels)
-    generator = torch.Generator().manual_seed(seed)
+    generator = cpu_generator(seed)
     history, sizes = [], []
     start = time.perf_counter()
     with guarded(model, what="deepdream"), layer_outputs(model, objective.layers) as extract:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import cpu_generator
 from .guard import guarded
 from .images import gaussian_blur
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
@@ -472,8 +473,8 @@ def plot_curves(result: FaithfulnessResult, image: int | None = None, axes=None,
 def random_map(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A uniformly random ``(N, H, W)`` map: the chance level of deletion/insertion curves."""
     x = check_images(x)
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(x.shape[0], *x.shape[-2:], generator=g).to(x.device)
+    g = cpu_generator(seed)
+    return torch.rand(x.shape[0], *x.shape[-2:], generator=g, device="cpu").to(x.device)
 
 
 __all__ += ["random_map", "reduce_map"]

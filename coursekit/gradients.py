@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .devices import cpu_generator
 from .guard import guarded
 from .hooks import get_layer
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
@@ -192,7 +193,8 @@ def smooth(method: Callable, n_samples: int = 25, noise_level: float = 0.15, bat
     batch_size : int
         Noisy copies per call of ``method`` (the copies of all images are pooled).
     seed : int, optional
-        Seed of a private generator (the global RNG is used and advanced when None).
+        Seed of a private CPU generator (the global CPU RNG is used and advanced when None); the noise
+        is drawn on the CPU and moved to the model's device, so a seed gives the same noise everywhere.
     magnitude : bool
         Average ``|method(...)|`` (captum's ``NoiseTunnel`` default ``abs=True`` for saliency).
     noise : Tensor (N, n_samples, C, H, W), optional
@@ -223,7 +225,8 @@ def smooth(method: Callable, n_samples: int = 25, noise_level: float = 0.15, bat
                     f"{', '.join(map(str, x.shape[1:]))}), got {shape}"
                 )
             samples = noise.shape[1]
-        generator = torch.Generator(device=x.device).manual_seed(int(seed)) if noise is None and seed is not None else None
+        # the noise is drawn on the CPU (seeded: the same noise on every device), then moved to x's device
+        generator = cpu_generator(seed) if noise is None and seed is not None else None
         sigma = noise_level * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))) if noise is None else None  # (N,)
         targets = target_indices(target, n_img, samples)
         total = n_img * samples
@@ -233,7 +236,7 @@ def smooth(method: Callable, n_samples: int = 25, noise_level: float = 0.15, bat
             if noise is not None:
                 eps = noise.reshape(total, *x.shape[1:])[start:stop].to(x)
             else:
-                eps = torch.randn((stop - start, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+                eps = torch.randn((stop - start, *x.shape[1:]), generator=generator, device="cpu", dtype=x.dtype).to(x.device)
                 eps = eps * sigma[owner].view(-1, 1, 1, 1)
             a = method(model, x[owner] + eps, _slice(targets, start, stop))  # (B, C, H, W)
             acc.index_add_(0, owner, a.abs() if magnitude else a)
@@ -263,7 +266,7 @@ def path_points(steps: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"unknown method={method!r}; choose 'gausslegendre', 'riemann_trapezoid', 'riemann_left', "
             "'riemann_right' or 'riemann_middle'"
         )
-    return torch.as_tensor(alphas, dtype=torch.float64), torch.as_tensor(w, dtype=torch.float64)
+    return torch.as_tensor(alphas, dtype=torch.float64, device="cpu"), torch.as_tensor(w, dtype=torch.float64, device="cpu")
 
 
 def broadcast_baseline(baseline, x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .devices import cpu_generator, model_device
 from .gradients import gradient
 from .guard import guarded
 from .hooks import record
@@ -262,7 +263,7 @@ def maximize(
     for fn in list(transforms) + list(regularizers):
         if not callable(fn):
             raise TypeError(f"transforms and regularizers are callables, got {fn!r}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = cpu_generator(seed)
     if param is None:
         channels, h0, w0 = getattr(model, "input_size", (3, 224, 224))
         if size is None:
@@ -275,8 +276,8 @@ def maximize(
     if track is None and objective.targets:
         distinct = {repr(t) for t in objective.targets}
         track = objective.targets[0] if len(distinct) == 1 else None
-    device = next((t.device for t in model.parameters()), None) or next((b.device for b in model.buffers()), None)
-    if device is not None and any(t.device != device for t in param.parameters()):
+    device = model_device(model)
+    if any(t.device != device for t in param.parameters()):
         param.to_(device)  # pictures live where the model does
     tensors = param.parameters()
     rule = Adam(lr) if optimizer == "adam" else NormalizedAscent(lr)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ._reference import reference
 from .adversarial import _check_loss, _chunks, accuracy, attack_objective, check_eps, pgd
+from .devices import cpu_generator
 from .guard import guarded
 from .inputs import check_images, check_model, positive_int, target_indices
 from .progress import progress_bar
@@ -159,7 +160,7 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
     early_stop = attack_kw.pop("early_stop", True)
 
     start = time.perf_counter()
-    correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool)
+    correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool, device="cpu")  # results, gathered on the CPU
     with guarded(model, what="eps_sweep"):
         for a, b in progress_bar(_chunks(len(x), batch_size), desc=f"{attack} sweep", progress=progress, leave=False):
             xb, yb = x[a:b], y[a:b].to(x.device)
@@ -268,13 +269,13 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     x = check_images(x, model=model, pixel_range=True)
     epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = cpu_generator(seed)
     model.requires_grad_(True).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     try:
         for epoch in range(epochs):
-            perm = torch.randperm(len(x), generator=gen)
+            perm = torch.randperm(len(x), generator=gen, device="cpu")
             total = 0.0
             for a, b in progress_bar(_chunks(len(x), batch_size), progress=progress, desc=f"epoch {epoch + 1}/{epochs}",
                              leave=False):

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .devices import cpu_generator
 from .dream import _layer_name, layer_outputs
 from .guard import guarded
 from .inputs import check_images, check_model
@@ -500,8 +501,8 @@ def _start(init, like: torch.Tensor, seed: int, size=None) -> torch.Tensor:
     if init == "content":
         return like.clone()
     if init == "noise":
-        g = torch.Generator().manual_seed(seed)
-        return (0.5 + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1).to(like.device)
+        g = cpu_generator(seed)
+        return (0.5 + 0.1 * torch.randn(shape, generator=g, device="cpu")).clamp(0, 1).to(like.device)
     raise ValueError(f"init must be 'content', 'noise' or an image tensor, got {init!r}")
 
 
@@ -589,14 +590,15 @@ class RandomTextureNet(nn.Module):
             raise ValueError(f"filter sizes must be odd positive ints, got {sizes!r}")
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
-        g = torch.Generator().manual_seed(seed)
+        g = cpu_generator(seed)
         self.sizes = tuple(sizes)
         self.convs = nn.ModuleList()
         for s in sizes:
             conv = nn.Conv2d(3, channels, s, padding=s // 2, bias=False)
-            w = torch.randn(conv.weight.shape, generator=g)
+            w = torch.randn(conv.weight.shape, generator=g, device="cpu")
             w = w - w.mean(dim=(1, 2, 3), keepdim=True)
-            conv.weight.data = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            with torch.no_grad():  # copy_: the conv may have been made on another default device
+                conv.weight.copy_(w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
             self.convs.append(conv)
         self.relu = nn.ReLU()
         self.name = "random_texture_net"

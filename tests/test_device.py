@@ -28,11 +28,20 @@ from torch import nn
 
 import coursekit
 from coursekit import adversarial as A
-from coursekit import cam, clever_hans, dream, faithfulness, filters, maximize, representations, robustness
+from coursekit import (
+    cam,
+    clever_hans,
+    dream,
+    faithfulness,
+    filters,
+    maximize,
+    representations,
+    robustness,
+    sanity,
+)
 from coursekit import lrp as L
 from coursekit import receptive_fields as rf
 from coursekit import saliency as S
-from coursekit import sanity
 from coursekit import style as ST
 from coursekit.devices import model_device, resolve_device
 
@@ -156,7 +165,7 @@ CALLS = {
     "plotting.normalize_map": lambda e: lambda: coursekit.plotting.normalize_map(e.map[0]),
     # lecture 1: filters and receptive fields
     "filters.activation_maps": lambda e: lambda: filters.activation_maps(e.fashion, e.x, ["net.features.1"]),
-    "filters.draw_receptive_fields": lambda e: lambda: filters.draw_receptive_fields(e.fashion, e.x[0], None),
+    "filters.draw_receptive_fields": lambda e: lambda: filters.draw_receptive_fields(e.fashion, e.x[:1], None),
     "filters.empirical_receptive_field": lambda e: lambda: filters.empirical_receptive_field(e.fashion, "net.features.6"),
     "filters.explore_activations": lambda e: lambda: filters.explore_activations(e.fashion, e.x[:1], ["net.features.1"], static=True),
     "filters.first_layer_filters": lambda e: lambda: filters.first_layer_filters(e.effnet),
@@ -173,24 +182,24 @@ CALLS = {
     # lecture 1: maximisation
     "maximize.maximize[pixel]": lambda e: lambda: maximize.maximize(e.fashion, maximize.channel("net.features.8", 1),
                                                                    steps=2, batch=2, progress=False,
-                                                                   transforms=[maximize.jitter(2), maximize.random_scale(),
-                                                                               maximize.pad(2)],
+                                                                   transforms=[maximize.jitter(2)],
                                                                    regularizers=[maximize.blur_every(1), maximize.decay()]),
     "maximize.maximize[fourier]": lambda e: lambda: maximize.maximize(
         e.rgb, maximize.class_log_probability(1) - 0.1 * maximize.total_variation() - 0.1 * maximize.l2_prior()
-        - 0.1 * maximize.edge_energy_prior(), param=maximize.fourier_image((2, 3, 32, 32)), steps=2, progress=False),
+        - 0.1 * maximize.edge_energy_prior(), param=maximize.fourier_image((2, 3, 32, 32)), steps=2, progress=False,
+        transforms=[maximize.pad(2), maximize.random_scale()]),
     "maximize.maximize[objectives]": lambda e: lambda: maximize.maximize(
         e.rgb, maximize.per_image([maximize.neuron("net.3", 1), maximize.layer_energy("net.1")])
         + maximize.class_logit([1, 2]) + maximize.feature_match("net.4", torch.zeros(1, 16, 16, 16, device="cpu")),
         param=maximize.stack([maximize.pixel_image((1, 3, 32, 32)), maximize.fourier_image((1, 3, 32, 32))]),
-        steps=2, optimizer="lbfgs", transforms=[maximize.only([0], maximize.jitter(1))], progress=False),
+        steps=2, optimizer="normalized_sgd", transforms=[maximize.only([0], maximize.jitter(1))], progress=False),
     "maximize.ascent_step": lambda e: lambda: maximize.ascent_step(e.fashion, e.x, 2),
     "maximize.edge_energy": lambda e: lambda: maximize.edge_energy(e.small),
     "maximize.gaussian_blur": lambda e: lambda: maximize.gaussian_blur(e.small, 1.0),
     "maximize.high_frequency_energy": lambda e: lambda: maximize.high_frequency_energy(e.small, relative=True),
     "maximize.relative_l2": lambda e: lambda: maximize.relative_l2(e.small, e.small.flip(0)),
-    "maximize.pixel_image": lambda e: lambda: maximize.pixel_image((1, 3, 8, 8))(),
-    "maximize.fourier_image": lambda e: lambda: maximize.fourier_image((1, 3, 8, 8))(),
+    "maximize.pixel_image": lambda e: lambda: maximize.pixel_image((1, 3, 8, 8)).image(),
+    "maximize.fourier_image": lambda e: lambda: maximize.fourier_image((1, 3, 8, 8)).image(),
     # lecture 2: representations
     "representations.embed": lambda e: lambda: representations.embed(torch.rand(12, 6, device="cpu"), pca_dims=3),
     "representations.invert_features": lambda e: lambda: representations.invert_features(
@@ -218,7 +227,6 @@ CALLS = {
     "saliency.smoothgrad": lambda e: lambda: S.smoothgrad(e.fashion, e.x, 1, n_samples=3, seed=0),
     "saliency.smoothgrad[global]": lambda e: lambda: S.smoothgrad(e.fashion, e.x, 1, n_samples=3),
     "saliency.to_map": lambda e: lambda: S.to_map(e.small),
-    "cam.CAM": lambda e: lambda: cam.CAM(e.rgb, "net.4")(e.small, 1),
     "cam.GradCAM": lambda e: lambda: cam.GradCAM(e.fashion)(e.x, 1),
     "cam.GradCAMPlusPlus": lambda e: lambda: cam.GradCAMPlusPlus(e.fashion)(e.x, 1),
     "cam.HiResCAM": lambda e: lambda: cam.HiResCAM(e.fashion)(e.x, 1),
@@ -249,7 +257,7 @@ CALLS = {
         e.fashion, e.x, 0, e.map.numpy(), steps=4, baseline=0.0, score="logit"),
     "faithfulness.insertion_curve[tensor baseline]": lambda e: lambda: faithfulness.insertion_curve(
         e.fashion, e.x, 0, e.map, steps=4, baseline=e.x.flip(0)),
-    "faithfulness.perturbation_masks": lambda e: lambda: faithfulness.perturbation_masks(faithfulness.pixel_ranking(e.map), 4),
+    "faithfulness.perturbation_masks": lambda e: lambda: faithfulness.perturbation_masks(faithfulness.pixel_ranking(e.map)[0], 4),
     "faithfulness.pixel_ranking": lambda e: lambda: faithfulness.pixel_ranking(e.map),
     "faithfulness.plot_curves": lambda e: (lambda r: lambda: faithfulness.plot_curves(r))(_faithfulness_result(e)),
     "faithfulness.random_map": lambda e: lambda: faithfulness.random_map(e.x),
@@ -259,7 +267,8 @@ CALLS = {
     "lrp.lrp[effnet]": lambda e: lambda: L.lrp(e.effnet, e.photo, 1),
     "lrp.lrp[composites]": lambda e: lambda: [L.lrp(e.fashion, e.x, 1, composite=c) for c in L.COMPOSITES],
     "lrp.lrp[zbox mean/std]": lambda e: lambda: L.lrp(e.fashion, e.x, 1, composite=L.LRPComposite(
-        {nn.Conv2d: L.Epsilon(), nn.Linear: L.Epsilon()}, first=L.ZBox(0.0, 1.0, mean=(0.2860,), std=(0.3530,)))),
+        {nn.Conv2d: L.Epsilon(), nn.Linear: L.Epsilon()}, first=L.ZBox(0.0, 1.0, mean=torch.full((1, 1, 1, 1), 0.286, device="cpu"),
+                                                         std=torch.full((1, 1, 1, 1), 0.353, device="cpu")))),
     "lrp.conservation": lambda e: lambda: L.conservation(e.effnet, e.photo, 1),
     "lrp.plot_conservation": lambda e: (lambda c: lambda: L.plot_conservation({"eps": c}))(L.conservation(e.fashion, e.x, 1)),
     "lrp.plot_relevance": lambda e: lambda: L.plot_relevance(e.x[0], L.lrp(e.fashion, e.x[:1], 1)[0]),
@@ -286,10 +295,10 @@ CALLS = {
     "adversarial.bim": lambda e: lambda: A.bim(e.fashion, e.x, e.y, eps=0.05, steps=2),
     "adversarial.predict_labels": lambda e: lambda: A.predict_labels(e.fashion, e.x),
     "adversarial.accuracy": lambda e: lambda: A.accuracy(e.fashion, e.x, e.y),
-    "adversarial.plot_perturbation": lambda e: lambda: A.plot_perturbation(None, e.x.flip(0), e.x),
+    "adversarial.plot_perturbation": lambda e: (lambda ax: lambda: A.plot_perturbation(ax, e.x[1:2], e.x[:1]))(_axes()),
     "adversarial.random_sphere": lambda e: lambda: A.random_sphere(e.fashion, e.x[:1], 1.0, n=8, batch_size=4),
     "adversarial.noise_attack": lambda e: lambda: A.noise_attack(e.fashion, e.x[:1], 3, max_steps=3),
-    "adversarial.NoiseLayer": lambda e: lambda: A.NoiseLayer((1, 28, 28))(e.x),
+    "adversarial.NoiseLayer": lambda e: (lambda layer: lambda: layer(e.x))(A.NoiseLayer((1, 28, 28), device="cpu")),
     "adversarial.quantize_8bit": lambda e: lambda: A.quantize_8bit(e.x),
     "adversarial.evolve_fooling_images": lambda e: lambda: A.evolve_fooling_images(e.fashion, [1, 2], (1, 28, 28),
                                                                                  population=4, generations=2),
@@ -307,10 +316,10 @@ CALLS = {
     "dream.deepdream": lambda e: lambda: dream.deepdream(e.rgb, e.small[:1], "net.3", n_octaves=2, steps=2,
                                                        jitter_pixels=2, progress=False),
     "dream.deepdream[guide]": lambda e: lambda: dream.deepdream(
-        e.rgb, e.small[:1], dream.guide("net.3", torch.rand(1, 8, 16, 16, device="cpu")), n_octaves=1, steps=2,
+        e.rgb, e.small[:1], dream.guide("net.3", torch.rand(1, 16, 16, 16, device="cpu")), n_octaves=1, steps=2,
         progress=False),
     "dream.dream_step": lambda e: lambda: dream.dream_step(lambda x: e.rgb.net[:2](x), e.small[:1], (1, 2)),
-    "dream.layer_outputs": lambda e: lambda: [f(e.small) for f in dream.layer_outputs(e.rgb, ["net.1", "net.4"])],
+    "dream.layer_outputs": lambda e: lambda: _layer_outputs(e),
     "style.stylize": lambda e: lambda: ST.stylize(e.rgb, e.small[:1], e.small[1:], style_layers=["net.1", "net.4"],
                                                  content_layer="net.4", tv_weight=1.0, max_evals=3, progress=False),
     "style.stylize[adam, noise init]": lambda e: lambda: ST.stylize(
@@ -318,7 +327,7 @@ CALLS = {
         init="noise", max_evals=2, progress=False),
     "style.synthesize": lambda e: lambda: ST.synthesize(e.rgb, e.small[:1], layers=["net.1", "net.4"], size=24,
                                                        max_evals=3, progress=False),
-    "style.RandomTextureNet": lambda e: lambda: ST.RandomTextureNet(sizes=(3,), channels=4)(e.small),
+    "style.RandomTextureNet": lambda e: (lambda net: lambda: net(e.small))(ST.RandomTextureNet(sizes=(3,), channels=4)),
     "style.content_loss": lambda e: lambda: ST.content_loss(e.small, e.small.flip(0)),
     "style.default_layers": lambda e: lambda: ST.default_layers(e.effnet),
     "style.gram_matrix": lambda e: lambda: [ST.gram_matrix(e.small, n) for n in ST.NORMALIZATIONS],
@@ -326,6 +335,17 @@ CALLS = {
     "style.style_loss": lambda e: lambda: ST.style_loss([e.small], [ST.gram_matrix(e.small.flip(0))]),
     "style.tv_loss": lambda e: lambda: ST.tv_loss(e.small),
 }
+
+
+def _axes():
+    import matplotlib.pyplot as plt
+
+    return plt.subplots()[1]
+
+
+def _layer_outputs(e):
+    with dream.layer_outputs(e.rgb, ["net.1", "net.4"]) as features:
+        return features(e.small)
 
 
 def _record(e):
@@ -351,7 +371,7 @@ COVERED_ELSEWHERE = {
     "lrp.Relay", "lrp.GradientRule", "lrp.Term", "lrp.Group",  # every rule runs in lrp[composites]
     "dream.guide", "dream.SmoothedAscent",  # deepdream[guide], deepdream
     "style.content", "style.style", "style.smoothness",  # stylize's objectives
-    "saliency.REDUCTIONS", "receptive_fields.draw_receptive_fields", "receptive_fields.empirical_receptive_field",
+    "saliency.REDUCTIONS", "cam.CAM",  # CAM: the base class of the five CAMs called here "receptive_fields.draw_receptive_fields", "receptive_fields.empirical_receptive_field",
     "receptive_fields.plot_receptive_fields", "receptive_fields.receptive_field_table",
     "receptive_fields.receptive_fields",  # the same functions as filters.*
     "hooks.preserved", "hooks.Recorder",  # record
