@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
-from .devices import cpu_generator
+from .devices import cpu_generator, model_device
 from .guard import guarded
 from .hooks import get_layer, record
 from .inputs import check_images, check_model
@@ -93,11 +93,13 @@ def layer_outputs(model: nn.Module, layers: Sequence[str], stop_early: bool = Tr
     Yields
     ------
     callable ``(x: Tensor (N, C, H, W)) -> dict[str, Tensor]``
+        ``x`` is moved to the model's device; the outputs live there.
     """
     layers = [_layer_name(layer) for layer in layers]
     if not layers:
         raise ValueError("layer_outputs needs at least one layer name")
     modules = {layer: get_layer(model, layer)[1] for layer in layers}
+    device = model_device(model)
     with record(model, layers) as rec:
         handles = []
         if stop_early:
@@ -111,7 +113,7 @@ def layer_outputs(model: nn.Module, layers: Sequence[str], stop_early: bool = Tr
                 rec.outputs.clear()
                 rec.activations.clear()
                 try:
-                    logits = model(x)
+                    logits = model(x.to(device))  # x itself when it is on the model's device already
                 except _Enough:
                     return dict(rec.outputs)
                 missing = [layer for layer in layers if layer not in rec.outputs]

@@ -101,9 +101,7 @@ def check_images(x, what: str = "x", model: nn.Module | None = None, channels: i
             hint = " (it looks normalised: pass [0, 1] pixels; the model normalises itself)" if lo < -0.01 else hint
             raise ValueError(f"{what} must hold pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
     if model is not None:
-        dtype, device = model_dtype(model), model_device(model)
-        if x.dtype != dtype or x.device != device:
-            x = x.to(device=device, dtype=dtype)
+        x = x.to(device=model_device(model), dtype=model_dtype(model))  # x itself when both already fit
     return x
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ._reference import reference
 from .adversarial import _check_loss, _chunks, accuracy, attack_objective, check_eps, pgd
-from .devices import cpu_generator
+from .devices import cpu_generator, model_device
 from .guard import guarded
 from .inputs import check_images, check_model, positive_int, target_indices
 from .progress import progress_bar
@@ -243,11 +243,14 @@ def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     """``alpha J(x, y) + (1 - alpha) J(x + eps sign(grad_x J), y)`` (Goodfellow et al. 2015, eq. 6).
 
     For *training*: the model stays in its current mode and its parameters keep their gradients;
-    the FGSM copy is detached (no gradient through the attack).
+    the FGSM copy is detached (no gradient through the attack). ``x`` and ``y`` are moved to the
+    model's device; the loss (a scalar) lives there.
     """
     eps = check_eps(eps)
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
     xi = x.detach().clone().requires_grad_(True)
     clean = F.cross_entropy(model(xi), y)
     if eps == 0 or alpha == 1:
@@ -267,6 +270,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     """
     check_model(model)
     x = check_images(x, model=model, pixel_range=True)
+    y = torch.as_tensor(y, device=y.device if isinstance(y, torch.Tensor) else "cpu").to(x.device)
     epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
 
     gen = cpu_generator(seed)

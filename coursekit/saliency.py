@@ -152,10 +152,10 @@ def gradient_x_input(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
 
     Returns
     -------
-    Tensor (N, C, H, W), detached.
+    Tensor (N, C, H, W), detached, on the model's device.
     """
     g = input_gradient(model, x, target)
-    return g * x.detach().to(g.dtype)
+    return g * x.detach().to(g)  # x moved to the gradient's device and dtype
 
 
 # ----------------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def _faithfulness_result(e):
 CALLS = {
     # models, hooks, images, plotting (the package's top level)
     "models.predict": lambda e: lambda: coursekit.predict(e.fashion, e.x, k=3),
-    "models.target_scores": lambda e: lambda: coursekit.target_scores(e.fashion(e.x), [1, 2, 3, 4]),
+    "models.target_scores": lambda e: lambda: coursekit.target_scores(e.fashion(_on(e.fashion, e.x)), [1, 2, 3, 4]),
     "hooks.list_layers": lambda e: lambda: coursekit.list_layers(e.fashion),
     "hooks.record": lambda e: lambda: _record(e),
     "images.load_image": lambda e: lambda: coursekit.load_image(coursekit.sample_image("chelsea"), size=32),
@@ -208,7 +208,7 @@ CALLS = {
         e.fashion, e.x[:1], ["net.features.1"], steps=2, parameterization="pixel", progress=False),
     "representations.layer_features": lambda e: lambda: representations.layer_features(e.fashion, e.x, "net.features.8"),
     "representations.nearest_neighbours": lambda e: lambda: representations.nearest_neighbours(
-        e.fashion(e.x[:2]), e.fashion(e.x), k=2),
+        e.fashion(_on(e.fashion, e.x[:2])), e.fashion(_on(e.fashion, e.x)), k=2),
     "representations.plot_embedding": lambda e: lambda: representations.plot_embedding(
         np.random.default_rng(0).normal(size=(4, 2)), e.y, images=e.x, thumbnails=2),
     "representations.show_neighbours": lambda e: lambda: representations.show_neighbours(
@@ -254,7 +254,7 @@ CALLS = {
         progress=False),
     "faithfulness.deletion_curve": lambda e: lambda: faithfulness.deletion_curve(e.fashion, e.x, 0, e.map, steps=4),
     "faithfulness.insertion_curve": lambda e: lambda: faithfulness.insertion_curve(
-        e.fashion, e.x, 0, e.map.numpy(), steps=4, baseline=0.0, score="logit"),
+        e.fashion, e.x, 0, e.map.cpu().numpy(), steps=4, baseline=0.0, score="logit"),
     "faithfulness.insertion_curve[tensor baseline]": lambda e: lambda: faithfulness.insertion_curve(
         e.fashion, e.x, 0, e.map, steps=4, baseline=e.x.flip(0)),
     "faithfulness.perturbation_masks": lambda e: lambda: faithfulness.perturbation_masks(faithfulness.pixel_ranking(e.map)[0], 4),
@@ -285,8 +285,8 @@ CALLS = {
     "clever_hans.spectral_relevance_analysis": lambda e: lambda: clever_hans.spectral_relevance_analysis(
         torch.rand(12, 28, 28, generator=torch.Generator().manual_seed(1), device="cpu"), n_neighbors=3),
     # lecture 4: adversarial examples and robustness
-    "adversarial.attack_objective": lambda e: lambda: A.attack_objective(e.fashion(e.x), e.y, loss="margin"),
-    "adversarial.margin": lambda e: lambda: A.margin(e.fashion(e.x), e.y),
+    "adversarial.attack_objective": lambda e: lambda: A.attack_objective(e.fashion(_on(e.fashion, e.x)), _on(e.fashion, e.y), loss="margin"),
+    "adversarial.margin": lambda e: lambda: A.margin(e.fashion(_on(e.fashion, e.x)), _on(e.fashion, e.y)),
     "adversarial.fgsm": lambda e: lambda: A.fgsm(e.fashion, e.x, e.y, eps=0.05),
     "adversarial.fgsm[target]": lambda e: lambda: A.fgsm(e.fashion, e.x, eps=0.05, target=3),
     "adversarial.pgd": lambda e: lambda: A.pgd(e.fashion, e.x, e.y, eps=0.05, steps=2, restarts=2),
@@ -298,7 +298,7 @@ CALLS = {
     "adversarial.plot_perturbation": lambda e: (lambda ax: lambda: A.plot_perturbation(ax, e.x[1:2], e.x[:1]))(_axes()),
     "adversarial.random_sphere": lambda e: lambda: A.random_sphere(e.fashion, e.x[:1], 1.0, n=8, batch_size=4),
     "adversarial.noise_attack": lambda e: lambda: A.noise_attack(e.fashion, e.x[:1], 3, max_steps=3),
-    "adversarial.NoiseLayer": lambda e: (lambda layer: lambda: layer(e.x))(A.NoiseLayer((1, 28, 28), device="cpu")),
+    "adversarial.NoiseLayer": lambda e: (lambda layer: lambda: layer(_on(layer, e.x)))(A.NoiseLayer((1, 28, 28), device="cpu")),
     "adversarial.quantize_8bit": lambda e: lambda: A.quantize_8bit(e.x),
     "adversarial.evolve_fooling_images": lambda e: lambda: A.evolve_fooling_images(e.fashion, [1, 2], (1, 28, 28),
                                                                                  population=4, generations=2),
@@ -318,7 +318,7 @@ CALLS = {
     "dream.deepdream[guide]": lambda e: lambda: dream.deepdream(
         e.rgb, e.small[:1], dream.guide("net.3", torch.rand(1, 16, 16, 16, device="cpu")), n_octaves=1, steps=2,
         progress=False),
-    "dream.dream_step": lambda e: lambda: dream.dream_step(lambda x: e.rgb.net[:2](x), e.small[:1], (1, 2)),
+    "dream.dream_step": lambda e: lambda: dream.dream_step(lambda x: e.rgb.net[:2](x), _on(e.rgb, e.small[:1]), (1, 2)),
     "dream.layer_outputs": lambda e: lambda: _layer_outputs(e),
     "style.stylize": lambda e: lambda: ST.stylize(e.rgb, e.small[:1], e.small[1:], style_layers=["net.1", "net.4"],
                                                  content_layer="net.4", tv_weight=1.0, max_evals=3, progress=False),
@@ -327,7 +327,7 @@ CALLS = {
         init="noise", max_evals=2, progress=False),
     "style.synthesize": lambda e: lambda: ST.synthesize(e.rgb, e.small[:1], layers=["net.1", "net.4"], size=24,
                                                        max_evals=3, progress=False),
-    "style.RandomTextureNet": lambda e: (lambda net: lambda: net(e.small))(ST.RandomTextureNet(sizes=(3,), channels=4)),
+    "style.RandomTextureNet": lambda e: (lambda net: lambda: net(_on(net, e.small)))(ST.RandomTextureNet(sizes=(3,), channels=4)),
     "style.content_loss": lambda e: lambda: ST.content_loss(e.small, e.small.flip(0)),
     "style.default_layers": lambda e: lambda: ST.default_layers(e.effnet),
     "style.gram_matrix": lambda e: lambda: [ST.gram_matrix(e.small, n) for n in ST.NORMALIZATIONS],
@@ -335,6 +335,11 @@ CALLS = {
     "style.style_loss": lambda e: lambda: ST.style_loss([e.small], [ST.gram_matrix(e.small.flip(0))]),
     "style.tv_loss": lambda e: lambda: ST.tv_loss(e.small),
 }
+
+
+def _on(model, t):
+    """What a notebook does before calling a model itself: ``t.to(DEVICE)``."""
+    return t.to(model_device(model))
 
 
 def _axes():
@@ -350,7 +355,7 @@ def _layer_outputs(e):
 
 def _record(e):
     with coursekit.record(e.fashion, ["net.features.1"], gradients=True) as rec:
-        x = e.x.clone().requires_grad_(True)
+        x = _on(e.fashion, e.x).clone().requires_grad_(True)
         e.fashion(x)[:, 0].sum().backward()
     return rec
 
@@ -371,7 +376,8 @@ COVERED_ELSEWHERE = {
     "lrp.Relay", "lrp.GradientRule", "lrp.Term", "lrp.Group",  # every rule runs in lrp[composites]
     "dream.guide", "dream.SmoothedAscent",  # deepdream[guide], deepdream
     "style.content", "style.style", "style.smoothness",  # stylize's objectives
-    "saliency.REDUCTIONS", "cam.CAM",  # CAM: the base class of the five CAMs called here "receptive_fields.draw_receptive_fields", "receptive_fields.empirical_receptive_field",
+    "cam.CAM",  # the base class of the five CAMs called here
+    "saliency.REDUCTIONS", "receptive_fields.draw_receptive_fields", "receptive_fields.empirical_receptive_field",
     "receptive_fields.plot_receptive_fields", "receptive_fields.receptive_field_table",
     "receptive_fields.receptive_fields",  # the same functions as filters.*
     "hooks.preserved", "hooks.Recorder",  # record
@@ -429,8 +435,157 @@ def test_fake_device_catches_a_tensor_made_without_a_device(env):
 
 @pytest.mark.parametrize("name", sorted(CALLS))
 def test_method_makes_every_tensor_on_the_models_device(name, env):
+    """No tensor made without the model's (or the input's) device: fake-device check on every entry."""
     call = CALLS[name](env)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with default_device_meta():
             call()
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs and constants on another device: the "Elsewhere" check
+
+
+class Elsewhere(torch.Tensor):
+    """A CPU tensor that stands for a tensor on *another* device than the model's.
+
+    Operations on it give ``Elsewhere`` tensors (a result stays on its input's device), including
+    when mixed with ordinary tensors (where a real second device would raise); only a move,
+    ``.to(<a device>)``, ``.to(<ordinary tensor>)`` or ``.cpu()``, gives an ordinary tensor back.
+    ``.numpy()`` raises, as it does for a CUDA tensor. So a method that forgets to move its input (or a
+    module-level constant) to the model's device ends with an ``Elsewhere`` tensor reaching one of
+    the model's layers, or in what it returns: :func:`_guard_layers` and :func:`_elsewhere_in` see it.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.numpy:
+            raise TypeError("can't convert an Elsewhere (another device's) tensor to numpy; call .cpu() first")
+        if func in (torch.Tensor.cpu, torch.Tensor.to):
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **kwargs)
+            moved = func is torch.Tensor.cpu or _names_a_device(args[1:], kwargs)
+            if moved and isinstance(out, torch.Tensor):
+                return out.as_subclass(torch.Tensor) if type(out) is cls else out
+            return out if isinstance(out, cls) or not isinstance(out, torch.Tensor) else out.as_subclass(cls)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _names_a_device(args, kwargs) -> bool:
+    """Whether ``Tensor.to(*args, **kwargs)`` names a device (or an ordinary tensor to follow)."""
+    if "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args):
+        return True
+    if "other" in kwargs:
+        return not isinstance(kwargs["other"], Elsewhere)
+    return any(isinstance(a, torch.Tensor) and not isinstance(a, Elsewhere) for a in args)
+
+
+def elsewhere(t: torch.Tensor) -> Elsewhere:
+    return t.detach().clone().as_subclass(Elsewhere)
+
+
+def _elsewhere_in(obj, depth: int = 0) -> list[str]:
+    """Paths of the Elsewhere tensors inside a result (tensors, tuples, lists, dicts, dataclasses)."""
+    import dataclasses
+
+    if depth > 4:
+        return []
+    if isinstance(obj, Elsewhere):
+        return ["result"]
+    if isinstance(obj, (tuple, list)):
+        return [f"[{i}]{p}" for i, v in enumerate(obj) for p in _elsewhere_in(v, depth + 1)]
+    if isinstance(obj, dict):
+        return [f"[{k!r}]{p}" for k, v in obj.items() for p in _elsewhere_in(v, depth + 1)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [f".{f.name}{p}" for f in dataclasses.fields(obj) for p in _elsewhere_in(getattr(obj, f.name), depth + 1)]
+    return []
+
+
+@contextlib.contextmanager
+def _guard_layers():
+    """Every layer of every model raises when an input from another device (Elsewhere) reaches it."""
+    def check(module, inputs):
+        for t in inputs:
+            if isinstance(t, Elsewhere):
+                raise RuntimeError(f"an input that was never moved to the model's device reached {type(module).__name__}")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# the entries whose call involves no model: they follow their input's device, so an Elsewhere result is right
+FOLLOW_THE_INPUT = {
+    "images.to_pil", "images.to_numpy_image", "images.gaussian_blur", "images.load_image", "plotting.show_images",
+    "plotting.overlay", "plotting.show_overlays", "plotting.normalize_map", "filters.normalize_filters",
+    "maximize.edge_energy", "maximize.gaussian_blur", "maximize.high_frequency_energy", "maximize.relative_l2",
+    "maximize.pixel_image", "maximize.fourier_image", "representations.embed", "representations.plot_embedding",
+    "representations.show_neighbours", "saliency.to_map", "cam.normalize_maps", "sanity.rank_correlation",
+    "sanity.ssim", "sanity.plot_randomization", "sanity.plot_randomization_maps", "sanity.reinitialize",
+    "faithfulness.auc", "faithfulness.blurred", "faithfulness.perturbation_masks", "faithfulness.pixel_ranking",
+    "faithfulness.random_map", "faithfulness.reduce_map", "faithfulness.plot_curves", "lrp.relevance_limit",
+    "lrp.stabilize", "lrp.plot_conservation", "lrp.merge_batchnorm", "clever_hans.stamp", "clever_hans.stamp[which]",
+    "clever_hans.watermark_choice", "clever_hans.spectral_relevance_analysis", "adversarial.plot_perturbation",
+    "adversarial.quantize_8bit", "robustness.plot_sweeps", "dream.dream_step", "style.content_loss",
+    "style.gram_matrix", "style.gram_errors", "style.style_loss", "style.tv_loss", "representations.nearest_neighbours",
+    "adversarial.margin", "adversarial.attack_objective",
+}
+# module-level tensors: each must be moved to the data's device where it is used
+MODULE_CONSTANTS = {"clever_hans": ["WATERMARK"], "image_params": ["_COLOR_SQRT"], "objectives": ["_LAPLACIAN"]}
+
+
+def test_module_constants_are_listed():
+    """MODULE_CONSTANTS names every module-level tensor of coursekit (a new one must be added there)."""
+    import pkgutil
+
+    found = {}
+    for info in pkgutil.walk_packages(coursekit.__path__, "coursekit."):
+        if ".grading" in info.name or ".checks" in info.name:
+            continue
+        for value in vars(importlib.import_module(info.name)).values():
+            if isinstance(value, torch.Tensor):
+                found.setdefault(id(value), value)
+    listed = {id(getattr(importlib.import_module(f"coursekit.{m}"), n)) for m, names in MODULE_CONSTANTS.items()
+              for n in names}
+    assert set(found) == listed, f"{len(found)} module-level tensors found, {len(listed)} listed in MODULE_CONSTANTS"
+
+
+@pytest.fixture(scope="module")
+def env_elsewhere(env):
+    """``env`` with every data tensor (images, labels, maps) on "another device" (Elsewhere)."""
+    e = _Env()
+    e.__dict__.update(env.__dict__)
+    for name in ("x", "y", "x12", "y12", "photo", "small", "map"):
+        setattr(e, name, elsewhere(getattr(env, name)))
+    return e
+
+
+def test_elsewhere_catches_an_input_that_is_not_moved(env_elsewhere):
+    """The check can fail: a method that runs the model on its input without moving it."""
+    e = env_elsewhere
+    with _guard_layers():
+        with pytest.raises(RuntimeError, match="never moved"):
+            e.fashion(e.x)  # what a method must not do
+        assert not _elsewhere_in(e.fashion(e.x.to(model_device(e.fashion))))
+    assert _elsewhere_in({"a": [e.x + torch.zeros(1, 1, 28, 28)]}) == ["['a'][0]result"]  # mixing keeps it
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_method_moves_inputs_and_constants_to_the_models_device(name, env_elsewhere, monkeypatch):
+    """Inputs and module constants on another device than the model: every method moves them."""
+    for module, names in MODULE_CONSTANTS.items():
+        for constant in names:
+            mod = importlib.import_module(f"coursekit.{module}")
+            monkeypatch.setattr(mod, constant, elsewhere(getattr(mod, constant)))
+    e = env_elsewhere
+    call = CALLS[name](e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with _guard_layers():
+            result = call()
+    if name not in FOLLOW_THE_INPUT:
+        assert not _elsewhere_in(result), f"{name} returned tensors that are not on the model's device"
