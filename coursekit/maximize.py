@@ -179,7 +179,7 @@ class MaximizationResult:
         series = [(self.history, "objective")] + ([(self.probabilities, "probability of the target class")] if self.probabilities is not None else [])
         for a, (values, what) in zip(ax, series):
             for i in range(values.shape[1]):
-                a.plot(values[:, i].numpy(), label=labels[i] if labels else None)
+                a.plot(values[:, i].cpu().numpy(), label=labels[i] if labels else None)
             a.set_xlabel("step")
             a.set_ylabel(what)
             a.set_title(what)

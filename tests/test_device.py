@@ -589,3 +589,136 @@ def test_method_moves_inputs_and_constants_to_the_models_device(name, env_elsewh
             result = call()
     if name not in FOLLOW_THE_INPUT:
         assert not _elsewhere_in(result), f"{name} returned tensors that are not on the model's device"
+
+
+def test_elsewhere_catches_a_constant_that_is_not_moved(env_elsewhere, monkeypatch):
+    """The check can fail for module constants too: one used without ``.to(x)`` taints the result."""
+    from coursekit import objectives
+
+    monkeypatch.setattr(objectives, "_LAPLACIAN", elsewhere(objectives._LAPLACIAN))
+    x = env_elsewhere.x.to("cpu")  # the data, on the model's device
+    careless = torch.nn.functional.conv2d(x, objectives._LAPLACIAN)  # what a method must not do
+    careful = torch.nn.functional.conv2d(x, objectives._LAPLACIAN.to(x))
+    assert _elsewhere_in(careless) == ["result"] and not _elsewhere_in(careful)
+    assert not _elsewhere_in(maximize.high_frequency_energy(x))  # the module's own use moves it
+
+
+def test_inputs_move_to_the_models_device(env):
+    """The one normaliser moves a CPU batch (and class indices) to the model's device: here "meta"."""
+    from coursekit.inputs import check_images, target_indices
+
+    meta_model = copy.deepcopy(env.fashion).to("meta")
+    assert model_device(meta_model) == torch.device("meta")
+    moved = check_images(env.x, model=meta_model)
+    assert moved.device == torch.device("meta") and moved.shape == env.x.shape
+    assert env.x.device == torch.device("cpu")  # the caller's tensor is left where it was
+    double = check_images(env.x.double(), model=meta_model)
+    assert double.device == torch.device("meta") and double.dtype == torch.float32
+    assert check_images(env.x, model=env.fashion) is env.x  # nothing to do: no copy
+    assert target_indices([1, 2, 3, 4], 4, device="meta").device == torch.device("meta")
+    assert target_indices(3, 4).device == torch.device("cpu")
+    out = meta_model(moved)  # the whole model runs there: (4, 10) of shapes only
+    assert out.device == torch.device("meta") and out.shape == (4, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU and CUDA give the same results (skipped without CUDA)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def no_tf32():
+    """Full float32 on the GPU (TF32 convolutions and matmuls differ from the CPU by ~1e-3)."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
+
+
+def _tensors(result):
+    """The tensors of a result, flattened to float CPU tensors, in a fixed order."""
+    import dataclasses
+
+    if isinstance(result, torch.Tensor):
+        return [result.detach().float().cpu()]
+    if isinstance(result, np.ndarray):
+        return [torch.as_tensor(result, dtype=torch.float32, device="cpu")]
+    if isinstance(result, (int, float)) and not isinstance(result, bool):
+        return [torch.tensor([float(result)], device="cpu")]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in _tensors(r)]
+    if isinstance(result, dict):
+        return [t for k in sorted(result, key=str) for t in _tensors(result[k])]
+    if dataclasses.is_dataclass(result):
+        return [t for f in dataclasses.fields(result) for t in _tensors(getattr(result, f.name))]
+    return []
+
+
+# one call per method family: (model name, call(model, x, y)); inputs are CPU tensors, moved by the methods
+CUDA_FAMILIES = {
+    "saliency": ("fashion", lambda m, x, y: [S.vanilla_saliency(m, x, y), S.gradient_x_input(m, x, y),
+                                             S.guided_backprop(m, x, y), S.integrated_gradients(m, x, y, steps=8)]),
+    "smoothgrad (seeded noise)": ("fashion", lambda m, x, y: S.smoothgrad(m, x, y, n_samples=4, seed=3)),
+    "occlusion": ("fashion", lambda m, x, y: S.occlusion(m, x, y, patch=7, stride=7, progress=False)),
+    "cam": ("fashion", lambda m, x, y: [cam.gradcam(m, x, y), cam.GradCAMPlusPlus(m)(x, y),
+                                        cam.ScoreCAM(m, batch_size=32)(x[:1], y[:1])]),
+    "lrp": ("effnet", lambda m, x, y: L.lrp(m, x, 1)),
+    "lrp (fashion)": ("fashion", lambda m, x, y: [L.lrp(m, x, y, composite=c) for c in ("EpsilonPlus", "EpsilonGammaBox")]),
+    "faithfulness": ("fashion", lambda m, x, y: faithfulness.deletion_curve(m, x, y, faithfulness.random_map(x), steps=5)),
+    "sanity": ("fashion", lambda m, x, y: sanity.cascading_randomization(m, x[:2], y[:2], {"grad": S.vanilla_saliency},
+                                                                         keep_maps=False, progress=False).scores),
+    "attacks": ("fashion", lambda m, x, y: [A.fgsm(m, x, y, eps=0.05), A.pgd(m, x, y, eps=0.05, steps=3, seed=1)]),
+    "random sphere": ("fashion", lambda m, x, y: A.random_sphere(m, x[:1], 2.0, n=16, batch_size=8).labels),
+    "robustness (clean accuracy)": ("fashion", lambda m, x, y: robustness.eps_sweep(m, x, y, [0.0, 0.03], progress=False).accuracy[:1]),
+    "maximize": ("fashion", lambda m, x, y: maximize.maximize(m, maximize.channel("net.features.8", 2), steps=5,
+                                                              progress=False).image),
+    "maximize (fourier)": ("effnet", lambda m, x, y: maximize.maximize(
+        m, maximize.class_logit(1), param=maximize.fourier_image((1, 3, 64, 64)), steps=3,
+        transforms=[maximize.jitter(2)], progress=False).image),
+    "representations": ("fashion", lambda m, x, y: [representations.layer_features(m, x, "net.classifier.2"),
+                                                    representations.invert_features(m, x[:1], ["net.features.1"], steps=3,
+                                                                                    progress=False).images]),
+    "dream": ("effnet", lambda m, x, y: dream.deepdream(m, x, "net.blocks.2", n_octaves=2, steps=2,
+                                                       progress=False).image),
+    "style": ("effnet", lambda m, x, y: ST.synthesize(m, x, layers=["net.blocks.1", "net.blocks.2"], size=48,
+                                                      optimizer="adam", max_evals=3, progress=False).image),
+    "clever hans": ("fashion", lambda m, x, y: clever_hans.watermark_accuracy(m, x, y)),
+    "filters": ("fashion", lambda m, x, y: [t.activation for t in filters.layer_inspector(m, x, y)]),
+}
+
+
+@needs_cuda
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("family", sorted(CUDA_FAMILIES))
+def test_cpu_and_cuda_agree(family, env):
+    which, call = CUDA_FAMILIES[family]
+    cpu_model = {"fashion": env.fashion, "effnet": env.effnet}[which]
+    x, y = (env.x, env.y) if which == "fashion" else (env.photo, torch.tensor([1], device="cpu"))
+    gpu_model = copy.deepcopy(cpu_model).to("cuda")
+    on_cpu, on_gpu = _tensors(call(cpu_model, x, y)), _tensors(call(gpu_model, x, y))
+    assert len(on_cpu) == len(on_gpu) > 0
+    for a, b in zip(on_cpu, on_gpu):
+        scale = float(a.abs().max()) or 1.0
+        close = (a - b).abs() <= 1e-3 * scale + 1e-5
+        # sign-based attacks may step differently where a gradient is ~0; allow 0.5 % of the values
+        assert float(close.float().mean()) >= (0.995 if family in ("attacks", "random sphere") else 1.0), family
+
+
+@needs_cuda
+def test_load_model_auto_picks_cuda():
+    model = coursekit.load_model("fashion_cnn", device="auto")
+    assert model_device(model).type == "cuda"
+    x = coursekit.fashion_mnist("test")[0][:2]  # CPU images: the methods move them
+    assert S.vanilla_saliency(model, x, 0).device.type == "cuda"
+
+
+@needs_cuda
+def test_reinitialize_draws_the_same_weights_on_cuda(env):
+    cpu_layer = copy.deepcopy(env.fashion.net.features[0])
+    gpu_layer = copy.deepcopy(cpu_layer).to("cuda")
+    cuda_state = torch.cuda.get_rng_state()
+    sanity.reinitialize(cpu_layer, seed=5)
+    sanity.reinitialize(gpu_layer, seed=5)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state)  # the global CUDA generator is not touched
+    assert torch.equal(cpu_layer.weight, gpu_layer.weight.cpu()) and torch.equal(cpu_layer.bias, gpu_layer.bias.cpu())
