@@ -21,6 +21,12 @@ Sweeps over epsilon, transfer between networks and adversarial training are in
 :mod:`coursekit.robustness`.
 
 Units: pixels, epsilons and step sizes are in [0, 1] units, ``8/255`` and not ``8``.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU (``SphereResult.labels`` too). Seeded random numbers are drawn on the CPU and moved, so a
+seed gives the same draws on every device.
 """
 
 from __future__ import annotations

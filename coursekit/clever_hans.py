@@ -13,6 +13,12 @@ corner of the photos. This module rebuilds that situation on Fashion-MNIST:
   the tag does to the predictions;
 * :func:`spectral_relevance_analysis` (SpRAy) clusters the LRP heatmaps of one class, so the tag
   strategy shows up as its own cluster without looking at single images.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations

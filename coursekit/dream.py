@@ -27,6 +27,12 @@ after the deepest of them, so a dream on an early block costs a fraction of the 
     result.image                                  # (1, 3, H, W) in [0, 1]
 
 :func:`dream_step` is one step written out (the exercise ``dream.step``).
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations

@@ -27,6 +27,12 @@ The convention used everywhere in this module (and in the lecture):
 Caveats the numbers carry: the perturbed images are out of the training distribution (a blurred
 patch or a black hole is itself evidence for some classes), and the curves only use the
 *ranking* of the pixels, never the magnitude or sign of the map.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ An *attribution method* is any function ``method(model, x, target) -> (N, C, H, 
 :func:`smooth` (SmoothGrad, Smilkov et al. 2017) and :func:`integrate` (integrated gradients,
 Sundararajan et al. 2017) wrap any of them, as captum's ``NoiseTunnel`` and zennit's ``SmoothGrad``
 do: ``smooth(lrp_epsilon)`` is "SmoothGrad of LRP" with no new code.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations

@@ -44,6 +44,12 @@ Yosinski, Clune, Nguyen, Fuchs & Lipson (2015), Understanding neural networks th
 Mahendran & Vedaldi (2015), Understanding deep image representations by inverting them.
 Olah, Mordvintsev & Schubert (2017), Feature visualization. Distill.
 Fleuret (2018), AMMI Introduction to Deep Learning, 8.4 "Optimizing inputs".
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ a network over a whole test set and trains networks that resist them.
   (2015) loss ``alpha J(x) + (1 - alpha) J(x + eps sign grad J)`` (:func:`adversarial_loss`).
 
 Units: epsilons in [0, 1] pixel units, ``8/255`` and not ``8``.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU (``Sweep.per_image`` and ``TransferResult.accuracy`` too). Seeded random numbers are drawn
+on the CPU and moved, so a seed gives the same draws on every device.
 """
 
 from __future__ import annotations
@@ -227,7 +233,7 @@ def transfer_matrix(models: Mapping[str, nn.Module], x: torch.Tensor, labels,
     names = list(models)
     x = check_images(x, pixel_range=True)
     clean = [accuracy(models[n], x, labels, batch_size) for n in names]
-    acc = torch.zeros(len(names), len(names))
+    acc = torch.zeros(len(names), len(names), device="cpu")  # (S, T) numbers, on the CPU
     for i, src in enumerate(names):
         adv = attack(models[src], x, labels)
         for j, dst in enumerate(names):

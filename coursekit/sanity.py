@@ -16,6 +16,12 @@ test runs on a deep copy.
 
 :func:`independent_randomization` re-initialises one layer (group) at a time instead, the rest
 keeping its trained weights.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU (the kept maps too: ``RandomizationResult.maps`` are CPU tensors). Seeded random numbers are
+drawn on the CPU and moved, so a seed gives the same draws on every device.
 """
 
 from __future__ import annotations

@@ -37,6 +37,12 @@ Gatys, Ecker & Bethge (2015), Texture synthesis using convolutional neural netwo
 Gatys, Ecker & Bethge (2016), Image style transfer using convolutional neural networks. CVPR.
 Johnson, Alahi & Fei-Fei (2016), Perceptual losses for real-time style transfer and super-resolution.
 Ustyuzhaninov, Brendel, Gatys & Bethge (2016/2017), What does it take to generate natural textures? ICLR 2017.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations
