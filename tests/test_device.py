@@ -130,6 +130,7 @@ def env(fashion, effnet, fashion_test):
     e.photo = torch.rand(1, 3, 64, 64, generator=g)  # (1, 3, 64, 64) for the ImageNet network
     e.small = torch.rand(2, 3, 32, 32, generator=g)  # for the tiny RGB network
     e.map = torch.rand(4, 28, 28, generator=g)  # a saliency map per image
+    e.tag = lambda result: result  # see env_elsewhere
     return e
 
 
@@ -169,7 +170,7 @@ CALLS = {
     "filters.empirical_receptive_field": lambda e: lambda: filters.empirical_receptive_field(e.fashion, "net.features.6"),
     "filters.explore_activations": lambda e: lambda: filters.explore_activations(e.fashion, e.x[:1], ["net.features.1"], static=True),
     "filters.first_layer_filters": lambda e: lambda: filters.first_layer_filters(e.effnet),
-    "filters.inspector_table": lambda e: (lambda r: lambda: filters.inspector_table(r))(filters.layer_inspector(e.fashion, e.x, 3)),
+    "filters.inspector_table": lambda e: (lambda r: lambda: filters.inspector_table(r))(e.tag(filters.layer_inspector(e.fashion, e.x, 3))),
     "filters.layer_inspector": lambda e: lambda: filters.layer_inspector(e.fashion, e.x, 3),
     "filters.normalize_filters": lambda e: lambda: filters.normalize_filters(e.effnet.net.conv_stem.weight),
     "filters.plot_receptive_fields": lambda e: lambda: filters.plot_receptive_fields(e.fashion),
@@ -177,7 +178,7 @@ CALLS = {
     "filters.receptive_fields": lambda e: lambda: filters.receptive_fields(e.effnet),
     "filters.show_activation_maps": lambda e: lambda: filters.show_activation_maps(e.fashion, e.x, ["net.features.1"]),
     "filters.show_filters": lambda e: lambda: filters.show_filters(e.fashion),
-    "filters.show_layer_inspector": lambda e: (lambda r: lambda: filters.show_layer_inspector(r))(filters.layer_inspector(e.fashion, e.x, 3)),
+    "filters.show_layer_inspector": lambda e: (lambda r: lambda: filters.show_layer_inspector(r))(e.tag(filters.layer_inspector(e.fashion, e.x, 3))),
     "receptive_fields.unit_windows": lambda e: lambda: rf.unit_windows(e.fashion, "net.features.6"),
     # lecture 1: maximisation
     "maximize.maximize[pixel]": lambda e: lambda: maximize.maximize(e.fashion, maximize.channel("net.features.8", 1),
@@ -193,6 +194,14 @@ CALLS = {
         + maximize.class_logit([1, 2]) + maximize.feature_match("net.4", torch.zeros(1, 16, 16, 16, device="cpu")),
         param=maximize.stack([maximize.pixel_image((1, 3, 32, 32)), maximize.fourier_image((1, 3, 32, 32))]),
         steps=2, optimizer="normalized_sgd", transforms=[maximize.only([0], maximize.jitter(1))], progress=False),
+    "maximize.MaximizationResult[plot_history]": lambda e: (lambda r: lambda: r.plot_history())(e.tag(
+        maximize.maximize(e.fashion, maximize.class_logit([1, 2]), batch=2, steps=2, progress=False))),
+    "representations.DatasetExamples[show]": lambda e: (lambda r: lambda: r.show())(e.tag(
+        representations.top_activating(e.fashion, e.x12, "net.features.8", 3, k=2))),
+    "clever_hans.SpectralAnalysis[cluster_means]": lambda e: (lambda r: lambda: r.cluster_means(e.map.repeat(3, 1, 1)))(
+        clever_hans.spectral_relevance_analysis(torch.rand(12, 28, 28, device="cpu"), n_neighbors=3)),
+    "style.StyleResult[best_so_far]": lambda e: (lambda r: lambda: r.best_so_far())(e.tag(ST.synthesize(
+        e.rgb, e.small[:1], layers=["net.1"], size=16, max_evals=2, progress=False))),
     "maximize.ascent_step": lambda e: lambda: maximize.ascent_step(e.fashion, e.x, 2),
     "maximize.edge_energy": lambda e: lambda: maximize.edge_energy(e.small),
     "maximize.gaussian_blur": lambda e: lambda: maximize.gaussian_blur(e.small, 1.0),
@@ -241,8 +250,8 @@ CALLS = {
         e.fashion, e.x[:2], 0, {"grad": S.vanilla_saliency}, metrics=("spearman", "ssim"), progress=False),
     "sanity.independent_randomization": lambda e: lambda: sanity.independent_randomization(
         e.fashion, e.x[:2], 0, {"grad": S.vanilla_saliency}, progress=False),
-    "sanity.plot_randomization": lambda e: (lambda r: lambda: sanity.plot_randomization(r))(_randomization_result(e)),
-    "sanity.plot_randomization_maps": lambda e: (lambda r: lambda: sanity.plot_randomization_maps(r))(_randomization_result(e)),
+    "sanity.plot_randomization": lambda e: (lambda r: lambda: sanity.plot_randomization(r))(e.tag(_randomization_result(e))),
+    "sanity.plot_randomization_maps": lambda e: (lambda r: lambda: sanity.plot_randomization_maps(r))(e.tag(_randomization_result(e))),
     "sanity.randomization_steps": lambda e: lambda: sanity.randomization_steps(e.fashion),
     "sanity.rank_correlation": lambda e: lambda: sanity.rank_correlation(e.map, e.map.flip(0)),
     "sanity.reinitialize": lambda e: (lambda m: lambda: sanity.reinitialize(m, seed=1))(copy.deepcopy(e.fashion.net.features[0])),
@@ -259,7 +268,7 @@ CALLS = {
         e.fashion, e.x, 0, e.map, steps=4, baseline=e.x.flip(0)),
     "faithfulness.perturbation_masks": lambda e: lambda: faithfulness.perturbation_masks(faithfulness.pixel_ranking(e.map)[0], 4),
     "faithfulness.pixel_ranking": lambda e: lambda: faithfulness.pixel_ranking(e.map),
-    "faithfulness.plot_curves": lambda e: (lambda r: lambda: faithfulness.plot_curves(r))(_faithfulness_result(e)),
+    "faithfulness.plot_curves": lambda e: (lambda r: lambda: faithfulness.plot_curves(r))(e.tag(_faithfulness_result(e))),
     "faithfulness.random_map": lambda e: lambda: faithfulness.random_map(e.x),
     "faithfulness.reduce_map": lambda e: lambda: faithfulness.reduce_map(e.x * 0.5 - 0.1, e.x),
     # lecture 3: LRP and Clever Hans
@@ -270,7 +279,7 @@ CALLS = {
         {nn.Conv2d: L.Epsilon(), nn.Linear: L.Epsilon()}, first=L.ZBox(0.0, 1.0, mean=torch.full((1, 1, 1, 1), 0.286, device="cpu"),
                                                          std=torch.full((1, 1, 1, 1), 0.353, device="cpu")))),
     "lrp.conservation": lambda e: lambda: L.conservation(e.effnet, e.photo, 1),
-    "lrp.plot_conservation": lambda e: (lambda c: lambda: L.plot_conservation({"eps": c}))(L.conservation(e.fashion, e.x, 1)),
+    "lrp.plot_conservation": lambda e: (lambda c: lambda: L.plot_conservation({"eps": c}))(e.tag(L.conservation(e.fashion, e.x, 1))),
     "lrp.plot_relevance": lambda e: lambda: L.plot_relevance(e.x[0], L.lrp(e.fashion, e.x[:1], 1)[0]),
     "lrp.relevance_limit": lambda e: lambda: L.relevance_limit(e.map, e.map * 2),
     "lrp.default_canonizers": lambda e: lambda: L.default_canonizers(e.effnet),
@@ -306,7 +315,7 @@ CALLS = {
     "robustness.eps_sweep[pgd]": lambda e: lambda: robustness.eps_sweep(e.fashion, e.x, e.y, [0.05], "pgd", steps=2,
                                                                         progress=False),
     "robustness.plot_sweeps": lambda e: (lambda s: lambda: robustness.plot_sweeps([s]))(
-        robustness.eps_sweep(e.fashion, e.x, e.y, [0.0, 0.05], progress=False)),
+        e.tag(robustness.eps_sweep(e.fashion, e.x, e.y, [0.0, 0.05], progress=False))),
     "robustness.transfer_matrix": lambda e: lambda: robustness.transfer_matrix({"a": e.fashion, "b": e.fashion}, e.x, e.y),
     "robustness.adversarial_loss": lambda e: (lambda m: lambda: robustness.adversarial_loss(m, e.x, e.y, 0.05))(
         _fresh_fashion_net()),
@@ -532,7 +541,8 @@ FOLLOW_THE_INPUT = {
     "clever_hans.watermark_choice", "clever_hans.spectral_relevance_analysis", "adversarial.plot_perturbation",
     "adversarial.quantize_8bit", "robustness.plot_sweeps", "dream.dream_step", "style.content_loss",
     "style.gram_matrix", "style.gram_errors", "style.style_loss", "style.tv_loss", "representations.nearest_neighbours",
-    "adversarial.margin", "adversarial.attack_objective",
+    "adversarial.margin", "adversarial.attack_objective", "clever_hans.SpectralAnalysis[cluster_means]",
+    "style.StyleResult[best_so_far]",
 }
 # module-level tensors: each must be moved to the data's device where it is used
 MODULE_CONSTANTS = {"clever_hans": ["WATERMARK"], "image_params": ["_COLOR_SQRT"], "objectives": ["_LAPLACIAN"]}
@@ -561,7 +571,29 @@ def env_elsewhere(env):
     e.__dict__.update(env.__dict__)
     for name in ("x", "y", "x12", "y12", "photo", "small", "map"):
         setattr(e, name, elsewhere(getattr(env, name)))
+    e.tag = _elsewhere_deep  # results handed to plots: as if on a GPU (numpy only after .cpu())
     return e
+
+
+def _elsewhere_deep(obj, depth: int = 0):
+    """A copy of a result with every tensor in it (lists, dicts, dataclasses) made Elsewhere."""
+    import dataclasses
+
+    if isinstance(obj, torch.Tensor):
+        return elsewhere(obj)
+    if depth > 4:
+        return obj
+    if isinstance(obj, (tuple, list)):
+        values = [_elsewhere_deep(v, depth + 1) for v in obj]
+        return type(obj)(*values) if hasattr(obj, "_fields") else type(obj)(values)  # a namedtuple, or not
+    if isinstance(obj, dict):
+        return {k: _elsewhere_deep(v, depth + 1) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            object.__setattr__(out, f.name, _elsewhere_deep(getattr(obj, f.name), depth + 1))
+        return out
+    return obj
 
 
 def test_elsewhere_catches_an_input_that_is_not_moved(env_elsewhere):
