@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._reference import reference
-from .devices import cpu_generator
+from .devices import cpu_generator, model_device
 from .guard import guarded
 from .inputs import check_images, check_model, positive_int, target_indices
 from .optimize import Adam, SignStep, ascend
@@ -556,10 +556,10 @@ def evolve_fooling_images(model: nn.Module, classes: Sequence[int], shape: Seque
     population, generations = positive_int(population, "population", 2), positive_int(generations, "generations")
     if not 0 < mutation_rate <= 1:
         raise ValueError(f"mutation_rate must be in (0, 1], got {mutation_rate!r}")
-    gen = cpu_generator(seed)
+    gen, device = cpu_generator(seed), model_device(model)  # drawn on the CPU (same on every device), then moved
     k, p, keep = len(classes), population, population // 2
-    pop = torch.rand((k, p, *shape), generator=gen, device="cpu")  # (K, P, C, H, W)
-    idx = torch.tensor(classes)
+    pop = torch.rand((k, p, *shape), generator=gen, device="cpu").to(device)  # (K, P, C, H, W)
+    idx = torch.tensor(classes, device=device)
     history = []
 
     with guarded(model, what="evolve_fooling_images"):
@@ -569,10 +569,11 @@ def evolve_fooling_images(model: nn.Module, classes: Sequence[int], shape: Seque
             order = fit.argsort(1, descending=True)
             history.append(fit.max(1).values)
             parents = pop.gather(1, order[:, :keep].view(k, keep, *[1] * len(shape)).expand(k, keep, *shape))
-            mask = torch.rand(parents.shape, generator=gen, device="cpu") < mutation_rate
-            children = (parents + mask * torch.randn(parents.shape, generator=gen, device="cpu") * mutation_scale).clamp(0, 1)
+            mask = torch.rand(parents.shape, generator=gen, device="cpu").to(device) < mutation_rate
+            noise = torch.randn(parents.shape, generator=gen, device="cpu").to(device)
+            children = (parents + mask * noise * mutation_scale).clamp(0, 1)
             pop = torch.cat([parents, children[:, : p - keep]], 1)
         probs = F.softmax(model(pop.flatten(0, 1)), 1).view(k, p, -1)
         fit = probs.gather(2, idx.view(k, 1, 1).expand(k, p, 1))[..., 0]
-    best = pop[torch.arange(k), fit.argmax(1)]
+    best = pop[torch.arange(k, device=device), fit.argmax(1)]
     return best, torch.stack(history)

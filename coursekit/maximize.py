@@ -282,9 +282,7 @@ def maximize(
     if track is None and objective.targets:
         distinct = {repr(t) for t in objective.targets}
         track = objective.targets[0] if len(distinct) == 1 else None
-    device = model_device(model)
-    if any(t.device != device for t in param.parameters()):
-        param.to_(device)  # pictures live where the model does
+    param.to_(model_device(model))  # pictures live where the model does (made on the CPU, seeded there)
     tensors = param.parameters()
     rule = Adam(lr) if optimizer == "adam" else NormalizedAscent(lr)
     probs: list[torch.Tensor] = []

@@ -170,7 +170,7 @@ class DatasetExamples:
             ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
             title = f"#{int(self.indices[n])}\n{float(self.scores[n]):.2f}"
             if labels is not None and class_names is not None:
-                title = f"{class_names[int(labels[self.indices[n]])]}\n{float(self.scores[n]):.2f}"
+                title = f"{class_names[int(labels[int(self.indices[n])])]}\n{float(self.scores[n]):.2f}"
             ax.set_title(title, fontsize=7)
             if self.positions is not None and self.field is not None:
                 top, left, h, w = self.field.box(*self.positions[n].tolist())

@@ -472,6 +472,9 @@ class Elsewhere(torch.Tensor):
         kwargs = kwargs or {}
         if func is torch.Tensor.numpy:
             raise TypeError("can't convert an Elsewhere (another device's) tensor to numpy; call .cpu() first")
+        if func is torch.Tensor.__getitem__ and not isinstance(args[0], cls):
+            with torch._C.DisableTorchFunctionSubclass():  # indices may live anywhere: the result is the tensor's
+                return func(*args, **kwargs)
         if func in (torch.Tensor.cpu, torch.Tensor.to):
             with torch._C.DisableTorchFunctionSubclass():
                 out = func(*args, **kwargs)
@@ -510,6 +513,18 @@ def _elsewhere_in(obj, depth: int = 0) -> list[str]:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return [f".{f.name}{p}" for f in dataclasses.fields(obj) for p in _elsewhere_in(getattr(obj, f.name), depth + 1)]
     return []
+
+
+class _DrawsElsewhere(torch.overrides.TorchFunctionMode):
+    """Random numbers drawn on the CPU are Elsewhere: a method must move them to the model's device."""
+
+    DRAWS = (torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.DRAWS and isinstance(out, torch.Tensor) and out.device.type == "cpu":
+            return out.as_subclass(Elsewhere)
+        return out
 
 
 @contextlib.contextmanager
@@ -604,6 +619,13 @@ def test_elsewhere_catches_an_input_that_is_not_moved(env_elsewhere):
             e.fashion(e.x)  # what a method must not do
         assert not _elsewhere_in(e.fashion(e.x.to(model_device(e.fashion))))
     assert _elsewhere_in({"a": [e.x + torch.zeros(1, 1, 28, 28)]}) == ["['a'][0]result"]  # mixing keeps it
+    plain = e.x.to(model_device(e.fashion))
+    with _guard_layers(), _DrawsElsewhere():
+        noise = torch.randn(plain.shape, generator=torch.Generator().manual_seed(0), device="cpu")
+        with pytest.raises(RuntimeError, match="never moved"):
+            e.fashion(plain + noise)  # a CPU draw used without .to(device)
+        e.fashion(plain + noise.to(plain))
+        assert type(plain[torch.randperm(4)]) is torch.Tensor  # CPU indices do not move the indexed tensor
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
@@ -617,7 +639,7 @@ def test_method_moves_inputs_and_constants_to_the_models_device(name, env_elsewh
     call = CALLS[name](e)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with _guard_layers():
+        with _guard_layers(), _DrawsElsewhere():
             result = call()
     if name not in FOLLOW_THE_INPUT:
         assert not _elsewhere_in(result), f"{name} returned tensors that are not on the model's device"
