@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
-from .devices import resolve_device
+from .devices import model_device, resolve_device
 from .guard import guarded
 from .inputs import check_images, check_model, model_dtype, target_scores
 from .nets import FASHION_CLASSES, FashionCNN
@@ -86,6 +86,10 @@ class CourseModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N,C,H,W) in [0,1] -> (N,K) logits
         x = check_images(x, f"{self.name}'s input", channels=self.input_size[0], finite=False)
+        device = model_device(self)
+        if x.device != device:  # as in PyTorch, a direct call does not move x; coursekit's methods do
+            raise ValueError(f"{self.name} is on {device} but its input is on {x.device}: move the input "
+                             f"with x.to({str(device)!r}) (coursekit's methods move their inputs themselves)")
         dtype = model_dtype(self.net)
         if x.dtype != dtype:  # float64 from numpy: compute in the model's dtype
             x = x.to(dtype)

@@ -673,6 +673,8 @@ def test_inputs_move_to_the_models_device(env):
     assert target_indices(3, 4).device == torch.device("cpu")
     out = meta_model(moved)  # the whole model runs there: (4, 10) of shapes only
     assert out.device == torch.device("meta") and out.shape == (4, 10)
+    with pytest.raises(ValueError, match=r"on meta but its input is on cpu: move the input with x.to\('meta'\)"):
+        meta_model(env.x)  # a direct call does not move its input (as in PyTorch), and says what to do
 
 
 # ----------------------------------------------------------------------------------------------
