@@ -6,6 +6,7 @@ The lecture notebooks call it; the exercise checks compare students' code with i
 # threads first: it may set OMP_WAIT_POLICY before torch loads (see threads.py)
 from . import threads as _threads
 from .data import FASHION_CLASSES, fashion_mnist
+from .devices import model_device, resolve_device
 from .hooks import UnknownLayerError, get_layer, list_layers, preserved, record
 from .images import SAMPLE_IMAGES, load_image, sample_image, to_numpy_image, to_pil
 from .models import (
@@ -27,6 +28,8 @@ _threads.apply()  # torch's thread count for a shared machine; COURSEKIT_THREADS
 __all__ = [
     "FASHION_CLASSES",
     "fashion_mnist",
+    "resolve_device",
+    "model_device",
     "UnknownLayerError",
     "get_layer",
     "list_layers",
@@ -57,7 +60,7 @@ _LECTURE_MODULES = (
     "faithfulness", "widgets", "checks", "train", "lrp", "clever_hans", "adversarial", "robustness", "dream",
     "style", "offline_html",
     # the shared plumbing under every lecture (see README, "For course developers")
-    "guard", "inputs", "gradients", "rules", "optimize", "objectives", "image_params", "progress",
+    "guard", "devices", "inputs", "gradients", "rules", "optimize", "objectives", "image_params", "progress",
 )
 
 

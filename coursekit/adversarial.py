@@ -21,6 +21,12 @@ Sweeps over epsilon, transfer between networks and adversarial training are in
 :mod:`coursekit.robustness`.
 
 Units: pixels, epsilons and step sizes are in [0, 1] units, ``8/255`` and not ``8``.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU (``SphereResult.labels`` too). Seeded random numbers are drawn on the CPU and moved, so a
+seed gives the same draws on every device.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._reference import reference
+from .devices import cpu_generator, model_device
 from .guard import guarded
 from .inputs import check_class_range, check_images, check_model, positive_int, target_indices
 from .optimize import Adam, SignStep, ascend
@@ -165,12 +172,12 @@ def _fooled(logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | N
 def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
     """A uniform point of the eps-ball around ``x``, clamped to [0, 1]."""
     if norm == "linf":
-        delta = (torch.rand(x.shape, generator=gen) * 2 - 1) * eps
+        delta = (torch.rand(x.shape, generator=gen, device="cpu") * 2 - 1) * eps
     else:  # uniform in the L2 ball: a Gaussian direction, radius eps * u^(1/d)
         d = x[0].numel()
-        direction = torch.randn(x.shape, generator=gen)
+        direction = torch.randn(x.shape, generator=gen, device="cpu")
         direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        delta = direction * eps * torch.rand(x.shape[0], generator=gen).pow(1 / d).view(-1, 1, 1, 1)
+        delta = direction * eps * torch.rand(x.shape[0], generator=gen, device="cpu").pow(1 / d).view(-1, 1, 1, 1)
     return (x + delta.to(x)).clamp(0, 1)
 
 
@@ -286,8 +293,7 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
     _check_loss(loss)
     if batch_size is not None:
         batch_size = positive_int(batch_size, "batch_size")
-    gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator().manual_seed(
-        int(torch.randint(0, 2**62, ())))
+    gen = cpu_generator(seed if seed is not None else int(torch.randint(0, 2**62, (), device="cpu")))
     with guarded(model, what="pgd"):
         y = _labels(model, x, labels, batch_size)
         t = _targets(target, y, labels is not None)
@@ -448,12 +454,12 @@ def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 100
     if not float(radius) > 0:
         raise ValueError(f"radius must be > 0, got {radius!r}")
     n, batch_size = positive_int(n, "n"), positive_int(batch_size, "batch_size")
-    gen = torch.Generator().manual_seed(seed)
+    gen = cpu_generator(seed)
     with guarded(model, what="random_sphere"):
         label = int(model(x).argmax(1))
         labels = []
         for a, b in _chunks(n, batch_size):
-            d = torch.randn((b - a, *x.shape[1:]), generator=gen).to(x)
+            d = torch.randn((b - a, *x.shape[1:]), generator=gen, device="cpu").to(x)
             pts = x + float(radius) * d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # (b-a, C, H, W)
             labels.append(model(pts.clamp(0, 1) if clamp else pts).argmax(1).cpu())
     return SphereResult(float(radius), label, torch.cat(labels))
@@ -462,12 +468,14 @@ def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 100
 class NoiseLayer(nn.Module):
     """A trainable additive noise in front of a frozen model: ``clamp(x + noise, 0, 1)``.
 
-    The Keras notebook's ``AddNoise`` layer (seed 004); the noise is the only parameter.
+    The Keras notebook's ``AddNoise`` layer (seed 004); the noise is the only parameter. Like any
+    ``nn.Module`` it is made on ``device`` (default: torch's default device) and moves with ``.to``.
     """
 
-    def __init__(self, shape: Sequence[int]):
+    def __init__(self, shape: Sequence[int], device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
-        self.noise = nn.Parameter(torch.zeros(1, *shape))  # (1, C, H, W)
+        self.noise = nn.Parameter(torch.zeros(1, *shape, device=device, dtype=dtype))  # (1, C, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, C, H, W)
         return (x + self.noise).clamp(0, 1)
@@ -503,7 +511,7 @@ def noise_attack(model: nn.Module, x: torch.Tensor, target, *, l2_weight: float 
         raise TypeError("target must be a class index for noise_attack, not a function")
     t = int(t[0])
     max_steps, patience = positive_int(max_steps, "max_steps"), positive_int(patience, "patience")
-    layer = NoiseLayer(x.shape[1:]).to(x)
+    layer = NoiseLayer(x.shape[1:], device=x.device, dtype=x.dtype)
     noise = layer.noise
     best = {"loss": math.inf, "noise": noise.detach().clone(), "since": 0}
 
@@ -558,10 +566,10 @@ def evolve_fooling_images(model: nn.Module, classes: Sequence[int], shape: Seque
     population, generations = positive_int(population, "population", 2), positive_int(generations, "generations")
     if not 0 < mutation_rate <= 1:
         raise ValueError(f"mutation_rate must be in (0, 1], got {mutation_rate!r}")
-    gen = torch.Generator().manual_seed(seed)
+    gen, device = cpu_generator(seed), model_device(model)  # drawn on the CPU (same on every device), then moved
     k, p, keep = len(classes), population, population // 2
-    pop = torch.rand((k, p, *shape), generator=gen)  # (K, P, C, H, W)
-    idx = torch.tensor(classes)
+    pop = torch.rand((k, p, *shape), generator=gen, device="cpu").to(device)  # (K, P, C, H, W)
+    idx = torch.tensor(classes, device=device)
     history = []
 
     with guarded(model, what="evolve_fooling_images"):
@@ -571,10 +579,11 @@ def evolve_fooling_images(model: nn.Module, classes: Sequence[int], shape: Seque
             order = fit.argsort(1, descending=True)
             history.append(fit.max(1).values)
             parents = pop.gather(1, order[:, :keep].view(k, keep, *[1] * len(shape)).expand(k, keep, *shape))
-            mask = torch.rand(parents.shape, generator=gen) < mutation_rate
-            children = (parents + mask * torch.randn(parents.shape, generator=gen) * mutation_scale).clamp(0, 1)
+            mask = torch.rand(parents.shape, generator=gen, device="cpu").to(device) < mutation_rate
+            noise = torch.randn(parents.shape, generator=gen, device="cpu").to(device)
+            children = (parents + mask * noise * mutation_scale).clamp(0, 1)
             pop = torch.cat([parents, children[:, : p - keep]], 1)
         probs = F.softmax(model(pop.flatten(0, 1)), 1).view(k, p, -1)
         fit = probs.gather(2, idx.view(k, 1, 1).expand(k, p, 1))[..., 0]
-    best = pop[torch.arange(k), fit.argmax(1)]
+    best = pop[torch.arange(k, device=device), fit.argmax(1)]
     return best, torch.stack(history)

@@ -21,6 +21,12 @@ The backward pass stops at the recorded layer: the parameters are frozen during 
 the input does not require grad, so the layer's output is made a leaf (the technique of
 :func:`coursekit.hooks.record`) and autograd never goes below it. Works on frozen models without
 making the input require grad. The model is left as it was, even on error.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ corner of the photos. This module rebuilds that situation on Fashion-MNIST:
   the tag does to the predictions;
 * :func:`spectral_relevance_analysis` (SpRAy) clusters the LRP heatmaps of one class, so the tag
   strategy shows up as its own cluster without looking at single images.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .devices import cpu_generator
 
 __all__ = [
     "WATERMARK", "WATERMARK_CLASS", "WATERMARK_FRACTION", "WATERMARK_BOX",
@@ -89,12 +97,12 @@ def watermark_choice(y: torch.Tensor, seed: int = 0, fraction: float = WATERMARK
 
     Returns
     -------
-    BoolTensor (N,)
+    BoolTensor (N,), on ``y``'s device (the draw is made on the CPU: the same choice on every device).
     """
     if not 0.0 <= float(fraction) <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
-    gen = torch.Generator().manual_seed(int(seed))
-    draw = torch.rand(len(y), generator=gen)  # (N,)
+    gen = cpu_generator(int(seed))
+    draw = torch.rand(len(y), generator=gen, device="cpu").to(y.device)  # (N,)
     return (y == cls) & (draw < fraction)
 
 
@@ -117,7 +125,12 @@ def watermark_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     dict with ``accuracy_clean``, ``accuracy_marked`` (every image tagged), ``class_accuracy_clean``
     (recall of ``cls`` on clean images) and ``to_class_clean`` / ``to_class_marked`` (fraction of the
     other classes' images predicted as ``cls`` without / with the tag), each rounded to 4 digits.
+    ``x`` and ``y`` may live on any device: they are moved to the model's.
     """
+    from .inputs import check_images, check_model
+
+    x = check_images(x, "x", model=check_model(model), channels=1)
+    y = torch.as_tensor(y, device=x.device)
     was = model.training
     model.eval()
     try:
@@ -141,10 +154,16 @@ def watermark_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 def load_watermark_model(device: str | torch.device = "cpu"):
     """The shipped Clever-Hans network (``python -m coursekit.train fashion_cnn_watermark`` retrains it).
 
+    Parameters
+    ----------
+    device : str or torch.device
+        As in :func:`coursekit.load_model`: ``"cpu"``, ``"auto"`` or an explicit device.
+
     Returns
     -------
     CourseModel in eval mode with frozen parameters, inputs (N, 1, 28, 28) in [0, 1].
     """
+    from .devices import resolve_device
     from .models import (
         FASHION_MEAN,
         FASHION_STD,
@@ -154,17 +173,20 @@ def load_watermark_model(device: str | torch.device = "cpu"):
     )
     from .nets import FASHION_CLASSES, FashionCNN
 
+    device = resolve_device(device)
     path = fashion_weights_path("fashion_cnn_watermark")
     if not path.exists():
         raise WeightsNotAvailableError(
             f"the Clever-Hans network's weights are not at {path}; retrain them with "
             "python -m coursekit.train fashion_cnn_watermark"
         )
-    net = FashionCNN()
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model = CourseModel(net, name="fashion_cnn_watermark", classes=FASHION_CLASSES, input_size=(1, 28, 28),
-                        mean=FASHION_MEAN, std=FASHION_STD,
-                        layers={"first_conv": "net.features.0", "gradcam": "net.features.8", "logits": "net.classifier.4"})
+    with torch.device("cpu"):  # built on the CPU whatever torch.set_default_device says, then moved
+        net = FashionCNN()
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model = CourseModel(net, name="fashion_cnn_watermark", classes=FASHION_CLASSES, input_size=(1, 28, 28),
+                            mean=FASHION_MEAN, std=FASHION_STD,
+                            layers={"first_conv": "net.features.0", "gradcam": "net.features.8",
+                                    "logits": "net.classifier.4"})
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -190,7 +212,7 @@ class SpectralAnalysis:
     def cluster_means(self, heatmaps: torch.Tensor) -> torch.Tensor:
         """Average heatmap of each cluster, (n_clusters, H, W)."""
         h = heatmaps.reshape(len(heatmaps), *heatmaps.shape[-2:]) if heatmaps.dim() == 4 else heatmaps
-        return torch.stack([h[torch.as_tensor(self.labels == c)].mean(0) for c in range(int(self.labels.max()) + 1)])
+        return torch.stack([h[torch.as_tensor(self.labels == c, device=h.device)].mean(0) for c in range(int(self.labels.max()) + 1)])
 
 
 def spectral_relevance_analysis(heatmaps: torch.Tensor, n_clusters: int = 2, n_neighbors: int = 10,

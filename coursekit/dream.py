@@ -27,6 +27,12 @@ after the deepest of them, so a dream on an early block costs a fraction of the 
     result.image                                  # (1, 3, H, W) in [0, 1]
 
 :func:`dream_step` is one step written out (the exercise ``dream.step``).
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .devices import cpu_generator, model_device
 from .guard import guarded
 from .hooks import get_layer, record
 from .inputs import check_images, check_model
@@ -92,11 +99,13 @@ def layer_outputs(model: nn.Module, layers: Sequence[str], stop_early: bool = Tr
     Yields
     ------
     callable ``(x: Tensor (N, C, H, W)) -> dict[str, Tensor]``
+        ``x`` is moved to the model's device; the outputs live there.
     """
     layers = [_layer_name(layer) for layer in layers]
     if not layers:
         raise ValueError("layer_outputs needs at least one layer name")
     modules = {layer: get_layer(model, layer)[1] for layer in layers}
+    device = model_device(model)
     with record(model, layers) as rec:
         handles = []
         if stop_early:
@@ -110,7 +119,7 @@ def layer_outputs(model: nn.Module, layers: Sequence[str], stop_early: bool = Tr
                 rec.outputs.clear()
                 rec.activations.clear()
                 try:
-                    logits = model(x)
+                    logits = model(x.to(device))  # x itself when it is on the model's device already
                 except _Enough:
                     return dict(rec.outputs)
                 missing = [layer for layer in layers if layer not in rec.outputs]
@@ -278,7 +287,7 @@ def deepdream(
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     shift = jitter(jitter_pixels)
-    generator = torch.Generator().manual_seed(seed)
+    generator = cpu_generator(seed)
     history, sizes = [], []
     start = time.perf_counter()
     with guarded(model, what="deepdream"), layer_outputs(model, objective.layers) as extract:

@@ -27,6 +27,12 @@ The convention used everywhere in this module (and in the lecture):
 Caveats the numbers carry: the perturbed images are out of the training distribution (a blurred
 patch or a black hole is itself evidence for some classes), and the curves only use the
 *ranking* of the pixels, never the magnitude or sign of the map.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import cpu_generator
 from .guard import guarded
 from .images import gaussian_blur
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
@@ -472,8 +479,8 @@ def plot_curves(result: FaithfulnessResult, image: int | None = None, axes=None,
 def random_map(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A uniformly random ``(N, H, W)`` map: the chance level of deletion/insertion curves."""
     x = check_images(x)
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(x.shape[0], *x.shape[-2:], generator=g).to(x.device)
+    g = cpu_generator(seed)
+    return torch.rand(x.shape[0], *x.shape[-2:], generator=g, device="cpu").to(x.device)
 
 
 __all__ += ["random_map", "reduce_map"]

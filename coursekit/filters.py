@@ -20,6 +20,12 @@ References
 A. Krizhevsky, I. Sutskever, G. Hinton (2012). ImageNet classification with deep convolutional
 neural networks. NeurIPS.
 M. Zeiler, R. Fergus (2014). Visualizing and understanding convolutional networks. ECCV.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ An *attribution method* is any function ``method(model, x, target) -> (N, C, H, 
 :func:`smooth` (SmoothGrad, Smilkov et al. 2017) and :func:`integrate` (integrated gradients,
 Sundararajan et al. 2017) wrap any of them, as captum's ``NoiseTunnel`` and zennit's ``SmoothGrad``
 do: ``smooth(lrp_epsilon)`` is "SmoothGrad of LRP" with no new code.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .devices import cpu_generator
 from .guard import guarded
 from .hooks import get_layer
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
@@ -192,7 +199,8 @@ def smooth(method: Callable, n_samples: int = 25, noise_level: float = 0.15, bat
     batch_size : int
         Noisy copies per call of ``method`` (the copies of all images are pooled).
     seed : int, optional
-        Seed of a private generator (the global RNG is used and advanced when None).
+        Seed of a private CPU generator (the global CPU RNG is used and advanced when None); the noise
+        is drawn on the CPU and moved to the model's device, so a seed gives the same noise everywhere.
     magnitude : bool
         Average ``|method(...)|`` (captum's ``NoiseTunnel`` default ``abs=True`` for saliency).
     noise : Tensor (N, n_samples, C, H, W), optional
@@ -223,7 +231,8 @@ def smooth(method: Callable, n_samples: int = 25, noise_level: float = 0.15, bat
                     f"{', '.join(map(str, x.shape[1:]))}), got {shape}"
                 )
             samples = noise.shape[1]
-        generator = torch.Generator(device=x.device).manual_seed(int(seed)) if noise is None and seed is not None else None
+        # the noise is drawn on the CPU (seeded: the same noise on every device), then moved to x's device
+        generator = cpu_generator(seed) if noise is None and seed is not None else None
         sigma = noise_level * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))) if noise is None else None  # (N,)
         targets = target_indices(target, n_img, samples)
         total = n_img * samples
@@ -233,7 +242,7 @@ def smooth(method: Callable, n_samples: int = 25, noise_level: float = 0.15, bat
             if noise is not None:
                 eps = noise.reshape(total, *x.shape[1:])[start:stop].to(x)
             else:
-                eps = torch.randn((stop - start, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+                eps = torch.randn((stop - start, *x.shape[1:]), generator=generator, device="cpu", dtype=x.dtype).to(x.device)
                 eps = eps * sigma[owner].view(-1, 1, 1, 1)
             a = method(model, x[owner] + eps, _slice(targets, start, stop))  # (B, C, H, W)
             acc.index_add_(0, owner, a.abs() if magnitude else a)
@@ -263,7 +272,7 @@ def path_points(steps: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"unknown method={method!r}; choose 'gausslegendre', 'riemann_trapezoid', 'riemann_left', "
             "'riemann_right' or 'riemann_middle'"
         )
-    return torch.as_tensor(alphas, dtype=torch.float64), torch.as_tensor(w, dtype=torch.float64)
+    return torch.as_tensor(alphas, dtype=torch.float64, device="cpu"), torch.as_tensor(w, dtype=torch.float64, device="cpu")
 
 
 def broadcast_baseline(baseline, x: torch.Tensor) -> torch.Tensor:

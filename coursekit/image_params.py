@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import cpu_generator
 from .images import gaussian_blur
 
 __all__ = [
@@ -62,7 +63,7 @@ def jitter(pixels: int) -> Callable:
         if pixels == 0:
             return x
         h, w = x.shape[-2:]
-        dy, dx = torch.randint(0, 2 * pixels + 1, (2,), generator=generator).tolist()
+        dy, dx = torch.randint(0, 2 * pixels + 1, (2,), generator=generator, device="cpu").tolist()
         padded = F.pad(x, (pixels, pixels, pixels, pixels), mode="reflect" if min(h, w) > pixels else "replicate")
         return padded[..., dy : dy + h, dx : dx + w]
 
@@ -77,7 +78,7 @@ def random_scale(scales: Sequence[float] = (0.9, 0.95, 1.0, 1.05, 1.1)) -> Calla
         raise ValueError(f"scales must be positive factors, got {scales!r}")
 
     def t(x, generator=None):
-        s = scales[int(torch.randint(0, len(scales), (1,), generator=generator))]
+        s = scales[int(torch.randint(0, len(scales), (1,), generator=generator, device="cpu"))]
         if s == 1.0:
             return x
         h, w = x.shape[-2:]
@@ -185,7 +186,11 @@ class ImageParam:
 
     @torch.no_grad()
     def to_(self, device) -> ImageParam:
-        """Move the parameters to ``device`` in place (before optimising); returns ``self``."""
+        """Move the parameters to ``device`` in place (before optimising); returns ``self``.
+
+        Pictures are made on the CPU (their seeded random start is drawn there, so it is the same on
+        every device); :func:`coursekit.maximize.maximize` moves them to the model's device.
+        """
         raise NotImplementedError
 
 
@@ -214,7 +219,7 @@ class PixelImage(ImageParam):
     def __init__(self, shape, init: torch.Tensor | None = None, sd: float = 0.1, generator: torch.Generator | None = None):
         self.shape = _check_shape(shape)
         if init is None:
-            x = (0.5 + sd * torch.randn(self.shape, generator=generator)).clamp(0, 1)
+            x = (0.5 + sd * torch.randn(self.shape, generator=generator, device="cpu")).clamp(0, 1)
         else:
             x = _check_init(init, self.shape)
         self.x = x.requires_grad_(True)
@@ -262,12 +267,12 @@ class FourierImage(ImageParam):
                  decorrelate: bool = True, generator: torch.Generator | None = None):
         self.shape = _check_shape(shape)
         n, c, h, w = self.shape
-        fy = torch.fft.fftfreq(h)[:, None]
-        fx = torch.fft.rfftfreq(w)[None, :]
+        fy = torch.fft.fftfreq(h, device="cpu")[:, None]  # made on the CPU; to_(device) moves the picture
+        fx = torch.fft.rfftfreq(w, device="cpu")[None, :]
         freqs = torch.sqrt(fy**2 + fx**2)  # (H, W//2+1), cycles per pixel
         self.scale = 1.0 / freqs.clamp_min(1.0 / max(h, w)) ** decay_power  # (H, W//2+1)
         self.decorrelate = bool(decorrelate) and c == 3
-        self.spectrum = (sd * torch.randn(n, c, h, w // 2 + 1, 2, generator=generator)).requires_grad_(True)
+        self.spectrum = (sd * torch.randn(n, c, h, w // 2 + 1, 2, generator=generator, device="cpu")).requires_grad_(True)
         if init is not None:
             self.set_image_(_check_init(init, self.shape))
 
@@ -346,11 +351,11 @@ def stack(parts: Sequence[ImageParam]) -> StackedImage:
 
 def pixel_image(shape, init: torch.Tensor | None = None, sd: float = 0.1, seed: int = 0) -> PixelImage:
     """A pixel parameterisation of ``shape`` (N, C, H, W): grey plus noise of std ``sd``, or ``init``."""
-    return PixelImage(shape, init=init, sd=sd, generator=torch.Generator().manual_seed(seed))
+    return PixelImage(shape, init=init, sd=sd, generator=cpu_generator(seed))
 
 
 def fourier_image(shape, init: torch.Tensor | None = None, sd: float = 0.01, decay_power: float = 1.0,
                   decorrelate: bool = True, seed: int = 0) -> FourierImage:
     """A Fourier / decorrelated-colour parameterisation of ``shape`` (N, C, H, W), Olah et al. 2017."""
     return FourierImage(shape, init=init, sd=sd, decay_power=decay_power, decorrelate=decorrelate,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=cpu_generator(seed))

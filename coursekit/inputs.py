@@ -3,7 +3,8 @@
 * :func:`check_model` — an ``nn.Module``, or a clear ``TypeError``.
 * :func:`check_images` — a non-empty float batch ``(N, C, H, W)`` of finite pixels; float64 / float16
   (what ``torch.from_numpy`` gives) is converted to the model's dtype instead of crashing deep inside
-  a convolution; a NaN or infinite pixel is an error, never a clean-looking empty map.
+  a convolution; a NaN or infinite pixel is an error, never a clean-looking empty map. Given the
+  model, the batch is also moved to the model's device, so every method follows the model.
 * :func:`target_indices` / :func:`target_scores` — ``target`` is a class index, one index per image,
   or a callable ``output -> (N,)``; the scalar per image that a method explains, maximises or attacks.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
+from .devices import model_device
 
 __all__ = ["check_model", "check_images", "model_dtype", "target_indices", "target_scores", "positive_int",
            "check_class_range"]
@@ -48,7 +51,8 @@ def check_images(x, what: str = "x", model: nn.Module | None = None, channels: i
     what : str
         The argument's name, for messages.
     model : nn.Module, optional
-        Pixels in another float dtype are converted to the model's dtype (float64 from numpy).
+        Pixels in another float dtype are converted to the model's dtype (float64 from numpy), and
+        pixels on another device are moved to the model's device (a CPU image for a CUDA model).
     channels : int, optional
         The channel count the model expects.
     finite : bool
@@ -58,7 +62,8 @@ def check_images(x, what: str = "x", model: nn.Module | None = None, channels: i
 
     Returns
     -------
-    Tensor (N, C, H, W), possibly converted; ``x`` itself is never modified.
+    Tensor (N, C, H, W), possibly converted; on the model's device when ``model`` is given; ``x``
+    itself is never modified (a move or conversion is differentiable, so gradients reach ``x``).
     """
     if not isinstance(x, torch.Tensor):
         hint = " (a numpy array: use torch.from_numpy(a).permute(2, 0, 1)[None] or coursekit.load_image)" \
@@ -97,9 +102,7 @@ def check_images(x, what: str = "x", model: nn.Module | None = None, channels: i
             hint = " (it looks normalised: pass [0, 1] pixels; the model normalises itself)" if lo < -0.01 else hint
             raise ValueError(f"{what} must hold pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
     if model is not None:
-        dtype = model_dtype(model)
-        if x.dtype != dtype:
-            x = x.to(dtype)
+        x = x.to(device=model_device(model), dtype=model_dtype(model))  # x itself when both already fit
     return x
 
 
@@ -113,22 +116,27 @@ def positive_int(value, what: str, minimum: int = 1) -> int:
 # targets
 
 
-def target_indices(target, n: int, repeats: int = 1, what: str = "target"):
+def target_indices(target, n: int, repeats: int = 1, what: str = "target", device=None):
     """Normalise ``target`` for a batch of ``n`` images, each repeated ``repeats`` times (image-major).
 
-    Returns the callable unchanged, or a LongTensor ``(n * repeats,)`` of class indices.
+    Returns the callable unchanged, or a LongTensor ``(n * repeats,)`` of class indices on ``device``
+    (default: where a tensor ``target`` lives, else the CPU).
     """
     if callable(target) and not isinstance(target, torch.Tensor):
         return target
     if isinstance(target, bool) or target is None:
         raise TypeError(f"{what} must be a class index or a callable output -> score, got {target!r}")
     try:
-        idx = torch.as_tensor(target)
+        # explicit device: torch.as_tensor would otherwise follow torch.set_default_device
+        home = target.device if isinstance(target, torch.Tensor) else torch.device("cpu")
+        idx = torch.as_tensor(target, device=home)
     except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(f"{what} must be a class index, one index per image, or a callable; got {target!r}") from err
     if idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
         raise TypeError(f"{what} class indices must be integers, got {target!r}")
     idx = idx.long().reshape(-1)
+    if device is not None:
+        idx = idx.to(device)
     if idx.numel() == 1:
         return idx.expand(n * repeats)
     if idx.numel() != n:
@@ -159,7 +167,7 @@ def target_scores(output: torch.Tensor, target) -> torch.Tensor:
     Tensor (N,)
     """
     n = output.shape[0]
-    target = target_indices(target, n)
+    target = target_indices(target, n, device=output.device)
     if callable(target):
         s = target(output)
         if not isinstance(s, torch.Tensor):

@@ -44,6 +44,12 @@ Yosinski, Clune, Nguyen, Fuchs & Lipson (2015), Understanding neural networks th
 Mahendran & Vedaldi (2015), Understanding deep image representations by inverting them.
 Olah, Mordvintsev & Schubert (2017), Feature visualization. Distill.
 Fleuret (2018), AMMI Introduction to Deep Learning, 8.4 "Optimizing inputs".
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .devices import cpu_generator, model_device
 from .gradients import gradient
 from .guard import guarded
 from .hooks import record
@@ -178,7 +185,7 @@ class MaximizationResult:
         series = [(self.history, "objective")] + ([(self.probabilities, "probability of the target class")] if self.probabilities is not None else [])
         for a, (values, what) in zip(ax, series):
             for i in range(values.shape[1]):
-                a.plot(values[:, i].numpy(), label=labels[i] if labels else None)
+                a.plot(values[:, i].cpu().numpy(), label=labels[i] if labels else None)
             a.set_xlabel("step")
             a.set_ylabel(what)
             a.set_title(what)
@@ -262,7 +269,7 @@ def maximize(
     for fn in list(transforms) + list(regularizers):
         if not callable(fn):
             raise TypeError(f"transforms and regularizers are callables, got {fn!r}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = cpu_generator(seed)
     if param is None:
         channels, h0, w0 = getattr(model, "input_size", (3, 224, 224))
         if size is None:
@@ -275,9 +282,7 @@ def maximize(
     if track is None and objective.targets:
         distinct = {repr(t) for t in objective.targets}
         track = objective.targets[0] if len(distinct) == 1 else None
-    device = next((t.device for t in model.parameters()), None) or next((b.device for b in model.buffers()), None)
-    if device is not None and any(t.device != device for t in param.parameters()):
-        param.to_(device)  # pictures live where the model does
+    param.to_(model_device(model))  # pictures live where the model does (made on the CPU, seeded there)
     tensors = param.parameters()
     rule = Adam(lr) if optimizer == "adam" else NormalizedAscent(lr)
     probs: list[torch.Tensor] = []

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .devices import model_device, resolve_device
 from .guard import guarded
 from .inputs import check_images, check_model, model_dtype, target_scores
 from .nets import FASHION_CLASSES, FashionCNN
@@ -85,6 +86,10 @@ class CourseModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N,C,H,W) in [0,1] -> (N,K) logits
         x = check_images(x, f"{self.name}'s input", channels=self.input_size[0], finite=False)
+        device = model_device(self)
+        if x.device != device:  # as in PyTorch, a direct call does not move x; coursekit's methods do
+            raise ValueError(f"{self.name} is on {device} but its input is on {x.device}: move the input "
+                             f"with x.to({str(device)!r}) (coursekit's methods move their inputs themselves)")
         dtype = model_dtype(self.net)
         if x.dtype != dtype:  # float64 from numpy: compute in the model's dtype
             x = x.to(dtype)
@@ -284,7 +289,11 @@ def load_model(name: str = "efficientnet_lite0", device: str | torch.device = "c
         torchvision models ``vgg16``, ``vgg19`` (Simonyan & Zisserman 2015), ``alexnet``
         (Krizhevsky et al. 2012), ``googlenet`` (Szegedy et al. 2015) when their weights are cached.
     device : str or torch.device
-        Where to put the model.
+        Where to put the model: ``"cpu"`` (default: what the course's committed outputs were
+        computed on), ``"auto"`` (CUDA when PyTorch sees a GPU, else Apple's MPS when it works, else
+        the CPU; see :func:`coursekit.devices.resolve_device`), or any explicit device (``"cuda:1"``).
+        Every coursekit method then computes on the model's device and moves inputs there; a direct
+        call ``model(x)`` needs ``x`` on that device (``x.to(model_device(model))``), as in PyTorch.
 
     Returns
     -------
@@ -294,7 +303,7 @@ def load_model(name: str = "efficientnet_lite0", device: str | torch.device = "c
     Raises
     ------
     ValueError
-        For an unknown name (the message lists the valid ones).
+        For an unknown name (the message lists the valid ones) or device string.
     WeightsNotAvailableError
         When the weights are not available offline; the message says where they go and how to fetch them.
     """
@@ -303,7 +312,9 @@ def load_model(name: str = "efficientnet_lite0", device: str | torch.device = "c
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         listing = "\n".join(f"  {n:20s} {s.description}" for n, s in _REGISTRY.items())
         raise ValueError(f"Unknown model {name!r}.{hint} Available models:\n{listing}")
-    model = _REGISTRY[name].build()
+    device = resolve_device(device)  # a misspelt device fails before the weights are read
+    with torch.device("cpu"):  # built and loaded on the CPU whatever torch.set_default_device says
+        model = _REGISTRY[name].build()
     _disable_inplace(model)
     model.requires_grad_(False)
     return model.eval().to(device)

@@ -22,6 +22,12 @@ M. Zeiler, R. Fergus (2014). Visualizing and understanding convolutional network
 The computation lives in :mod:`coursekit.receptive_fields_analytic` (the walk) and
 :mod:`coursekit.receptive_fields_measured` (the gradient probe); this module re-exports both and
 holds what combines and shows them.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU (the measured receptive fields are computed on a CPU probe of the model's geometry). Seeded
+random numbers are drawn on the CPU and moved, so a seed gives the same draws on every device.
 """
 
 from __future__ import annotations

@@ -106,9 +106,11 @@ def _support_probe(model: nn.Module) -> nn.Module:
     the input gradient is the full geometric field. The forward code of every container and
     convolution (e.g. timm's dynamic "SAME" padding) is the model's own.
     """
-    # Deep-copy the module tree but not the (possibly huge) weights: they are replaced anyway.
+    # Deep-copy the module tree but not the (possibly huge) weights: they are replaced anyway. The
+    # probe measures geometry only, so it lives on the CPU whatever device the model is on.
     tensors = itertools.chain(model.parameters(), model.buffers())
-    memo = {id(t): (nn.Parameter(torch.empty(0), requires_grad=False) if isinstance(t, nn.Parameter) else torch.empty(0))
+    memo = {id(t): (nn.Parameter(torch.empty(0, device="cpu"), requires_grad=False) if isinstance(t, nn.Parameter)
+                    else torch.empty(0, device="cpu"))
             for t in tensors}
     probe = copy.deepcopy(model, memo)
     for m in probe.modules():  # the user's hooks must not run on the probe
@@ -121,7 +123,8 @@ def _support_probe(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = probe.get_submodule(parent_name) if parent_name else probe
         if isinstance(m, nn.Conv2d):
-            m.weight = nn.Parameter(torch.ones(1, 1, *m.kernel_size, dtype=torch.float64), requires_grad=False)
+            m.weight = nn.Parameter(torch.ones(1, 1, *m.kernel_size, dtype=torch.float64, device="cpu"),
+                                    requires_grad=False)
             m.bias = None
             m.groups, m.in_channels, m.out_channels = 1, 1, 1
             m.register_forward_pre_hook(_sum_channels)
@@ -199,7 +202,7 @@ def _run_probe(probe: nn.Module, name: str, channels: int, hw: tuple[int, int]) 
         raise _Stop
 
     handle = probe.get_submodule(name).register_forward_hook(stop)
-    x = torch.ones(1, channels, *hw, dtype=torch.float64, requires_grad=True)  # (1, C, H, W)
+    x = torch.ones(1, channels, *hw, dtype=torch.float64, device="cpu", requires_grad=True)  # (1, C, H, W), as the probe
     try:
         with torch.enable_grad():  # also when called under torch.no_grad(), e.g. from top_activating
             probe(x)

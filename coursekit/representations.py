@@ -11,6 +11,12 @@ Lecture 2, the data side of "maximal response":
 * :func:`nearest_neighbours` in feature space versus pixel space, :func:`show_neighbours`.
 
 Every function leaves the model exactly as it was and computes no weight gradient.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations
@@ -164,7 +170,7 @@ class DatasetExamples:
             ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
             title = f"#{int(self.indices[n])}\n{float(self.scores[n]):.2f}"
             if labels is not None and class_names is not None:
-                title = f"{class_names[int(labels[self.indices[n]])]}\n{float(self.scores[n]):.2f}"
+                title = f"{class_names[int(labels[int(self.indices[n])])]}\n{float(self.scores[n]):.2f}"
             ax.set_title(title, fontsize=7)
             if self.positions is not None and self.field is not None:
                 top, left, h, w = self.field.box(*self.positions[n].tolist())

@@ -13,6 +13,12 @@ a network over a whole test set and trains networks that resist them.
   (2015) loss ``alpha J(x) + (1 - alpha) J(x + eps sign grad J)`` (:func:`adversarial_loss`).
 
 Units: epsilons in [0, 1] pixel units, ``8/255`` and not ``8``.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU (``Sweep.per_image`` and ``TransferResult.accuracy`` too). Seeded random numbers are drawn
+on the CPU and moved, so a seed gives the same draws on every device.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import nn
 
 from ._reference import reference
 from .adversarial import _check_loss, _chunks, accuracy, attack_objective, check_eps, pgd
+from .devices import cpu_generator, model_device
 from .guard import guarded
 from .inputs import check_images, check_model, positive_int, target_indices
 from .progress import progress_bar
@@ -159,7 +166,7 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
     early_stop = attack_kw.pop("early_stop", True)
 
     start = time.perf_counter()
-    correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool)
+    correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool, device="cpu")  # results, gathered on the CPU
     with guarded(model, what="eps_sweep"):
         for a, b in progress_bar(_chunks(len(x), batch_size), desc=f"{attack} sweep", progress=progress, leave=False):
             xb, yb = x[a:b], y[a:b].to(x.device)
@@ -226,7 +233,7 @@ def transfer_matrix(models: Mapping[str, nn.Module], x: torch.Tensor, labels,
     names = list(models)
     x = check_images(x, pixel_range=True)
     clean = [accuracy(models[n], x, labels, batch_size) for n in names]
-    acc = torch.zeros(len(names), len(names))
+    acc = torch.zeros(len(names), len(names), device="cpu")  # (S, T) numbers, on the CPU
     for i, src in enumerate(names):
         adv = attack(models[src], x, labels)
         for j, dst in enumerate(names):
@@ -242,11 +249,14 @@ def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     """``alpha J(x, y) + (1 - alpha) J(x + eps sign(grad_x J), y)`` (Goodfellow et al. 2015, eq. 6).
 
     For *training*: the model stays in its current mode and its parameters keep their gradients;
-    the FGSM copy is detached (no gradient through the attack).
+    the FGSM copy is detached (no gradient through the attack). ``x`` and ``y`` are moved to the
+    model's device; the loss (a scalar) lives there.
     """
     eps = check_eps(eps)
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    device = model_device(model)
+    x, y = x.to(device), y.to(device)
     xi = x.detach().clone().requires_grad_(True)
     clean = F.cross_entropy(model(xi), y)
     if eps == 0 or alpha == 1:
@@ -266,15 +276,16 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
     """
     check_model(model)
     x = check_images(x, model=model, pixel_range=True)
+    y = torch.as_tensor(y, device=y.device if isinstance(y, torch.Tensor) else "cpu").to(x.device)
     epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = cpu_generator(seed)
     model.requires_grad_(True).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     try:
         for epoch in range(epochs):
-            perm = torch.randperm(len(x), generator=gen)
+            perm = torch.randperm(len(x), generator=gen, device="cpu")
             total = 0.0
             for a, b in progress_bar(_chunks(len(x), batch_size), progress=progress, desc=f"epoch {epoch + 1}/{epochs}",
                              leave=False):

@@ -33,6 +33,12 @@ train mode is evaluated in eval mode, with a warning, and put back (:mod:`course
 Built on the shared plumbing: :mod:`coursekit.gradients` (the gradient path, SmoothGrad and
 integrated gradients as wrappers of any method) and :mod:`coursekit.rules` (guided backprop and
 DeconvNet are composites of the rules engine).
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations
@@ -152,10 +158,10 @@ def gradient_x_input(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
 
     Returns
     -------
-    Tensor (N, C, H, W), detached.
+    Tensor (N, C, H, W), detached, on the model's device.
     """
     g = input_gradient(model, x, target)
-    return g * x.detach().to(g.dtype)
+    return g * x.detach().to(g)  # x moved to the gradient's device and dtype
 
 
 # ----------------------------------------------------------------------------------------------

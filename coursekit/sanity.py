@@ -16,6 +16,12 @@ test runs on a deep copy.
 
 :func:`independent_randomization` re-initialises one layer (group) at a time instead, the rest
 keeping its trained weights.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU (the kept maps too: ``RandomizationResult.maps`` are CPU tensors). Seeded random numbers are
+drawn on the CPU and moved, so a seed gives the same draws on every device.
 """
 
 from __future__ import annotations
@@ -96,8 +102,17 @@ def reinitialize(module: nn.Module, seed: int) -> None:
     default initialisation (Adebayo et al. re-initialise from the layer's initialiser too);
     batch-norm running statistics are reset to mean 0, variance 1. Other parameters are drawn from
     a normal distribution with the standard deviation of the tensor they replace. Seeded, and
-    the global random state is left as it was. ``requires_grad`` is not changed.
+    the global random state is left as it was. ``requires_grad`` is not changed. The new values are
+    drawn on the CPU and copied to the module's device, so a seed gives the same weights everywhere.
     """
+    tensors = list(module.parameters()) + list(module.buffers())
+    if any(t.device.type != "cpu" for t in tensors):
+        twin = copy.deepcopy(module).to("cpu")
+        reinitialize(twin, seed)
+        with torch.no_grad():
+            for t, new in zip(tensors, list(twin.parameters()) + list(twin.buffers())):
+                t.copy_(new)
+        return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         done: set[int] = set()
@@ -397,7 +412,7 @@ def plot_randomization_maps(result: RandomizationResult, image: int = 0, steps: 
     fig, axes = plt.subplots(len(methods), len(cols), figsize=(size * len(cols), size * len(methods) + 0.5), squeeze=False)
     for r, name in enumerate(methods):
         for c, k in enumerate(cols):
-            m = result.maps[name][k][image].numpy()  # (H, W), non-negative
+            m = result.maps[name][k][image].cpu().numpy()  # (H, W), non-negative
             top = np.quantile(m, 0.99)
             top = top if top > 0 else m.max()
             axes[r, c].imshow(np.clip(m / top, 0, 1) if top > 0 else np.zeros_like(m), cmap="gray", vmin=0, vmax=1)

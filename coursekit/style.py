@@ -37,6 +37,12 @@ Gatys, Ecker & Bethge (2015), Texture synthesis using convolutional neural netwo
 Gatys, Ecker & Bethge (2016), Image style transfer using convolutional neural networks. CVPR.
 Johnson, Alahi & Fei-Fei (2016), Perceptual losses for real-time style transfer and super-resolution.
 Ustyuzhaninov, Brendel, Gatys & Bethge (2016/2017), What does it take to generate natural textures? ICLR 2017.
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .devices import cpu_generator
 from .dream import _layer_name, layer_outputs
 from .guard import guarded
 from .inputs import check_images, check_model
@@ -500,8 +507,8 @@ def _start(init, like: torch.Tensor, seed: int, size=None) -> torch.Tensor:
     if init == "content":
         return like.clone()
     if init == "noise":
-        g = torch.Generator().manual_seed(seed)
-        return (0.5 + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1).to(like.device)
+        g = cpu_generator(seed)
+        return (0.5 + 0.1 * torch.randn(shape, generator=g, device="cpu")).clamp(0, 1).to(like.device)
     raise ValueError(f"init must be 'content', 'noise' or an image tensor, got {init!r}")
 
 
@@ -589,14 +596,15 @@ class RandomTextureNet(nn.Module):
             raise ValueError(f"filter sizes must be odd positive ints, got {sizes!r}")
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
-        g = torch.Generator().manual_seed(seed)
+        g = cpu_generator(seed)
         self.sizes = tuple(sizes)
         self.convs = nn.ModuleList()
         for s in sizes:
             conv = nn.Conv2d(3, channels, s, padding=s // 2, bias=False)
-            w = torch.randn(conv.weight.shape, generator=g)
+            w = torch.randn(conv.weight.shape, generator=g, device="cpu")
             w = w - w.mean(dim=(1, 2, 3), keepdim=True)
-            conv.weight.data = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            with torch.no_grad():  # copy_: the conv may have been made on another default device
+                conv.weight.copy_(w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
             self.convs.append(conv)
         self.relu = nn.ReLU()
         self.name = "random_texture_net"

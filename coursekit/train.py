@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import fashion_mnist
+from .devices import cpu_generator
 from .models import FASHION_MEAN, FASHION_STD, CourseModel, fashion_weights_path
 from .nets import FASHION_CLASSES, FashionCNN
 from .progress import progress_bar
@@ -91,17 +92,17 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     steps = cfg["epochs"] * ((len(x_train) + cfg["batch_size"] - 1) // cfg["batch_size"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
+    gen = cpu_generator(seed)
     start = time.time()
     history = []
     for epoch in range(cfg["epochs"]):
         model.train()
-        perm = torch.randperm(len(x_train), generator=gen)
+        perm = torch.randperm(len(x_train), generator=gen, device="cpu")
         bar = progress_bar(range(0, len(x_train), cfg["batch_size"]), desc=f"{name} epoch {epoch + 1}/{cfg['epochs']}", leave=False)
         for i in bar:
             idx = perm[i : i + cfg["batch_size"]]
             x, y = x_train[idx], y_train[idx]
-            flip = torch.rand(len(x), generator=gen) < 0.5  # horizontal flips: clothes are left-right symmetric
+            flip = torch.rand(len(x), generator=gen, device="cpu") < 0.5  # horizontal flips: clothes are left-right symmetric
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             if marked is not None:
                 x = clever_hans.stamp(x, marked[idx])

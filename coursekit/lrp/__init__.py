@@ -12,6 +12,12 @@
     from coursekit import lrp
     model = ck.load_model("efficientnet_lite0")
     R = lrp.lrp(model, x, target=967, composite="EpsilonGammaBox")   # (N, 3, 224, 224), sums to the logit
+
+Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
+Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
+returned tensors live on the model's device, as in captum; numbers, numpy arrays and figures are on
+the CPU. Seeded random numbers are drawn on the CPU and moved, so a seed gives the same draws on
+every device.
 """
 
 from .analysis import (

@@ -352,7 +352,9 @@ class ZBox(LRPRule):
     """
 
     def __init__(self, low=0.0, high=1.0, stabilizer: float = 1e-6, mean=None, std=None):
-        low_t, high_t = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+        # kept where they are given (a number: the CPU); moved to the layer input's device at use (_bound)
+        low_t, high_t = (torch.as_tensor(b, dtype=torch.float32, device=b.device if isinstance(b, torch.Tensor) else "cpu")
+                         for b in (low, high))
         if (low_t > high_t).any():
             raise ValueError(f"ZBox needs low <= high, got low={low!r}, high={high!r}")
         self.low, self.high, self.mean, self.std = low, high, mean, std
