@@ -13,12 +13,15 @@ Random numbers are drawn on the CPU from a seeded CPU ``torch.Generator`` and th
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
 from torch import nn
 
 __all__ = ["resolve_device", "model_device", "cpu_generator"]
+
+ENV_VAR = "COURSEKIT_DEVICE"
 
 
 def _mps_available() -> bool:
@@ -46,7 +49,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     Parameters
     ----------
     device : str or torch.device
-        ``"auto"``: ``cuda`` when ``torch.cuda.is_available()``, else ``mps`` when
+        ``"auto"``: the device named by the environment variable ``COURSEKIT_DEVICE`` when it is
+        set (``make test`` sets ``cpu`` for the notebooks it compares with their committed, CPU-made
+        outputs), else ``cuda`` when ``torch.cuda.is_available()``, else ``mps`` when
         ``torch.backends.mps`` is available and a small convolution runs forward and backward there,
         else ``cpu``. Anything else (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a
         ``torch.device``) is returned as a ``torch.device`` unchanged: asking for a device the
@@ -69,6 +74,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise TypeError(f"device must be 'auto', a device string such as 'cpu' or 'cuda', or a torch.device; "
                         f"got {type(device).__name__} {device!r}")
     if device.strip().lower() == "auto":
+        pinned = os.environ.get(ENV_VAR, "").strip()
+        if pinned and pinned.lower() != "auto":  # e.g. COURSEKIT_DEVICE=cpu: the committed outputs' device
+            return resolve_device(pinned)
         if torch.cuda.is_available():
             return torch.device("cuda")
         if _mps_available() and _mps_works():

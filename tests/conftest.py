@@ -100,7 +100,8 @@ def one_thread():
 # explorers as pictures; the kernel's own inline matplotlib backend, not the Agg set above for the
 # tests); nbval's kernels get the same environment, set only while a notebook's kernel starts so that
 # other tests (widgets, the browser test) keep the live defaults.
-NOTEBOOK_ENV = {"COURSEKIT_STATIC": "1", "TQDM_DISABLE": "1", "MPLBACKEND": None}
+# DEVICE = "auto" in a lecture resolves to the CPU here (COURSEKIT_DEVICE): its committed outputs are CPU outputs.
+NOTEBOOK_ENV = {"COURSEKIT_STATIC": "1", "TQDM_DISABLE": "1", "MPLBACKEND": None, "COURSEKIT_DEVICE": "cpu"}
 LECTURES = Path(__file__).resolve().parents[1] / "notebooks"
 IGNORE_TAGS = {"nbval-ignore-output", "nbval-skip", "raises-exception"}
 

@@ -64,6 +64,7 @@ def default_device_meta():
 
 
 def test_resolve_device_auto_and_explicit(monkeypatch):
+    monkeypatch.delenv("COURSEKIT_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -77,6 +78,19 @@ def test_resolve_device_auto_and_explicit(monkeypatch):
     for explicit in ("cpu", "cuda", "cuda:1", "mps"):
         assert resolve_device(explicit) == torch.device(explicit)
     assert resolve_device(torch.device("cuda", 2)) == torch.device("cuda:2")
+
+
+def test_coursekit_device_pins_auto(monkeypatch):
+    """COURSEKIT_DEVICE=cpu keeps "auto" on the CPU on a GPU machine (make test's notebook kernels)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("COURSEKIT_DEVICE", "cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cuda") == torch.device("cuda")  # an explicit device is not overridden
+    monkeypatch.setenv("COURSEKIT_DEVICE", "auto")
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setenv("COURSEKIT_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="'gpu'"):
+        resolve_device("auto")
 
 
 def test_resolve_device_rejects_a_misspelt_device():
