@@ -273,9 +273,7 @@ def grade(
                  f"cell time limit {timeout} s; sandbox: {sandbox_text}")
         outcomes = pool.run_all(job_list, jobs, sandboxed)
         for sid, (plan, nb) in plans.items():
-            r = students[sid]
-            results.assemble(r, plan, outcomes[sid], checks, results.shown_points(nb), timeout)
-            results.write_files(out, assignment, r, plan, outcomes[sid], checks)
+            _record(students[sid], plan, nb, outcomes[sid], checks, out, assignment, timeout, echo)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -293,6 +291,21 @@ def grade(
     (out / "summary.txt").write_text(summary)
     echo(summary)
     return result
+
+
+def _record(r: StudentResult, plan, nb, outcome, checks, out: Path, assignment: str, timeout: int, echo) -> None:
+    """Scores, notes and files of one student; a failure here is that student's note, never the class's crash."""
+    try:
+        results.assemble(r, plan, outcome, checks, results.shown_points(nb), timeout)
+    except Exception as err:  # noqa: BLE001 -- reported in the student's notes and on the console
+        r.points, r.score = {}, 0.0
+        r.notes.append(f"the grader failed to score this submission ({type(err).__name__}: {err}); review it by hand")
+        echo(f"warning: {r.student}: scoring failed: {type(err).__name__}: {err}")
+    try:
+        results.write_files(out, assignment, r, plan, outcome, checks)
+    except Exception as err:  # noqa: BLE001 -- the scores stand; only the feedback files are missing
+        r.notes.append(f"feedback files not written ({type(err).__name__}: {str(err)[:200]})")
+        echo(f"warning: {r.student}: feedback not written: {type(err).__name__}: {err}")
 
 
 def _ensure_untouched(submissions: Path, before: dict[str, bytes], echo) -> None:

@@ -93,7 +93,7 @@ def assemble(result: StudentResult, plan: Plan, outcome: Outcome, checks: list[C
 
 
 def _verdict(outputs: list) -> str:
-    return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stdout")
+    return "".join(o["text"] for o in clean_outputs(outputs, 0) if o["output_type"] == "stream" and o["name"] == "stdout")
 
 
 def write_csv(path: Path, assignment: str, results: list[StudentResult], checks: list[CheckCell]) -> None:
@@ -104,6 +104,39 @@ def write_csv(path: Path, assignment: str, results: list[StudentResult], checks:
         for r in results:
             writer.writerow([r.student, assignment, _num(r.score), _num(r.max_score),
                              *[_num(r.points.get(c.grade_id, 0)) for c in checks], "; ".join(r.notes), "; ".join(r.flags)])
+
+
+MAX_TEXT = 100_000  # characters of one output kept in the feedback (the rest is cut, and says so)
+
+
+def _text(value, limit: int = MAX_TEXT) -> str:
+    text = value if isinstance(value, str) else "".join(v for v in value if isinstance(v, str)) \
+        if isinstance(value, list) else str(value)
+    return text if len(text) <= limit else text[:limit] + f"\n[... {len(text) - limit} more characters cut by the grader]"
+
+
+def clean_outputs(outputs, count: int) -> list:
+    """Valid nbformat outputs rebuilt from a worker's records (which student code may have shaped).
+
+    Only the known fields of the known output types are kept, as strings, each at most
+    :data:`MAX_TEXT` characters; ``execute_result`` gets the cell's ``execution_count``.
+    """
+    clean = []
+    for out in outputs if isinstance(outputs, list) else []:
+        kind = out.get("output_type") if isinstance(out, dict) else None
+        if kind == "stream":
+            name = "stderr" if out.get("name") == "stderr" else "stdout"
+            clean.append(nbformat.v4.new_output("stream", name=name, text=_text(out.get("text", ""))))
+        elif kind in ("execute_result", "display_data"):
+            data = out.get("data") if isinstance(out.get("data"), dict) else {}
+            clean.append(nbformat.v4.new_output("execute_result", data={"text/plain": _text(data.get("text/plain", ""))},
+                                                execution_count=count))
+        elif kind == "error":
+            trace = out.get("traceback") if isinstance(out.get("traceback"), list) else []
+            clean.append(nbformat.v4.new_output("error", ename=_text(out.get("ename", ""), 200),
+                                                evalue=_text(out.get("evalue", ""), 2000),
+                                                traceback=[_text(line, 2000) for line in trace[:200]]))
+    return clean
 
 
 def write_files(out: Path, assignment: str, result: StudentResult, plan: Plan, outcome: Outcome,
@@ -119,11 +152,11 @@ def write_files(out: Path, assignment: str, result: StudentResult, plan: Plan, o
             page_cells.append({"type": "markdown", "source": source})
             continue
         cell = outcome.cells.get(code_i)
-        outputs = [nbformat.from_dict(o) for o in (cell.outputs if cell else [])]
+        outputs = clean_outputs(cell.outputs if cell else [], code_i + 1)
         if cell is not None and cell.lost and not any(o.get("output_type") == "error" for o in outputs):
             why = "stopped after the time limit" if cell.lost == "timeout" else "the Python process died in this cell"
             outputs.append(nbformat.v4.new_output("error", ename="Lost", evalue=why, traceback=[f"Lost: {why}"]))
-        code = nbformat.v4.new_code_cell(source, outputs=outputs)
+        code = nbformat.v4.new_code_cell(source, outputs=outputs, execution_count=code_i + 1 if cell else None)
         chk = None
         if gid is not None:
             c = by_id[gid]

@@ -129,9 +129,19 @@ def _error(err: BaseException, job: Job, timeout: bool = False) -> dict:
             "traceback": [_clean(line.rstrip("\n"), job) for line in lines]}
 
 
+def _quiet(python: str) -> bool:
+    """IPython's rule: a cell whose last line ends in ``;`` shows no value (``torch.manual_seed(0);``)."""
+    lines = [line for line in python.rstrip().splitlines() if line.strip()]
+    return bool(lines) and lines[-1].split("#", 1)[0].rstrip().endswith(";")
+
+
 def _run_code(source: str, name: str, ns: dict):
-    tree = ast.parse(to_python(source), filename=name)
+    python = to_python(source)
+    tree = ast.parse(python, filename=name)
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    if last is not None and _quiet(python):
+        tree.body.append(last)
+        last = None
     exec(compile(tree, name, "exec"), ns)  # noqa: S102 -- the student's cell, inside the sandbox
     if last is not None:
         value = eval(compile(ast.Expression(last.value), name, "eval"), ns)  # noqa: S307
