@@ -41,7 +41,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import pool, results
+from . import pool, results, sandbox
 from .notebook import prepare, scan, source_checks
 from .release import find_root, list_sets
 from .results import StudentResult
@@ -183,6 +183,8 @@ def grade(
     seed: str = "",
     isolate: bool | None = None,
     echo=print,
+    memory_mb: int = 2048,
+    processes: int = 32,
 ) -> GradingResult:
     """Grade every submission of ``assignment`` in ``submissions``; results under ``out``.
 
@@ -205,6 +207,13 @@ def grade(
     isolate : bool, optional
         Use the namespace sandbox (default: when the machine allows it; ``True`` makes it
         required, ``False`` leaves only the separate processes and the audit hook).
+    echo : callable
+        Where progress and the summary go (``print``).
+    memory_mb : int
+        Memory (address space, MiB) each worker may allocate on top of the grader's own; an
+        allocation beyond it fails inside the student's cell, noted "memory limit reached".
+    processes : int
+        Processes and threads of one worker (a pids cgroup where the machine allows, else RLIMIT_NPROC).
 
     Returns
     -------
@@ -219,6 +228,9 @@ def grade(
     jobs = len(os.sched_getaffinity(0)) if jobs is None else jobs
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ValueError(f"jobs must be a positive number of processes, got {jobs!r}")
+    for name, value, least in (("memory_mb", memory_mb, 256), ("processes", processes, 8)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
     submissions, out = Path(submissions).resolve(), Path(out).resolve()
     if out == submissions or submissions in out.parents:
         raise ValueError(f"--out {out} is inside the submissions folder {submissions}; choose a folder outside it")
@@ -247,6 +259,8 @@ def grade(
     _warm_up([c.exercise for c in checks])
     work = Path(tempfile.mkdtemp(prefix="coursekit-grade-"))
     hide = [submissions, out, root / "solutions", work]
+    keep = sandbox.needed_paths([root]) if sandboxed else []
+    _refuse_hidden_environment(keep, hide)
     students: dict[str, StudentResult] = {}
     plans, job_list = {}, []
     try:
@@ -267,7 +281,8 @@ def grade(
             plans[sid] = (plan, nb)
             job_list.append(Job(sid, assignment, plan.cells[: last + 1], {c.grade_id: c for c in checks},
                                 seed=hashlib.sha256(data).hexdigest() + f":{sid}:{seed}", timeout=timeout, files=files,
-                                hide=hide, private_tmp=work / "fallback", clean=_cleaner(root, submissions, out, work)))
+                                hide=hide, private_tmp=work / "fallback", clean=_cleaner(root, submissions, out, work),
+                                keep=keep, memory_mb=memory_mb, processes=processes))
         if job_list:
             echo(f"grading {len(job_list)} submission(s) of {assignment} with {jobs} process(es), "
                  f"cell time limit {timeout} s; sandbox: {sandbox_text}")
@@ -308,6 +323,17 @@ def _record(r: StudentResult, plan, nb, outcome, checks, out: Path, assignment: 
         echo(f"warning: {r.student}: feedback not written: {type(err).__name__}: {err}")
 
 
+def _refuse_hidden_environment(keep: list[Path], hide: list[Path]) -> None:
+    """Refuse to grade when a folder the workers must read (Python, libraries, the course) would be hidden."""
+    for needed in keep:
+        for hidden in hide:
+            hidden = hidden.resolve()
+            if needed == hidden or hidden in needed.parents:
+                raise ValueError(f"the worker must read {needed} (Python, its libraries or the course), but it lies in "
+                                 f"{hidden}, which the sandbox hides from submissions (the submissions, the output, "
+                                 "solutions/); move one of them")
+
+
 def _ensure_untouched(submissions: Path, before: dict[str, bytes], echo) -> None:
     """Put back any submission file that changed (only possible without the namespace sandbox)."""
     after = _contents(submissions)
@@ -336,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=60, help="seconds each cell may run (default: 60)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="submissions graded in parallel, one thread each (default: the cores available)")
+    parser.add_argument("--memory", type=int, default=2048,
+                        help="MiB of memory each worker may allocate beyond the grader's own (default: 2048)")
     parser.add_argument("--seed", default="", help="mixed into every check's random cases (default: none)")
     parser.add_argument("--root", help="course root with nbgrader_config.py and solutions/ (default: found from cwd)")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false", default=None,
@@ -344,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = args.out or str(Path("grading") / args.assignment)
         grade(args.assignment, args.submissions, out, timeout=args.timeout, root=args.root, jobs=args.jobs,
-              seed=args.seed, isolate=args.isolate)
+              seed=args.seed, isolate=args.isolate, memory_mb=args.memory)
     except (ValueError, FileNotFoundError) as err:
         print(f"coursekit-grade: error: {err}", file=sys.stderr)
         return 2

@@ -15,20 +15,24 @@ import selectors
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .runner import Job, run_worker
 
-__all__ = ["CellResult", "Outcome", "probe_sandbox", "run_all"]
+__all__ = ["CellResult", "Outcome", "ProcessLimit", "probe_sandbox", "run_all"]
 
 GRACE = 10  # seconds after the cell limit before the parent kills a worker that ignores the interrupt
 MAX_RESTARTS = 8
+MAX_LINE = 16 * 2**20  # bytes of one record; a worker that sends more without a newline is killed
 
 
 @dataclass
 class CellResult:
     outputs: list = field(default_factory=list)
     check: dict | None = None
-    lost: str | None = None  # "timeout" or "died"
+    lost: str | None = None  # "timeout", "died" or "output"
+    limit: str | None = None  # "memory", "processes" or "output": a limit of the worker the cell ran into
+    signal: str | None = None  # how the process died, when it did (e.g. "SIGSEGV")
 
 
 @dataclass
@@ -50,13 +54,17 @@ class _Worker:
         self.current: int | None = None
         self.last_done: int | None = None
         self.eof = False
-        self.deadline = None
+        replayed = sum(1 for i, (gid, _) in enumerate(job.cells[:start]) if gid is None and i not in skip)
+        self.deadline = time.monotonic() + job.timeout * (replayed + 1) + GRACE  # always one: never wait unbounded
         self.ended = False
         self.crash: str | None = None
+        self.overflow = False
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
+        if len(self.buffer) > MAX_LINE:
+            self.overflow, self.buffer = True, b""
         for line in lines:
             try:
                 record = json.loads(line)
@@ -65,16 +73,24 @@ class _Worker:
             self.handle(record)
 
     def handle(self, record: dict) -> None:
+        if not isinstance(record, dict):
+            return
         event = record.get("event")
         if event == "start" and isinstance(record.get("i"), int):
             self.current = record["i"]
             self.deadline = time.monotonic() + self.job.timeout + GRACE
         elif event == "done" and record.get("i") == self.current:
-            self.outcome.cells[self.current] = CellResult(record.get("outputs", []), record.get("check"))
+            outputs = record.get("outputs") if isinstance(record.get("outputs"), list) else []
+            cell = CellResult(outputs, record.get("check"))
+            last = outputs[-1] if outputs and isinstance(outputs[-1], dict) else {}
+            if last.get("ename") == "CellTimeout":
+                cell.lost = "timeout"
+            limit = last.get("limit") if last.get("output_type") == "error" else record.get("limit")
+            cell.limit = limit if limit in ("memory", "processes", "output") else None
+            self.outcome.cells[self.current] = cell
             self.outcome.attempts = record.get("attempts", self.outcome.attempts)
-            if record.get("outputs") and record["outputs"][-1].get("ename") == "CellTimeout":
-                self.outcome.cells[self.current].lost = "timeout"
-            self.last_done, self.current, self.deadline = self.current, None, None
+            self.last_done, self.current = self.current, None
+            self.deadline = time.monotonic() + self.job.timeout + GRACE
         elif event == "end":
             self.outcome.attempts = record.get("attempts", self.outcome.attempts)
             self.ended = True
@@ -82,10 +98,12 @@ class _Worker:
             self.crash = str(record.get("error", ""))[:300]
 
     def kill(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL the worker's process group (without namespaces, what it forked) and the worker itself."""
+        for kill, target in ((os.killpg, self.pid), (os.kill, self.pid)):
+            try:
+                kill(target, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _fork_probe() -> bool:
@@ -110,49 +128,104 @@ def probe_sandbox() -> bool:
     return _fork_probe()
 
 
+class ProcessLimit:
+    """A pids cgroup per worker where this process may create one (root, or a delegated cgroup v2 tree)."""
+
+    def __init__(self, processes: int):
+        self.processes, self.root, self.made = processes, self._find_root(), []
+
+    @staticmethod
+    def _find_root() -> Path | None:
+        for base in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+            if (base / "cgroup.procs").exists() and os.access(base, os.W_OK) and \
+                    ((base / "pids.max").exists() or base.name == "pids" or (base / "cgroup.subtree_control").exists()):
+                return base
+        return None
+
+    def make(self, name: str) -> Path | None:
+        """A fresh cgroup for one worker with ``pids.max`` set, or None when the machine does not allow it."""
+        if self.root is None:
+            return None
+        folder = self.root / f"coursekit-grade-{os.getpid()}-{len(self.made)}-{name}"[:200]
+        try:
+            folder.mkdir()
+            (folder / "pids.max").write_text(str(self.processes))
+        except OSError:
+            self.root = None  # e.g. cgroup v2 without the pids controller delegated: RLIMIT_NPROC instead
+            return None
+        self.made.append(folder)
+        return folder
+
+    def release(self, folder: Path | None) -> None:
+        if folder is not None:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # still busy for a moment; removed in close()
+
+    def close(self) -> None:
+        for folder in self.made:
+            if folder.exists():
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass  # a process the kill did not reach yet; the empty cgroup costs nothing
+
+
 def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None) -> dict[str, Outcome]:
-    """Grade every job with at most ``workers`` processes at a time; ``{student: Outcome}``."""
+    """Grade every job with at most ``workers`` processes at a time; ``{student: Outcome}``.
+
+    ``echo(done, total, student, outcome)`` is called as each student finishes.
+    """
     pending = list(jobs)
     state = {job.student: {"start": 0, "skip": set(), "restarts": 0} for job in jobs}
     outcomes = {job.student: Outcome() for job in jobs}
     running: dict[int, _Worker] = {}
+    limits = ProcessLimit(jobs[0].processes if jobs else 32)
     sel = selectors.DefaultSelector()
     done = 0
-    while pending or running:
-        while pending and len(running) < workers:
-            job = pending.pop(0)
-            st = state[job.student]
-            w = _Worker(job, st["start"], st["skip"], sandboxed, outcomes[job.student])
-            running[w.fd] = w
-            sel.register(w.fd, selectors.EVENT_READ, w)
-        now = time.monotonic()
-        deadlines = [w.deadline for w in running.values() if w.deadline is not None]
-        wait = max(0.0, min(deadlines) - now) if deadlines else 1.0
-        for key, _ in sel.select(timeout=min(wait, 1.0)):
-            w = key.data
-            data = os.read(w.fd, 1 << 16)
-            if data:
-                w.feed(data)
-            else:
-                w.eof = True
-        now = time.monotonic()
-        for w in list(running.values()):
-            overdue = w.deadline is not None and now > w.deadline
-            if overdue:
-                w.kill()
-            if not (overdue or w.eof):
-                continue
-            sel.unregister(w.fd)
-            os.close(w.fd)
-            del running[w.fd]
-            _, status = os.waitpid(w.pid, 0)
-            if _finish(w, overdue, status, state[w.job.student], outcomes[w.job.student]):
-                pending.insert(0, w.job)
-            else:
-                done += 1
-                if echo is not None:
-                    echo(done, len(jobs))
-    sel.close()
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                st = state[job.student]
+                job.cgroup = limits.make(job.student)
+                w = _Worker(job, st["start"], st["skip"], sandboxed, outcomes[job.student])
+                running[w.fd] = w
+                sel.register(w.fd, selectors.EVENT_READ, w)
+            wait = max(0.0, min(w.deadline for w in running.values()) - time.monotonic()) if running else 0.0
+            for key, _ in sel.select(timeout=min(wait, 1.0)):
+                w = key.data
+                data = os.read(w.fd, 1 << 16)
+                if data:
+                    w.feed(data)
+                else:
+                    w.eof = True
+            now = time.monotonic()
+            for w in list(running.values()):
+                overdue = now > w.deadline
+                if overdue or w.overflow:
+                    w.kill()
+                if not (overdue or w.overflow or w.eof):
+                    continue
+                sel.unregister(w.fd)
+                os.close(w.fd)
+                del running[w.fd]
+                w.kill()  # whatever the worker left behind in its process group
+                _, status = os.waitpid(w.pid, 0)
+                limits.release(w.job.cgroup)
+                if _finish(w, overdue, status, state[w.job.student], outcomes[w.job.student]):
+                    pending.insert(0, w.job)
+                else:
+                    done += 1
+                    if echo is not None:
+                        echo(done, len(jobs), w.job.student, outcomes[w.job.student])
+    finally:
+        for w in running.values():
+            w.kill()
+            os.waitpid(w.pid, 0)
+        sel.close()
+        limits.close()
     return outcomes
 
 
@@ -166,12 +239,16 @@ def _finish(w: _Worker, overdue: bool, status: int, st: dict, outcome: Outcome) 
     if w.current is None:
         if w.crash:
             outcome.notes.append(f"the grader could not run this notebook ({w.crash})")
+        elif overdue:
+            outcome.notes.append("stopped by the grader: no cell started within the time limit")
+        else:
+            outcome.notes.append(f"the worker ended between cells ({_how(status)}); the remaining cells were not run")
         return False
-    lost = "timeout" if overdue or thread_left else "died"
-    if w.current not in outcome.cells:
-        outcome.cells[w.current] = CellResult(lost=lost)
-    else:
-        outcome.cells[w.current].lost = lost
+    lost = "output" if w.overflow else "timeout" if overdue or thread_left else "died"
+    cell = outcome.cells.setdefault(w.current, CellResult())
+    cell.lost = lost
+    if lost == "died":
+        cell.signal = _how(status)
     st["skip"].add(w.current)
     st["start"] = w.current + 1
     st["restarts"] += 1
@@ -179,3 +256,19 @@ def _finish(w: _Worker, overdue: bool, status: int, st: dict, outcome: Outcome) 
         outcome.notes.append(f"gave up after {MAX_RESTARTS} lost cells; the remaining cells were not run")
         return False
     return st["start"] < len(w.job.cells)
+
+
+def _how(status: int) -> str:
+    """A worker's end in words: "exit status 3", "signal SIGSEGV"."""
+    if os.WIFSIGNALED(status):
+        try:
+            return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+        except ValueError:
+            return f"signal {os.WTERMSIG(status)}"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    if code > 128:  # the sandbox's supervisor passes a signal on as 128 + its number
+        try:
+            return f"signal {signal.Signals(code - 128).name}"
+        except ValueError:
+            pass
+    return f"exit status {code}"

@@ -21,6 +21,9 @@ from .pool import Outcome
 
 __all__ = ["StudentResult", "assemble", "write_csv", "write_files"]
 
+LIMITS = {"memory": "memory limit reached (an allocation failed)",
+          "processes": "process limit reached (a fork or a new thread failed)",
+          "output": "output limit reached (the rest of the printed output was not kept)"}
 _SHOWN = re.compile(r"^([A-Za-z0-9_]+\.[A-Za-z0-9_]+): ([0-9.]+)/([0-9.]+) points", re.M)
 
 
@@ -64,7 +67,10 @@ def assemble(result: StudentResult, plan: Plan, outcome: Outcome, checks: list[C
         elif cell.lost == "timeout":
             why = f"stopped after the {timeout} s time limit"
         elif cell.lost == "died":
-            why = "the Python process died while this check ran (os._exit or a crash); only this exercise scores 0"
+            why = f"the Python process died while this check ran ({cell.signal or 'os._exit or a crash'}); " \
+                  "only this exercise scores 0"
+        elif cell.lost == "output":
+            why = "stopped by the grader: the cell sent more output than the grader accepts"
         elif cell.check is not None:
             earned = float(cell.check["earned"])
             result.flags += [f for f in cell.check.get("flags", []) if f not in result.flags]
@@ -82,9 +88,15 @@ def assemble(result: StudentResult, plan: Plan, outcome: Outcome, checks: list[C
     for i, cell in sorted(outcome.cells.items()):
         gid = plan.cells[i][0] if i < len(plan.cells) else None
         if gid is None and cell.lost:
-            what = f"stopped after the {timeout} s time limit" if cell.lost == "timeout" else \
-                "the Python process died here (os._exit or a crash); the notebook went on in a fresh process"
+            what = {"timeout": f"stopped after the {timeout} s time limit",
+                    "output": "stopped by the grader: more output than the grader accepts",
+                    }.get(cell.lost, f"the Python process died here ({cell.signal or 'os._exit or a crash'}); "
+                                     "the notebook went on in a fresh process")
             result.notes.append(f"cell {i}: {what}")
+        if cell.limit:
+            result.notes.append(f"cell {i}: {LIMITS[cell.limit]}")
+            if cell.limit == "processes":
+                result.flags.append(f"cell {i}: ran into the process limit (a fork bomb, or threads without end)")
     for attempt in dict.fromkeys(outcome.attempts):
         result.flags.append(f"refused: {attempt}")
     result.notes += outcome.notes

@@ -17,9 +17,11 @@ that replays the earlier non-check cells silently and carries on after the lost 
 from __future__ import annotations
 
 import ast
+import errno
 import hashlib
 import json
 import os
+import resource
 import signal
 import sys
 import threading
@@ -51,6 +53,10 @@ class Job:
     hide: list[Path] = field(default_factory=list)
     private_tmp: Path | None = None  # the fallback working area, when there are no namespaces
     clean: list[tuple[str, str]] = field(default_factory=list)  # (prefix, replacement) for paths in messages
+    keep: list[Path] = field(default_factory=list)  # folders the worker must read (Python, libraries, the course)
+    memory_mb: int = 2048  # address space a worker may add to what it inherited (RLIMIT_AS)
+    processes: int = 32  # processes and threads of one worker (a pids cgroup, else RLIMIT_NPROC)
+    cgroup: Path | None = None  # the worker's own pids cgroup, created by the parent, when the machine allows
 
 
 def check_seed(seed: str, exercise: str) -> int:
@@ -58,11 +64,22 @@ def check_seed(seed: str, exercise: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{exercise}".encode()).digest()[:4], "little")
 
 
+MAX_OUTPUT = 1_000_000  # characters of printed output kept per cell; the rest is counted and dropped
+
+
 class _Streams:
-    """sys.stdout / sys.stderr of the worker: everything written goes to the current cell's outputs."""
+    """sys.stdout / sys.stderr of the worker: everything written goes to the current cell's outputs.
+
+    At most :data:`MAX_OUTPUT` characters per cell are kept (``dropped`` counts the rest).
+    """
 
     def __init__(self):
         self.outputs: list[dict] = []
+        self.size = 0
+        self.dropped = 0
+
+    def reset(self) -> None:
+        self.outputs, self.size, self.dropped = [], 0, 0
 
     def writer(self, name: str):
         streams = self
@@ -72,12 +89,18 @@ class _Streams:
 
             def write(self, text) -> int:
                 text = str(text)
+                n = len(text)
+                room = MAX_OUTPUT - streams.size
+                if n > room:
+                    streams.dropped += n - max(room, 0)
+                    text = text[:max(room, 0)]
+                streams.size += len(text)
                 out = streams.outputs
                 if out and out[-1].get("output_type") == "stream" and out[-1]["name"] == name:
                     out[-1]["text"] += text
                 elif text:
                     out.append({"output_type": "stream", "name": name, "text": text})
-                return len(text)
+                return n
 
             def flush(self) -> None:
                 pass
@@ -118,6 +141,18 @@ def _clean(text: str, job: Job) -> str:
     return text
 
 
+def _limit(err: BaseException) -> str | None:
+    """Which of the worker's limits an error comes from: "memory", "processes" or None."""
+    text = str(err).lower()
+    if isinstance(err, MemoryError) or "can't allocate memory" in text or "cannot allocate memory" in text:
+        return "memory"
+    if isinstance(err, BlockingIOError) or (isinstance(err, OSError) and err.errno == errno.EAGAIN):
+        return "processes"
+    if isinstance(err, RuntimeError) and "can't start new thread" in text:
+        return "processes"
+    return None
+
+
 def _error(err: BaseException, job: Job, timeout: bool = False) -> dict:
     if timeout:
         return {"output_type": "error", "ename": "CellTimeout", "evalue": f"stopped after the {job.timeout} s time limit",
@@ -125,8 +160,10 @@ def _error(err: BaseException, job: Job, timeout: bool = False) -> dict:
     frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename.startswith("<cell")
               or "coursekit/grading" not in f.filename.replace(os.sep, "/")]
     lines = traceback.format_list(frames) + traceback.format_exception_only(type(err), err)
-    return {"output_type": "error", "ename": type(err).__name__, "evalue": _clean(str(err), job),
-            "traceback": [_clean(line.rstrip("\n"), job) for line in lines]}
+    out = {"output_type": "error", "ename": type(err).__name__, "evalue": _clean(str(err), job),
+           "traceback": [_clean(line.rstrip("\n"), job) for line in lines]}
+    limit = _limit(err)
+    return {**out, "limit": limit} if limit else out
 
 
 def _quiet(python: str) -> bool:
@@ -181,17 +218,77 @@ def _alarm(signum, frame):
     raise CellTimeout()
 
 
+CHANNEL = 3  # the worker's only descriptor besides 0, 1, 2 (/dev/null): its result pipe
+
+
+def _only_channel(fd: int) -> None:
+    """Move ``fd`` to :data:`CHANNEL` and close every other inherited descriptor above 2.
+
+    The grader's epoll instance, the other workers' pipe ends, open files: none survives the fork.
+    """
+    high = os.dup(fd) if fd != CHANNEL else fd
+    if high != CHANNEL:
+        os.dup2(high, CHANNEL)
+    os.closerange(CHANNEL + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def _virtual_size() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _forget_command_line() -> None:
+    """Blank this process's command line and environment as ``/proc/<pid>/cmdline|environ`` show them.
+
+    A forked worker inherits the grader's argv and environment pages (the submissions and output
+    paths, the instructor's variables); the student's code could read them from its own /proc entry.
+    """
+    import ctypes
+
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3 of proc(5)): arg_start..env_end are fields 48..51
+    arg_start, arg_end, env_start, env_end = (int(f) for f in fields[45:49])
+    for start, end in ((arg_start, arg_end), (env_start, env_end)):
+        if 0 < start < end:
+            ctypes.memset(start, 0, end - start)
+    name = b"coursekit-worker"
+    if arg_end - arg_start > len(name):
+        ctypes.memmove(arg_start, name, len(name))
+
+
+def _set_limits(job: Job) -> None:
+    """Memory (address space on top of what was inherited), processes, file size, no core dumps."""
+    if job.cgroup is not None:
+        (job.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+    elif os.getuid() != 0:  # RLIMIT_NPROC counts every process of the user; root is exempt from it
+        running = sum(1 for p in Path("/proc").iterdir() if p.name.isdigit() and p.stat().st_uid == os.getuid())
+        resource.setrlimit(resource.RLIMIT_NPROC, (running + job.processes, running + job.processes))
+    limit = _virtual_size() + job.memory_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 2**20, 256 * 2**20))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def run_worker(job: Job, fd: int, start: int, skip: set[int], sandboxed: bool) -> None:
     """The body of a worker process: never returns (``os._exit``)."""
     code = 0
     try:
         os.setsid()  # its own process group: kill(0, ...) from the student's code reaches no one else
+        _only_channel(fd)
+        fd = CHANNEL
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
         checker = _Checker()
+        _forget_command_line()
+        _set_limits(job)
         if sandboxed:
-            work = sandbox.enter(f"{job.student}", job.hide)
+            work = sandbox.enter(f"{job.student}", job.hide, job.keep)
             writable = [work, Path("/tmp"), Path("/dev/shm")]
         else:
             work = job.private_tmp / job.student
@@ -231,7 +328,7 @@ def _run_cells(job: Job, fd: int, start: int, skip: set[int], checker: _Checker)
         replay = i < start
         if not replay:
             send({"event": "start", "i": i})
-        streams.outputs = []
+        streams.reset()
         result, record = None, {"event": "done", "i": i}
         signal.setitimer(signal.ITIMER_REAL, job.timeout)
         try:
@@ -248,6 +345,10 @@ def _run_cells(job: Job, fd: int, start: int, skip: set[int], checker: _Checker)
         _close_figures()
         if replay:
             continue
+        if streams.dropped:
+            streams.outputs.append({"output_type": "stream", "name": "stderr",
+                                    "text": f"\n[grader: {streams.dropped} more characters of output were not kept]\n"})
+            record["limit"] = "output"
         record["outputs"] = streams.outputs + ([result] if result else []) + ([record["error"]] if "error" in record else [])
         record["attempts"] = list(sandbox.ATTEMPTS)
         send(record)
