@@ -28,9 +28,6 @@ FULL = {"check_to_input": 4.0, "check_top_k": 4.0, "check_layer_activation": 4.0
 TIMEOUT = 12
 
 FDS = "import os\nprint('FDS', sorted(int(f) for f in os.listdir('/proc/self/fd')))\n"
-FORGE_OTHERS = ("import os, json\nrecord = json.dumps({'event': 'done', 'i': 6, 'check': {'earned': 99}}) + '\\n'\n"
-                "for fd in range(4, 200):\n    try:\n        os.write(fd, record.encode())\n    except OSError:\n"
-                "        pass\n")
 IGNORE_ALARM = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\n"
 MEMORY = "hog = bytearray(20 * 2**30)\n"
 FORK_BOMB = ("import os, time\nkids = []\ntry:\n    for _ in range(200):\n        pid = os.fork()\n"
@@ -59,7 +56,7 @@ def graded(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile")
     subs, out = base / "submissions", base / "results"
     subs.mkdir()
-    class_ = {"honest": "x = 1\n", "fds": FDS + FORGE_OTHERS, "alarm": IGNORE_ALARM, "memory": MEMORY,
+    class_ = {"honest": "x = 1\n", "fds": FDS, "alarm": IGNORE_ALARM, "memory": MEMORY,
               "forks": FORK_BOMB, "flood": FLOOD, "peek": PEEK}
     for student, extra in class_.items():
         nbformat.write(_with(extra), subs / f"{student}.ipynb")
@@ -105,7 +102,8 @@ def test_the_worker_holds_no_descriptor_but_its_own_channel(graded):
     printed = _printed(graded["out"], "fds")
     line = next(x for x in printed.splitlines() if x.startswith("FDS"))
     fds = set(ast.literal_eval(line[4:]))
-    assert fds <= {0, 1, 2, 3, 4}, fds  # stdin/out/err (/dev/null), the channel, the listing itself
+    # stdin/out/err (/dev/null), the pipe to the grader, to and from the judge, the listing itself
+    assert fds <= {0, 1, 2, 3, 4, 5, 6}, fds
 
 
 @pytest.mark.slow

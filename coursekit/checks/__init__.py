@@ -90,6 +90,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     tampering: list[str] = field(default_factory=list)  # for the instructor: what the guard caught
     calls: list[tuple] = field(default_factory=list)  # (result, args) of every call of the student's function
+    caller: Callable | None = None  # where the student's function runs (None: here, see local_call)
 
     @property
     def seed(self) -> int:
@@ -111,32 +112,22 @@ class Report:
             res.earned = res.points
 
     def call(self, fn: Callable, *args, **kwargs):
-        """Call the student's function (in its own thread, references blocked, patches undone)."""
-        if not callable(fn):
-            raise StudentError(f"expected a function, got {type(fn).__name__}: {fn!r}")
-        try:
-            value = _student.call(fn, args, kwargs, self.forbid)
-        except NotImplementedError:
-            raise StudentError("not implemented yet: replace `raise NotImplementedError()` with your code") from None
-        except ReferenceBlocked as e:
-            raise StudentError(str(e)) from None
-        except _student.Violation as e:
-            self.tampering += [t for t in str(e).split("; ") if t not in self.tampering]
-            raise StudentError(str(e)) from None
-        except Exception as e:  # the student's bug, reported as a verdict, not a crash of the check
-            tb = e.__traceback__
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-            where = f" (line {tb.tb_lineno} of {tb.tb_frame.f_code.co_name})" if tb is not None else ""
-            raise StudentError(f"your function raised {type(e).__name__}: {e}{where}") from None
-        finally:
-            patched = _integrity.restore()
-        if patched:
-            text = f"your function replaced {', '.join(patched)} (put back; the check does not accept that)"
+        """Call the student's function (in its own thread, references blocked, patches undone).
+
+        Where the function runs is the report's ``caller``: by default here (:func:`local_call`);
+        in the grader, in the student's sandbox, with only plain data coming back.
+        """
+        outcome = (self.caller or local_call)(fn, args, kwargs, self.forbid)
+        if outcome.error == "violation":
+            self.tampering += [t for t in outcome.message.split("; ") if t not in self.tampering]
+        if outcome.error is not None:
+            raise StudentError(outcome.message)
+        if outcome.patched:
+            text = f"your function replaced {', '.join(outcome.patched)} (put back; the check does not accept that)"
             self.tampering.append(text)
             raise StudentError(text)
-        self.calls.append((value, args, kwargs))
-        return value
+        self.calls.append((outcome.value, args, kwargs))
+        return outcome.value
 
     def did_nothing(self) -> bool:
         """Whether every call returned None, a constant, or one of its own inputs."""
@@ -214,6 +205,52 @@ class Report:
         return "\n".join(lines)
 
 
+@dataclass
+class CallOutcome:
+    """How one call of the student's function went, as plain data.
+
+    ``error`` is None or one of "not_callable", "not_implemented", "blocked", "violation",
+    "raised", "too_large"; ``message`` the sentence for the student; ``patched`` what the function
+    replaced in torch or coursekit (put back already).
+    """
+
+    value: object = None
+    error: str | None = None
+    message: str = ""
+    patched: list[str] = field(default_factory=list)
+
+
+def local_call(fn: Callable, args: tuple, kwargs: dict, forbid: tuple[str, ...]) -> CallOutcome:
+    """Run the student's function in this process (a notebook's check cell) under :mod:`._student`'s guard."""
+    if not callable(fn):
+        return CallOutcome(error="not_callable", message=f"expected a function, got {type(fn).__name__}: {fn!r}")
+    try:
+        value = _student.call(fn, args, kwargs, forbid)
+    except NotImplementedError:
+        _integrity.restore()
+        return CallOutcome(error="not_implemented",
+                           message="not implemented yet: replace `raise NotImplementedError()` with your code")
+    except ReferenceBlocked as e:
+        _integrity.restore()
+        return CallOutcome(error="blocked", message=str(e))
+    except _student.Violation as e:
+        _integrity.restore()
+        return CallOutcome(error="violation", message=str(e))
+    except Exception as e:  # the student's bug, reported as a verdict, not a crash of the check
+        _integrity.restore()
+        return CallOutcome(error="raised", message=raised_message(e))
+    return CallOutcome(value=value, patched=_integrity.restore())
+
+
+def raised_message(e: BaseException) -> str:
+    """"your function raised ValueError: ... (line 3 of f)" for the exception a student's function raised."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" (line {tb.tb_lineno} of {tb.tb_frame.f_code.co_name})" if tb is not None else ""
+    return f"your function raised {type(e).__name__}: {e}{where}"
+
+
 def _same(value, arg) -> bool:
     if value is arg:
         return True
@@ -287,10 +324,14 @@ def _lookup(name: str) -> Exercise:
     return EXERCISES[name]
 
 
-def run_check(name: str, student: Callable, seed: int | None = None) -> Report:
-    """Run the check of exercise ``name`` on ``student`` and return the filled :class:`Report`."""
+def run_check(name: str, student: Callable, seed: int | None = None, caller: Callable | None = None) -> Report:
+    """Run the check of exercise ``name`` on ``student`` and return the filled :class:`Report`.
+
+    ``caller(fn, args, kwargs, forbid) -> CallOutcome`` runs the student's function (default:
+    :func:`local_call`, in this process); the grader passes one that calls into the sandbox.
+    """
     ex = _lookup(name)
-    report = Report(name, ex.forbid, rng=np.random.default_rng(seed))
+    report = Report(name, ex.forbid, rng=np.random.default_rng(seed), caller=caller)
     patched = _integrity.restore()  # a cell that patched torch or coursekit does not change the verdict
     if patched:
         report.tampering.append(f"{', '.join(patched)} had been replaced before the check (put back)")

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runner import Job, run_worker
+from .judge import run_judge
+from .runner import Job, keep_only, run_worker
 
 __all__ = ["CellResult", "Outcome", "ProcessLimit", "probe_sandbox", "run_all"]
 
@@ -40,20 +41,37 @@ class Outcome:
     cells: dict[int, CellResult] = field(default_factory=dict)
     attempts: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    verdicts: dict[int, dict] = field(default_factory=dict)  # check cell -> the judge's verdict
 
 
 class _Worker:
+    """One attempt at a job: a judge process and a sandbox process, forked from the grader.
+
+    Pipes: sandbox -> grader (cell records, untrusted), judge -> grader (verdicts), judge <->
+    sandbox (calls and their results). Each child keeps only its own ends (:func:`runner.keep_only`).
+    """
+
     def __init__(self, job: Job, start: int, skip: set[int], sandboxed: bool, outcome: Outcome):
-        read, write = os.pipe()
+        read, write = os.pipe()  # sandbox -> grader
+        vread, vwrite = os.pipe()  # judge -> grader
+        q_read, q_write = os.pipe()  # judge -> sandbox
+        r_read, r_write = os.pipe()  # sandbox -> judge
+        self.judge_pid = os.fork()
+        if self.judge_pid == 0:
+            try:
+                to_sandbox, from_sandbox, to_grader = keep_only([q_write, r_read, vwrite])
+                run_judge(job, to_sandbox, from_sandbox, to_grader)
+            finally:
+                os._exit(3)
         self.pid = os.fork()
-        if self.pid == 0:  # the worker
-            os.close(read)
-            run_worker(job, write, start, skip, sandboxed)
-        os.close(write)
-        self.fd, self.job, self.outcome, self.buffer = read, job, outcome, b""
+        if self.pid == 0:  # the sandbox
+            run_worker(job, (write, r_write, q_read), start, skip, sandboxed)
+        for fd in (write, vwrite, q_read, q_write, r_read, r_write):
+            os.close(fd)
+        self.fd, self.vfd, self.job, self.outcome, self.buffer, self.vbuffer = read, vread, job, outcome, b"", b""
         self.current: int | None = None
         self.last_done: int | None = None
-        self.eof = False
+        self.eof = self.veof = False
         replayed = sum(1 for i, (gid, _) in enumerate(job.cells[:start]) if gid is None and i not in skip)
         self.deadline = time.monotonic() + job.timeout * (replayed + 1) + GRACE  # always one: never wait unbounded
         self.ended = False
@@ -72,6 +90,17 @@ class _Worker:
                 continue  # not a record of ours (a student's write to the pipe cannot be one either)
             self.handle(record)
 
+    def feed_verdict(self, data: bytes) -> None:
+        """The judge's records: the only source of points."""
+        self.vbuffer += data
+        *lines, self.vbuffer = self.vbuffer.split(b"\n")
+        for line in lines:
+            record = json.loads(line)
+            if record.get("event") == "verdict":
+                self.outcome.verdicts[record["i"]] = record
+            elif record.get("event") == "judge_crash":
+                self.outcome.notes.append(f"the grader's judge failed ({record.get('error')}); review by hand")
+
     def handle(self, record: dict) -> None:
         if not isinstance(record, dict):
             return
@@ -81,7 +110,7 @@ class _Worker:
             self.deadline = time.monotonic() + self.job.timeout + GRACE
         elif event == "done" and record.get("i") == self.current:
             outputs = record.get("outputs") if isinstance(record.get("outputs"), list) else []
-            cell = CellResult(outputs, record.get("check"))
+            cell = CellResult(outputs)
             last = outputs[-1] if outputs and isinstance(outputs[-1], dict) else {}
             if last.get("ename") == "CellTimeout":
                 cell.lost = "timeout"
@@ -98,8 +127,8 @@ class _Worker:
             self.crash = str(record.get("error", ""))[:300]
 
     def kill(self) -> None:
-        """SIGKILL the worker's process group (without namespaces, what it forked) and the worker itself."""
-        for kill, target in ((os.killpg, self.pid), (os.kill, self.pid)):
+        """SIGKILL the sandbox's process group (without namespaces, what it forked), the sandbox and the judge."""
+        for kill, target in ((os.killpg, self.pid), (os.kill, self.pid), (os.kill, self.judge_pid)):
             try:
                 kill(target, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -192,13 +221,18 @@ def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None) -> dict[s
                 job.cgroup = limits.make(job.student)
                 w = _Worker(job, st["start"], st["skip"], sandboxed, outcomes[job.student])
                 running[w.fd] = w
-                sel.register(w.fd, selectors.EVENT_READ, w)
+                sel.register(w.fd, selectors.EVENT_READ, (w, "sandbox"))
+                sel.register(w.vfd, selectors.EVENT_READ, (w, "judge"))
             wait = max(0.0, min(w.deadline for w in running.values()) - time.monotonic()) if running else 0.0
             for key, _ in sel.select(timeout=min(wait, 1.0)):
-                w = key.data
-                data = os.read(w.fd, 1 << 16)
+                w, side = key.data
+                data = os.read(key.fd, 1 << 16)
                 if data:
-                    w.feed(data)
+                    (w.feed_verdict if side == "judge" else w.feed)(data)
+                    continue
+                sel.unregister(key.fd)
+                if side == "judge":
+                    w.veof = True
                 else:
                     w.eof = True
             now = time.monotonic()
@@ -206,27 +240,42 @@ def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None) -> dict[s
                 overdue = now > w.deadline
                 if overdue or w.overflow:
                     w.kill()
-                if not (overdue or w.overflow or w.eof):
+                if not (overdue or w.overflow or (w.eof and w.veof)):
                     continue
-                sel.unregister(w.fd)
-                os.close(w.fd)
+                for fd, ended in ((w.fd, w.eof), (w.vfd, w.veof)):
+                    if not ended:
+                        sel.unregister(fd)
+                    os.close(fd)
                 del running[w.fd]
                 w.kill()  # whatever the worker left behind in its process group
                 _, status = os.waitpid(w.pid, 0)
+                os.waitpid(w.judge_pid, 0)
                 limits.release(w.job.cgroup)
-                if _finish(w, overdue, status, state[w.job.student], outcomes[w.job.student]):
+                outcome = outcomes[w.job.student]
+                if _finish(w, overdue, status, state[w.job.student], outcome):
                     pending.insert(0, w.job)
                 else:
+                    _attach_verdicts(outcome)
                     done += 1
                     if echo is not None:
-                        echo(done, len(jobs), w.job.student, outcomes[w.job.student])
+                        echo(done, len(jobs), w.job.student, outcome)
     finally:
         for w in running.values():
             w.kill()
             os.waitpid(w.pid, 0)
+            os.waitpid(w.judge_pid, 0)
         sel.close()
         limits.close()
     return outcomes
+
+
+def _attach_verdicts(outcome: Outcome) -> None:
+    """Put each judge verdict on its check cell, with its text after what the student's code printed."""
+    for i, verdict in outcome.verdicts.items():
+        cell = outcome.cells.setdefault(i, CellResult())
+        cell.check, cell.lost, cell.limit = verdict, None, None
+        cell.outputs = [o for o in cell.outputs if not (isinstance(o, dict) and o.get("output_type") == "error")]
+        cell.outputs.append({"output_type": "stream", "name": "stdout", "text": str(verdict.get("summary", "")) + "\n"})
 
 
 def _finish(w: _Worker, overdue: bool, status: int, st: dict, outcome: Outcome) -> bool:

@@ -72,7 +72,7 @@ def assemble(result: StudentResult, plan: Plan, outcome: Outcome, checks: list[C
         elif cell.lost == "output":
             why = "stopped by the grader: the cell sent more output than the grader accepts"
         elif cell.check is not None:
-            earned = float(cell.check["earned"])
+            earned = min(max(float(cell.check["earned"]), 0.0), check.points)  # never more than the exercise
             result.flags += [f for f in cell.check.get("flags", []) if f not in result.flags]
             result.notes += [n for n in cell.check.get("notes", []) if n not in result.notes]
             for line in _verdict(cell.outputs).splitlines():

@@ -1,16 +1,16 @@
 """Run one submission's cells in a forked, sandboxed worker and report each cell on a pipe.
 
 The worker is a child of the grading process (``os.fork``), so torch, coursekit and the checks
-are already imported and their caches warm. It enters the sandbox (:mod:`.sandbox`), runs the
-cells in order in one namespace and writes one JSON line per cell to the pipe: the outputs
-(stdout, stderr, the value of the last expression, the error) and, for a check cell, the verdict.
-Check cells never run the submitted text: the grader calls the check itself, with the
-references it captured before any student code ran, after putting back anything a student
-cell patched (:mod:`coursekit.checks._integrity`). Output on stderr is shown in the feedback and
-never costs points.
+are already imported and their caches warm. It keeps only its own pipes (:func:`keep_only`),
+takes its limits (memory, processes, file size), enters the sandbox (:mod:`.sandbox`), runs the
+cells in order in one namespace and writes one JSON line per cell to the grader: the outputs
+(stdout, stderr, the value of the last expression, the error). These records carry no points.
+At a check cell it serves the judge (:mod:`.judge`, :class:`_Server`): it calls the student's
+function on the judge's cases and sends back plain data; the judge computes the verdict. Output
+on stderr is shown in the feedback and never costs points.
 
 A cell that runs past the time limit is interrupted (``CellTimeout``); a worker that does not
-come back, or dies (``os._exit``, a crash), is killed by the parent, which starts a fresh worker
+come back, or dies (``os._exit``, a crash), is killed by the grader, which starts a fresh worker
 that replays the earlier non-check cells silently and carries on after the lost cell.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import sandbox
+from . import sandbox, wire
 from .notebook import CheckCell, to_python
 
 __all__ = ["Job", "CellTimeout", "run_worker", "check_seed"]
@@ -187,49 +188,106 @@ def _run_code(source: str, name: str, ns: dict):
     return None
 
 
-class _Checker:
-    """The check entry points, captured before student code runs."""
+class _Server:
+    """The sandbox's side of a check: announce it to the judge, then run the calls it asks for.
 
-    def __init__(self):
-        from coursekit.checks import _integrity, run_check
+    Nothing here decides points: the judge (:mod:`.judge`) draws the cases and computes the
+    verdict; this only calls the student's function and sends back plain data (:mod:`.wire`).
+    """
 
-        self.run_check, self.restore = run_check, _integrity.restore
+    def __init__(self, to_judge: int, from_judge: int):
+        from coursekit.checks import _integrity, local_call
 
-    def run(self, job: Job, check: CheckCell, ns: dict, streams: _Streams) -> dict:
+        self.out, self.inp = to_judge, from_judge
+        self.restore, self.local_call = _integrity.restore, local_call
+
+    def send(self, header: dict, value=None) -> None:
+        wire.write_frame(self.out, wire.encode(header, value))
+
+    def run(self, i: int, check: CheckCell, ns: dict) -> None:
+        import cloudpickle
+
         patched = self.restore()
-        notes = [f"{check.grade_id}: {p} had been replaced; put back before the check" for p in patched]
-        fn = ns.get(check.function)
-        if fn is None:
-            print(f"{check.exercise}: 0/{check.points:g} points\n  `{check.function}` is not defined: "
-                  "the cell that defines it did not run to the end (see the error above it)")
-            return {"earned": 0.0, "points": check.points, "notes": notes, "flags": []}
-        report = self.run_check(check.exercise, fn, seed=check_seed(job.seed, check.exercise))
-        print(report.summary())
-        for note in report.notes[:5]:
-            print("  " + note)
-        scale = check.points / report.points if report.points else 0.0
-        patched_during = self.restore()
-        flags = [f"{check.grade_id}: {p} was replaced while the check ran (put back)" for p in patched_during]
-        return {"earned": round(report.earned * scale, 6), "points": check.points, "notes": notes + flags,
-                "flags": list(report.tampering)}
+        self.send({"check": i, "defined": check.function in ns, "patched": patched})
+        try:
+            while True:
+                message = cloudpickle.loads(wire.read_frame(self.inp, limit=None))  # from the judge: trusted
+                if message.get("i") != i:
+                    continue  # left over from a check that was stopped
+                if message.get("op") == "end":
+                    return
+                if message.get("op") == "call":
+                    self.answer(i, ns.get(message["name"]), message)
+        except BaseException:
+            self.send({"i": i, "abort": "the sandbox stopped this check"})
+            raise
+
+    def answer(self, i: int, fn, message: dict) -> None:
+        args, kwargs = message["args"], message["kwargs"]
+        objects = wire.leaves((args, kwargs))
+        before = [_state_before(o) for o in objects]
+        outcome = self.local_call(fn, args, kwargs, tuple(message["forbid"]))
+        if outcome.error is not None:
+            self.send({"i": i, "error": outcome.error, "message": outcome.message[:2000]})
+            return
+        try:
+            states = [_state_after(o, b) for o, b in zip(objects, before)]
+            payload = wire.encode({"i": i, "value": None, "patched": outcome.patched, "states": states}, outcome.value)
+        except wire.WireError as err:
+            self.send({"i": i, "error": "too_large", "message": f"your function's result could not be sent: {err}"})
+            return
+        wire.write_frame(self.out, payload)
+
+
+def _state_before(obj):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    return [t.detach().clone() for t in list(obj.parameters()) + list(obj.buffers())]
+
+
+def _state_after(obj, before) -> dict:
+    """What a call left of one argument: values that changed, requires_grad, grads, modes, hooks."""
+    import torch
+
+    from coursekit.guard import _hook_dicts
+
+    if isinstance(obj, torch.Tensor):
+        state = {"kind": "tensor", "requires_grad": bool(obj.requires_grad),
+                 "grad": obj.grad.detach() if obj.grad is not None else None}
+        if obj.shape != before.shape or not torch.equal(obj.detach(), before):
+            state["values"] = obj.detach()
+        return state
+    modules = [m for _, m in obj.named_modules()]
+    params = list(obj.parameters())
+    tensors = params + list(obj.buffers())
+    return {"kind": "module", "training": [m.training for m in modules], "requires_grad": [p.requires_grad for p in params],
+            "grads": {str(k): p.grad.detach() for k, p in enumerate(params) if p.grad is not None},
+            "changed": {str(k): t.detach() for k, (t, b) in enumerate(zip(tensors, before))
+                        if t.shape != b.shape or not torch.equal(t.detach(), b)},
+            "inplace": [m.inplace for m in modules if isinstance(getattr(m, "inplace", None), bool)],
+            "hooks": [sum(len(d) for d in _hook_dicts(m)) for m in modules]}
 
 
 def _alarm(signum, frame):
     raise CellTimeout()
 
 
-CHANNEL = 3  # the worker's only descriptor besides 0, 1, 2 (/dev/null): its result pipe
+CHANNEL = 3  # the sandbox's descriptors besides 0, 1, 2 (/dev/null): 3 to the grader, 4 to and 5 from the judge
 
 
-def _only_channel(fd: int) -> None:
-    """Move ``fd`` to :data:`CHANNEL` and close every other inherited descriptor above 2.
+def keep_only(fds: list[int]) -> list[int]:
+    """Move ``fds`` to 3, 4, ... (in order) and close every other inherited descriptor above 2.
 
     The grader's epoll instance, the other workers' pipe ends, open files: none survives the fork.
     """
-    high = os.dup(fd) if fd != CHANNEL else fd
-    if high != CHANNEL:
-        os.dup2(high, CHANNEL)
-    os.closerange(CHANNEL + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, limit // 2) for fd in fds]  # out of the way of the targets below
+    for k, fd in enumerate(high):
+        os.dup2(fd, CHANNEL + k)
+    os.closerange(CHANNEL + len(fds), limit)
+    return [CHANNEL + k for k in range(len(fds))]
 
 
 def _virtual_size() -> int:
@@ -272,19 +330,22 @@ def _set_limits(job: Job) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_worker(job: Job, fd: int, start: int, skip: set[int], sandboxed: bool) -> None:
-    """The body of a worker process: never returns (``os._exit``)."""
+def run_worker(job: Job, fds: tuple[int, int, int], start: int, skip: set[int], sandboxed: bool) -> None:
+    """The body of a sandbox process: never returns (``os._exit``).
+
+    ``fds``: the pipe to the grader, the pipe to the judge, the pipe from the judge.
+    """
     code = 0
+    fd = fds[0]
     try:
         os.setsid()  # its own process group: kill(0, ...) from the student's code reaches no one else
-        _only_channel(fd)
-        fd = CHANNEL
+        fd, to_judge, from_judge = keep_only(list(fds))
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         os.close(devnull)
-        checker = _Checker()
+        checker = _Server(to_judge, from_judge)
         _forget_command_line()
         _set_limits(job)
         if sandboxed:
@@ -307,7 +368,7 @@ def run_worker(job: Job, fd: int, start: int, skip: set[int], sandboxed: bool) -
     os._exit(code)
 
 
-def _run_cells(job: Job, fd: int, start: int, skip: set[int], checker: _Checker) -> None:
+def _run_cells(job: Job, fd: int, start: int, skip: set[int], checker: _Server) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -335,7 +396,7 @@ def _run_cells(job: Job, fd: int, start: int, skip: set[int], checker: _Checker)
             if gid is None:
                 result = _run_code(source, f"<cell {i}>", ns)
             else:
-                record["check"] = checker.run(job, job.checks[gid], ns, streams)
+                checker.run(i, job.checks[gid], ns)
         except CellTimeout as err:
             record["error"] = _error(err, job, timeout=True)
         except BaseException as err:  # noqa: BLE001 -- a failing cell is reported like Jupyter does, then the run goes on
