@@ -49,7 +49,7 @@ from .._reference import _BLOCKED, ReferenceBlocked, blocked, reference  # noqa:
 from .._reference import reference_key as _key
 from . import _integrity, _student
 
-__all__ = ["check", "exercise", "reference", "Report", "Mistake", "CheckFailed", "ReferenceBlocked", "EXERCISES"]
+__all__ = ["check", "exercise", "Points", "CallOutcome", "local_call", "reference", "Report", "Mistake", "CheckFailed", "ReferenceBlocked", "EXERCISES"]
 
 
 class CheckFailed(Exception):
@@ -367,9 +367,27 @@ def run_check(name: str, student: Callable, seed: int | None = None, caller: Cal
     return report
 
 
+class Points(float):
+    """The points a check cell returns: a float for nbgrader (``text/plain`` is the number), shown in
+    JupyterLab as a banner that says full or partial credit instead of a bare ``Out: 1.0``."""
+
+    def __new__(cls, earned: float, of: float, name: str):
+        value = super().__new__(cls, earned)
+        value.of, value.name = float(of), name
+        return value
+
+    def _repr_html_(self) -> str:
+        full = float(self) >= self.of
+        colour, word = ("#1a7f37", "Full credit") if full else ("#9a6700", "Partial credit")
+        advice = "" if full else ": the parts marked FAIL above say what is missing"
+        return (f'<div style="border-left:6px solid {colour};background:#f6f8fa;padding:.4em .8em;font-weight:bold">'
+                f"{word}: {float(self):g}/{self.of:g} points for {self.name}{advice}</div>")
+
+
 def check(name: str, student: Callable) -> float:
     """Check a student's function for exercise ``name``; print the verdict; return the points earned.
 
+    The points come back as :class:`Points` (a float; a partial-credit banner in JupyterLab).
     Raises :class:`CheckFailed` when no point is earned.
     """
     report = run_check(name, student)
@@ -378,7 +396,7 @@ def check(name: str, student: Callable) -> float:
         print("  " + note)
     if report.earned <= 0:
         raise CheckFailed(f"0/{report.points:g} points for {name}; see the messages above")
-    return float(report.earned)
+    return Points(report.earned, report.points, name)
 
 
 _integrity.restore()  # records this module's own names, now that they exist

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import pool, results, sandbox
+from . import analytics, pool, results, sandbox
 from .notebook import prepare, scan, source_checks
 from .release import find_root, list_sets
 from .results import StudentResult
@@ -263,6 +263,7 @@ def grade(
     _refuse_hidden_environment(keep, hide)
     students: dict[str, StudentResult] = {}
     plans, job_list = {}, []
+    interrupted: BaseException | None = None
     try:
         for sid, (path, notes) in found.items():
             students[sid] = StudentResult(sid, path, notes=list(notes), max_score=sum(c.points for c in checks))
@@ -286,7 +287,17 @@ def grade(
         if job_list:
             echo(f"grading {len(job_list)} submission(s) of {assignment} with {jobs} process(es), "
                  f"cell time limit {timeout} s; sandbox: {sandbox_text}")
-        outcomes = pool.run_all(job_list, jobs, sandboxed)
+        outcomes: dict = {}
+        try:
+            pool.run_all(job_list, jobs, sandboxed, echo=_progress(echo, start), outcomes=outcomes)
+        except BaseException as err:  # noqa: BLE001 -- Ctrl-C or a grader bug: keep what was graded, then re-raise
+            interrupted = err
+            finished = {sid for sid, o in outcomes.items() if o.finished}
+            for sid in plans:
+                if sid not in finished:
+                    students[sid].notes.append("not graded: the run was interrupted while this submission was "
+                                               "waiting or being graded; grade it again")
+            plans = {sid: p for sid, p in plans.items() if sid in finished}
         for sid, (plan, nb) in plans.items():
             _record(students[sid], plan, nb, outcomes[sid], checks, out, assignment, timeout, echo)
     finally:
@@ -303,9 +314,25 @@ def grade(
         f"(cell time limit {timeout} s; sandbox: {sandbox_text})\n{result.table()}\n\n"
         f"grades:   {csv_path}\nfeedback: {out / 'feedback'}/<student>.html\n"
     )
+    if interrupted is not None:
+        summary = f"INTERRUPTED ({type(interrupted).__name__}): partial results\n" + summary
+    analytics.write_report(out / "analytics.html", assignment, ordered, checks)
+    summary += f"analytics: {out / 'analytics.html'}\n"
     (out / "summary.txt").write_text(summary)
     echo(summary)
+    if interrupted is not None:
+        raise interrupted
     return result
+
+
+def _progress(echo, start: float):
+    """One line per student as it finishes: count, name, points the judge gave, what happened."""
+    def line(done: int, total: int, student: str, outcome) -> None:
+        earned = sum(min(float(v.get("earned", 0)), float(v.get("points", 0))) for v in outcome.verdicts.values())
+        lost = sum(1 for c in outcome.cells.values() if c.lost)
+        extra = f", {lost} cell(s) lost" if lost else ""
+        echo(f"[{done}/{total}] {student}: {earned:g} points{extra} ({time.monotonic() - start:.0f} s)")
+    return line
 
 
 def _record(r: StudentResult, plan, nb, outcome, checks, out: Path, assignment: str, timeout: int, echo) -> None:

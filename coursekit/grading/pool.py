@@ -42,6 +42,7 @@ class Outcome:
     attempts: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     verdicts: dict[int, dict] = field(default_factory=dict)  # check cell -> the judge's verdict
+    finished: bool = False  # every cell was run or given up (False: the run was interrupted first)
 
 
 class _Worker:
@@ -201,14 +202,18 @@ class ProcessLimit:
                     pass  # a process the kill did not reach yet; the empty cgroup costs nothing
 
 
-def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None) -> dict[str, Outcome]:
+def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None,
+            outcomes: dict[str, Outcome] | None = None) -> dict[str, Outcome]:
     """Grade every job with at most ``workers`` processes at a time; ``{student: Outcome}``.
 
-    ``echo(done, total, student, outcome)`` is called as each student finishes.
+    ``echo(done, total, student, outcome)`` is called as each student finishes. Pass ``outcomes``
+    (a dict, filled in place) to keep the finished students' results (``Outcome.finished``) when
+    the run is interrupted.
     """
     pending = list(jobs)
     state = {job.student: {"start": 0, "skip": set(), "restarts": 0} for job in jobs}
-    outcomes = {job.student: Outcome() for job in jobs}
+    outcomes = {} if outcomes is None else outcomes
+    outcomes.update({job.student: Outcome() for job in jobs})
     running: dict[int, _Worker] = {}
     limits = ProcessLimit(jobs[0].processes if jobs else 32)
     sel = selectors.DefaultSelector()
@@ -256,6 +261,7 @@ def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None) -> dict[s
                     pending.insert(0, w.job)
                 else:
                     _attach_verdicts(outcome)
+                    outcome.finished = True
                     done += 1
                     if echo is not None:
                         echo(done, len(jobs), w.job.student, outcome)

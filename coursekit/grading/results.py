@@ -37,6 +37,7 @@ class StudentResult:
     notes: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     why: dict[str, str] = field(default_factory=dict)  # grade_id -> explanation for the feedback table
+    diagnoses: dict[str, list[str]] = field(default_factory=dict)  # grade_id -> the judge's messages of lost parts
     feedback: Path | None = None
 
 
@@ -75,11 +76,14 @@ def assemble(result: StudentResult, plan: Plan, outcome: Outcome, checks: list[C
             earned = min(max(float(cell.check["earned"]), 0.0), check.points)  # never more than the exercise
             result.flags += [f for f in cell.check.get("flags", []) if f not in result.flags]
             result.notes += [n for n in cell.check.get("notes", []) if n not in result.notes]
+            result.diagnoses[check.grade_id] = [str(d) for d in cell.check.get("diagnoses", [])]
             for line in _verdict(cell.outputs).splitlines():
                 if "[FAIL]" in line:
                     why = why or line.strip().replace("[FAIL] ", "failed: ")
         if why and cell is not None and cell.lost:
             result.notes.append(f"{check.grade_id}: {why}")
+            result.diagnoses[check.grade_id] = [{"timeout": "stopped at the time limit", "output": "too much output"}
+                                                .get(cell.lost, "the process died in the check")]
         if check.exercise in shown and shown[check.exercise] != earned:
             why = (f"your notebook showed {_num(shown[check.exercise])}/{_num(check.points)}; graded "
                    f"{_num(earned)}/{_num(check.points)} on the grader's own random cases" + (f" ({why})" if why else ""))
