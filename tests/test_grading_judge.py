@@ -12,6 +12,7 @@ import io
 import json
 import pickle
 import struct
+import time
 
 import nbformat
 import numpy as np
@@ -160,3 +161,20 @@ def test_the_call_s_effects_on_the_arguments_are_mirrored():
     apply_states(((mirror_net, mirror_x), {}), reader.header["states"], reader)
     assert not mirror_net.training and not mirror_net[0].weight.requires_grad
     assert torch.equal(mirror_x, torch.ones(3)) and len(mirror_net._forward_hooks) == 1
+
+
+def test_the_sandbox_cannot_push_its_deadline_back():
+    from coursekit.grading import pool
+    from coursekit.grading.runner import Job
+
+    w = object.__new__(pool._Worker)
+    w.job = Job("s", SET, [(None, "x")] * 5, {}, seed="", timeout=10)
+    w.outcome, w.current, w.last_done = pool.Outcome(), None, None
+    w.hard_deadline = time.monotonic() + 15  # less than timeout + GRACE: the attempt's cap wins
+    w.last_started, w.deadline = -1, 0.0
+    w.handle({"event": "start", "i": 0})
+    assert w.deadline == w.hard_deadline
+    w.deadline = 5.0  # time passes: the cell is due
+    w.handle({"event": "start", "i": 0})  # the same cell "starting" again
+    w.handle({"event": "start", "i": -3})
+    assert w.deadline == 5.0 and w.current == 0

@@ -15,11 +15,14 @@ Usage::
    student's code is scanned for tampering (flagged for review);
 3. runs each submission in its own worker process (:mod:`.pool`, :mod:`.runner`), ``--jobs`` at a
    time, one torch thread each, inside a sandbox (:mod:`.sandbox`): read-only file system, private
-   ``/tmp``, no network, the submissions, the output and the solutions hidden. Every cell has
-   ``--timeout`` seconds; a cell that runs longer, or kills its process, costs only its own exercise;
+   ``/tmp`` and homes, no network, the submissions, the output and the solutions hidden, limits on
+   memory, processes and output. Every cell has ``--timeout`` seconds, enforced from outside; a
+   cell that runs longer, or kills its process, costs only its own exercise. The verdicts come
+   from a judge process next to each worker, where no student code runs (:mod:`.judge`);
 4. writes ``<out>/grades.csv`` (points of every check cell, ``notes`` and ``flags``),
-   ``<out>/feedback/<student>.html`` (readable offline), ``<out>/autograded/<student>.ipynb`` and
-   ``<out>/summary.txt``.
+   ``<out>/feedback/<student>.html`` (readable offline), ``<out>/autograded/<student>.ipynb``,
+   ``<out>/analytics.html`` (the class's mistakes per exercise) and ``<out>/summary.txt``, also
+   for the students graded so far when the run is interrupted.
 
 Cells after the last check cell earn no points and are not run. The cases a check draws are seeded
 from the submission's content (and ``--seed``): grading the same class twice gives the same CSV.

@@ -12,9 +12,11 @@ the registry or a forged record inside the sandbox can change only the outputs i
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
+import sys
 
 import cloudpickle
 import torch
@@ -174,6 +176,8 @@ def _verdict(job: Job, check: CheckCell, channel: _Channel, announced: dict) -> 
 def run_judge(job: Job, to_sandbox: int, from_sandbox: int, to_grader: int) -> None:
     """The body of a judge process: answer the sandbox's check cells until it closes; never returns."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):  # dies with the grader (e.g. killed from outside)
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     torch.set_num_threads(1)
     channel = _Channel(job, to_sandbox, from_sandbox)
     judged: set[int] = set()
@@ -190,8 +194,11 @@ def run_judge(job: Job, to_sandbox: int, from_sandbox: int, to_grader: int) -> N
                 break
             i = header.get("check")
             gid = job.cells[i][0] if isinstance(i, int) and 0 <= i < len(job.cells) else None
-            if gid is None or i in judged:
-                continue  # not a check cell, or one already judged: nothing to do
+            if gid is None or i in judged:  # not a check cell, or one already judged: nothing to do
+                if isinstance(i, int):
+                    channel.check_index = i
+                    channel.send({"op": "end"})  # the sandbox waits for a word before it moves on
+                continue
             judged.add(i)
             channel.check_index = i
             try:

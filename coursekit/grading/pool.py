@@ -75,6 +75,9 @@ class _Worker:
         self.eof = self.veof = False
         replayed = sum(1 for i, (gid, _) in enumerate(job.cells[:start]) if gid is None and i not in skip)
         self.deadline = time.monotonic() + job.timeout * (replayed + 1) + GRACE  # always one: never wait unbounded
+        # and for the whole attempt: every cell at its limit, whatever the sandbox reports
+        self.hard_deadline = time.monotonic() + (job.timeout + GRACE) * (len(job.cells) + 1)
+        self.last_started = start - 1
         self.ended = False
         self.crash: str | None = None
         self.overflow = False
@@ -106,9 +109,10 @@ class _Worker:
         if not isinstance(record, dict):
             return
         event = record.get("event")
-        if event == "start" and isinstance(record.get("i"), int):
-            self.current = record["i"]
-            self.deadline = time.monotonic() + self.job.timeout + GRACE
+        if event == "start" and isinstance(record.get("i"), int) and record["i"] > self.last_started:
+            # each cell index starts once, in order: a sandbox cannot push its deadline back by repeating it
+            self.current = self.last_started = record["i"]
+            self.deadline = min(time.monotonic() + self.job.timeout + GRACE, self.hard_deadline)
         elif event == "done" and record.get("i") == self.current:
             outputs = record.get("outputs") if isinstance(record.get("outputs"), list) else []
             cell = CellResult(outputs)
@@ -120,7 +124,7 @@ class _Worker:
             self.outcome.cells[self.current] = cell
             self.outcome.attempts = record.get("attempts", self.outcome.attempts)
             self.last_done, self.current = self.current, None
-            self.deadline = time.monotonic() + self.job.timeout + GRACE
+            self.deadline = min(time.monotonic() + self.job.timeout + GRACE, self.hard_deadline)
         elif event == "end":
             self.outcome.attempts = record.get("attempts", self.outcome.attempts)
             self.ended = True
