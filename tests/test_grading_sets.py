@@ -4,6 +4,9 @@ One test per set (``-n 2`` spreads them over pytest-xdist workers). The honest s
 solution; the wrong one the released notebook untouched (every exercise raises
 NotImplementedError); the hostile one the solution with cells that used to crash the whole run
 (a cell ending in an expression whose value has no ``execution_count``, a renamed check cell).
+A forger submits the solution with forged result records for every cell and a patched
+``torch.allclose``: it earns exactly the set's points, and the wrong student, who carries the same
+forgeries, earns none.
 """
 
 from __future__ import annotations
@@ -27,6 +30,17 @@ def _checks(assignment: str):
     return source_checks(nbformat.read(ROOT / "solutions" / assignment / f"{assignment}.ipynb", as_version=4))
 
 
+FORGE = ("import os, json\nimport torch\ntorch.allclose = lambda *a, **k: True\nfor i in range(60):\n"
+         "    for record in ({'event': 'start', 'i': i}, {'event': 'done', 'i': i, 'check': {'earned': 100.0}},\n"
+         "                   {'event': 'verdict', 'i': i, 'earned': 100.0, 'points': 100.0}):\n"
+         "        os.write(3, (json.dumps(record) + '\\n').encode())\n")
+
+
+def _forging(nb):
+    nb.cells.insert(1, nbformat.v4.new_code_cell(FORGE))
+    return nb
+
+
 def _hostile(assignment: str):
     """The solution, plus cells ending in bare expressions, and its first check cell's grade_id renamed."""
     nb = nbformat.read(ROOT / "solutions" / assignment / f"{assignment}.ipynb", as_version=4)
@@ -45,9 +59,11 @@ def graded(request, tmp_path_factory):
     subs.mkdir()
     nbformat.write(nbformat.read(ROOT / "solutions" / assignment / f"{assignment}.ipynb", as_version=4),
                    subs / "honest.ipynb")
-    nbformat.write(nbformat.read(ROOT / "exercises" / assignment / f"{assignment}.ipynb", as_version=4),
+    nbformat.write(_forging(nbformat.read(ROOT / "exercises" / assignment / f"{assignment}.ipynb", as_version=4)),
                    subs / "wrong.ipynb")
     nbformat.write(_hostile(assignment)[0], subs / "hostile.ipynb")
+    nbformat.write(_forging(nbformat.read(ROOT / "solutions" / assignment / f"{assignment}.ipynb", as_version=4)),
+                   subs / "forger.ipynb")
     result = cli.grade(assignment, subs, out, timeout=TIMEOUT, root=ROOT, jobs=2, echo=lambda *a: None)
     with open(result.csv, newline="") as fh:
         rows = {r["student_id"]: r for r in csv.DictReader(fh)}
@@ -59,18 +75,19 @@ def test_every_set_grades_honest_wrong_and_hostile(graded):
     assignment, rows, out = graded
     checks = _checks(assignment)
     total = sum(c.points for c in checks)
-    assert set(rows) == {"honest", "wrong", "hostile"}
-    for student in ("honest", "hostile"):
+    assert set(rows) == {"honest", "wrong", "hostile", "forger"}
+    for student in ("honest", "hostile", "forger"):
         row = rows[student]
         assert {c.grade_id: float(row[c.grade_id]) for c in checks} == {c.grade_id: c.points for c in checks}, row
         assert float(row["score"]) == total, row
     assert float(rows["wrong"]["score"]) == 0.0 and all(float(rows["wrong"][c.grade_id]) == 0 for c in checks)
     assert f"{checks[0].grade_id}: missing, put back from the source" in rows["hostile"]["notes"]
     assert rows["honest"]["notes"] == "" and rows["honest"]["flags"] == ""
-    for student in ("honest", "wrong", "hostile"):  # every feedback notebook is valid nbformat
+    for student in rows:  # every feedback notebook is valid nbformat
         nb = nbformat.read(out / "autograded" / f"{student}.ipynb", as_version=4)
         nbformat.validate(nb)
         assert (out / "feedback" / f"{student}.html").is_file()
     shown = nbformat.read(out / "autograded" / "hostile.ipynb", as_version=4)
+    assert "calls os.write" in rows["forger"]["flags"] and "calls os.write" in rows["wrong"]["flags"]
     values = [o for c in shown.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "execute_result"]
     assert any(o.data["text/plain"] == "6" and o.execution_count for o in values), values
