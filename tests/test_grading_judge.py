@@ -58,8 +58,8 @@ def _with(extra_cells: list[str], replace_functions: str | None = None):
     return nb
 
 
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, False], ids=["namespaces-if-available", "no-namespaces"])
+def graded(request, tmp_path_factory):
     base = tmp_path_factory.mktemp("forgers")
     subs, out = base / "submissions", base / "results"
     subs.mkdir()
@@ -71,7 +71,8 @@ def graded(tmp_path_factory):
     class_["alarm"] = alarm
     for student, nb in class_.items():
         nbformat.write(nb, subs / f"{student}.ipynb")
-    result = cli.grade(SET, subs, out, timeout=TIMEOUT, root=ROOT, jobs=2, echo=lambda *a: None)
+    result = cli.grade(SET, subs, out, timeout=TIMEOUT, root=ROOT, jobs=2, echo=lambda *a: None,
+                       isolate=request.param)
     with open(result.csv, newline="") as fh:
         return {r["student_id"]: r for r in csv.DictReader(fh)}
 

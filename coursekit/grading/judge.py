@@ -168,7 +168,7 @@ def _verdict(job: Job, check: CheckCell, channel: _Channel, announced: dict) -> 
     summary = "\n".join([report.summary(), *("  " + n for n in report.notes[:5])])
     scale = check.points / report.points if report.points else 0.0
     earned = min(max(report.earned * scale, 0.0), check.points)  # never more than the exercise is worth
-    diagnoses = [f"{p.title}: {p.message}" for p in report.parts if p.earned < p.points and p.message]
+    diagnoses = [p.message for p in report.parts if p.earned < p.points and p.message]
     return {"earned": round(earned, 6), "points": check.points, "summary": summary, "notes": notes,
             "flags": list(report.tampering), "diagnoses": [d[:300] for d in diagnoses]}
 

@@ -25,6 +25,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -352,8 +353,8 @@ def run_worker(job: Job, fds: tuple[int, int, int], start: int, skip: set[int], 
             work = sandbox.enter(f"{job.student}", job.hide, job.keep)
             writable = [work, Path("/tmp"), Path("/dev/shm")]
         else:
-            work = job.private_tmp / job.student
-            work.mkdir(parents=True)
+            job.private_tmp.mkdir(parents=True, exist_ok=True)  # a fresh folder for every attempt (restarts too)
+            work = Path(tempfile.mkdtemp(prefix=f"{job.student}-", dir=job.private_tmp))
             writable = [work]
         sandbox.install_audit_hook(writable, [h for h in job.hide], lambda p: _clean(p, job))
         for rel, data in job.files.items():
