@@ -209,7 +209,7 @@ class _Server:
         import cloudpickle
 
         patched = self.restore()
-        self.send({"check": i, "defined": check.function in ns, "patched": patched})
+        self.send({"check": i, "defined": check.function in ns, "patched": [p[:100] for p in patched[:50]]})
         try:
             while True:
                 message = cloudpickle.loads(wire.read_frame(self.inp, limit=None))  # from the judge: trusted
