@@ -95,6 +95,9 @@ def test_a_fork_bomb_meets_the_process_limit(graded):
     assert "process limit reached" in row["notes"], row
     printed = _printed(graded["out"], "forks")
     assert "FORKED 200" not in printed
+    limits = pool.ProcessLimit(32)
+    if limits.root is not None:  # the workers' cgroups are gone once grading ends
+        assert not list(limits.root.glob(f"coursekit-grade-{os.getpid()}-*"))
 
 
 @pytest.mark.slow

@@ -198,12 +198,16 @@ class ProcessLimit:
                 pass  # still busy for a moment; removed in close()
 
     def close(self) -> None:
+        """Remove every cgroup made; a killed worker's last process may take a moment to leave."""
         for folder in self.made:
-            if folder.exists():
+            for _ in range(20):
                 try:
                     folder.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
                 except OSError:
-                    pass  # a process the kill did not reach yet; the empty cgroup costs nothing
+                    time.sleep(0.05)  # still busy: a process of it is exiting
 
 
 def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None,
