@@ -246,3 +246,11 @@ def test_a_check_leaves_the_global_random_state_alone(register):
     np.random.seed(0)
     run_check("enginetest.rng", lambda: torch.rand(3))  # the student's draws do not count either
     assert torch.equal(torch.rand(2), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+
+
+def test_partial_credit_shows_a_banner_and_stays_a_float_for_nbgrader(doubling, capsys):
+    partial = check(doubling, lambda x: x + 2)  # right shape (1 point), wrong values (0 of 2)
+    assert isinstance(partial, float) and float(partial) == 1.0 and repr(partial) == "1.0"
+    assert "Partial credit: 1/3 points for enginetest.double" in partial._repr_html_()
+    full = check(doubling, lambda x: x * 2)
+    assert "Full credit: 3/3 points" in full._repr_html_()

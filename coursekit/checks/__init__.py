@@ -49,7 +49,7 @@ from .._reference import _BLOCKED, ReferenceBlocked, blocked, reference  # noqa:
 from .._reference import reference_key as _key
 from . import _integrity, _student
 
-__all__ = ["check", "exercise", "reference", "Report", "Mistake", "CheckFailed", "ReferenceBlocked", "EXERCISES"]
+__all__ = ["check", "exercise", "Points", "CallOutcome", "local_call", "reference", "Report", "Mistake", "CheckFailed", "ReferenceBlocked", "EXERCISES"]
 
 
 class CheckFailed(Exception):
@@ -90,6 +90,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     tampering: list[str] = field(default_factory=list)  # for the instructor: what the guard caught
     calls: list[tuple] = field(default_factory=list)  # (result, args) of every call of the student's function
+    caller: Callable | None = None  # where the student's function runs (None: here, see local_call)
 
     @property
     def seed(self) -> int:
@@ -111,32 +112,22 @@ class Report:
             res.earned = res.points
 
     def call(self, fn: Callable, *args, **kwargs):
-        """Call the student's function (in its own thread, references blocked, patches undone)."""
-        if not callable(fn):
-            raise StudentError(f"expected a function, got {type(fn).__name__}: {fn!r}")
-        try:
-            value = _student.call(fn, args, kwargs, self.forbid)
-        except NotImplementedError:
-            raise StudentError("not implemented yet: replace `raise NotImplementedError()` with your code") from None
-        except ReferenceBlocked as e:
-            raise StudentError(str(e)) from None
-        except _student.Violation as e:
-            self.tampering += [t for t in str(e).split("; ") if t not in self.tampering]
-            raise StudentError(str(e)) from None
-        except Exception as e:  # the student's bug, reported as a verdict, not a crash of the check
-            tb = e.__traceback__
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-            where = f" (line {tb.tb_lineno} of {tb.tb_frame.f_code.co_name})" if tb is not None else ""
-            raise StudentError(f"your function raised {type(e).__name__}: {e}{where}") from None
-        finally:
-            patched = _integrity.restore()
-        if patched:
-            text = f"your function replaced {', '.join(patched)} (put back; the check does not accept that)"
+        """Call the student's function (in its own thread, references blocked, patches undone).
+
+        Where the function runs is the report's ``caller``: by default here (:func:`local_call`);
+        in the grader, in the student's sandbox, with only plain data coming back.
+        """
+        outcome = (self.caller or local_call)(fn, args, kwargs, self.forbid)
+        if outcome.error == "violation":
+            self.tampering += [t for t in outcome.message.split("; ") if t not in self.tampering]
+        if outcome.error is not None:
+            raise StudentError(outcome.message)
+        if outcome.patched:
+            text = f"your function replaced {', '.join(outcome.patched)} (put back; the check does not accept that)"
             self.tampering.append(text)
             raise StudentError(text)
-        self.calls.append((value, args, kwargs))
-        return value
+        self.calls.append((outcome.value, args, kwargs))
+        return outcome.value
 
     def did_nothing(self) -> bool:
         """Whether every call returned None, a constant, or one of its own inputs."""
@@ -214,6 +205,52 @@ class Report:
         return "\n".join(lines)
 
 
+@dataclass
+class CallOutcome:
+    """How one call of the student's function went, as plain data.
+
+    ``error`` is None or one of "not_callable", "not_implemented", "blocked", "violation",
+    "raised", "too_large"; ``message`` the sentence for the student; ``patched`` what the function
+    replaced in torch or coursekit (put back already).
+    """
+
+    value: object = None
+    error: str | None = None
+    message: str = ""
+    patched: list[str] = field(default_factory=list)
+
+
+def local_call(fn: Callable, args: tuple, kwargs: dict, forbid: tuple[str, ...]) -> CallOutcome:
+    """Run the student's function in this process (a notebook's check cell) under :mod:`._student`'s guard."""
+    if not callable(fn):
+        return CallOutcome(error="not_callable", message=f"expected a function, got {type(fn).__name__}: {fn!r}")
+    try:
+        value = _student.call(fn, args, kwargs, forbid)
+    except NotImplementedError:
+        _integrity.restore()
+        return CallOutcome(error="not_implemented",
+                           message="not implemented yet: replace `raise NotImplementedError()` with your code")
+    except ReferenceBlocked as e:
+        _integrity.restore()
+        return CallOutcome(error="blocked", message=str(e))
+    except _student.Violation as e:
+        _integrity.restore()
+        return CallOutcome(error="violation", message=str(e))
+    except Exception as e:  # the student's bug, reported as a verdict, not a crash of the check
+        _integrity.restore()
+        return CallOutcome(error="raised", message=raised_message(e))
+    return CallOutcome(value=value, patched=_integrity.restore())
+
+
+def raised_message(e: BaseException) -> str:
+    """"your function raised ValueError: ... (line 3 of f)" for the exception a student's function raised."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" (line {tb.tb_lineno} of {tb.tb_frame.f_code.co_name})" if tb is not None else ""
+    return f"your function raised {type(e).__name__}: {e}{where}"
+
+
 def _same(value, arg) -> bool:
     if value is arg:
         return True
@@ -287,10 +324,14 @@ def _lookup(name: str) -> Exercise:
     return EXERCISES[name]
 
 
-def run_check(name: str, student: Callable, seed: int | None = None) -> Report:
-    """Run the check of exercise ``name`` on ``student`` and return the filled :class:`Report`."""
+def run_check(name: str, student: Callable, seed: int | None = None, caller: Callable | None = None) -> Report:
+    """Run the check of exercise ``name`` on ``student`` and return the filled :class:`Report`.
+
+    ``caller(fn, args, kwargs, forbid) -> CallOutcome`` runs the student's function (default:
+    :func:`local_call`, in this process); the grader passes one that calls into the sandbox.
+    """
     ex = _lookup(name)
-    report = Report(name, ex.forbid, rng=np.random.default_rng(seed))
+    report = Report(name, ex.forbid, rng=np.random.default_rng(seed), caller=caller)
     patched = _integrity.restore()  # a cell that patched torch or coursekit does not change the verdict
     if patched:
         report.tampering.append(f"{', '.join(patched)} had been replaced before the check (put back)")
@@ -326,9 +367,27 @@ def run_check(name: str, student: Callable, seed: int | None = None) -> Report:
     return report
 
 
+class Points(float):
+    """The points a check cell returns: a float for nbgrader (``text/plain`` is the number), shown in
+    JupyterLab as a banner that says full or partial credit instead of a bare ``Out: 1.0``."""
+
+    def __new__(cls, earned: float, of: float, name: str):
+        value = super().__new__(cls, earned)
+        value.of, value.name = float(of), name
+        return value
+
+    def _repr_html_(self) -> str:
+        full = float(self) >= self.of
+        colour, word = ("#1a7f37", "Full credit") if full else ("#9a6700", "Partial credit")
+        advice = "" if full else ": the parts marked FAIL above say what is missing"
+        return (f'<div style="border-left:6px solid {colour};background:#f6f8fa;padding:.4em .8em;font-weight:bold">'
+                f"{word}: {float(self):g}/{self.of:g} points for {self.name}{advice}</div>")
+
+
 def check(name: str, student: Callable) -> float:
     """Check a student's function for exercise ``name``; print the verdict; return the points earned.
 
+    The points come back as :class:`Points` (a float; a partial-credit banner in JupyterLab).
     Raises :class:`CheckFailed` when no point is earned.
     """
     report = run_check(name, student)
@@ -337,7 +396,7 @@ def check(name: str, student: Callable) -> float:
         print("  " + note)
     if report.earned <= 0:
         raise CheckFailed(f"0/{report.points:g} points for {name}; see the messages above")
-    return float(report.earned)
+    return Points(report.earned, report.points, name)
 
 
 _integrity.restore()  # records this module's own names, now that they exist

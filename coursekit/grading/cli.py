@@ -15,11 +15,14 @@ Usage::
    student's code is scanned for tampering (flagged for review);
 3. runs each submission in its own worker process (:mod:`.pool`, :mod:`.runner`), ``--jobs`` at a
    time, one torch thread each, inside a sandbox (:mod:`.sandbox`): read-only file system, private
-   ``/tmp``, no network, the submissions, the output and the solutions hidden. Every cell has
-   ``--timeout`` seconds; a cell that runs longer, or kills its process, costs only its own exercise;
+   ``/tmp`` and homes, no network, the submissions, the output and the solutions hidden, limits on
+   memory, processes and output. Every cell has ``--timeout`` seconds, enforced from outside; a
+   cell that runs longer, or kills its process, costs only its own exercise. The verdicts come
+   from a judge process next to each worker, where no student code runs (:mod:`.judge`);
 4. writes ``<out>/grades.csv`` (points of every check cell, ``notes`` and ``flags``),
-   ``<out>/feedback/<student>.html`` (readable offline), ``<out>/autograded/<student>.ipynb`` and
-   ``<out>/summary.txt``.
+   ``<out>/feedback/<student>.html`` (readable offline), ``<out>/autograded/<student>.ipynb``,
+   ``<out>/analytics.html`` (the class's mistakes per exercise) and ``<out>/summary.txt``, also
+   for the students graded so far when the run is interrupted.
 
 Cells after the last check cell earn no points and are not run. The cases a check draws are seeded
 from the submission's content (and ``--seed``): grading the same class twice gives the same CSV.
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import pool, results
+from . import analytics, pool, results, sandbox
 from .notebook import prepare, scan, source_checks
 from .release import find_root, list_sets
 from .results import StudentResult
@@ -183,6 +186,8 @@ def grade(
     seed: str = "",
     isolate: bool | None = None,
     echo=print,
+    memory_mb: int = 2048,
+    processes: int = 32,
 ) -> GradingResult:
     """Grade every submission of ``assignment`` in ``submissions``; results under ``out``.
 
@@ -205,6 +210,13 @@ def grade(
     isolate : bool, optional
         Use the namespace sandbox (default: when the machine allows it; ``True`` makes it
         required, ``False`` leaves only the separate processes and the audit hook).
+    echo : callable
+        Where progress and the summary go (``print``).
+    memory_mb : int
+        Memory (address space, MiB) each worker may allocate on top of the grader's own; an
+        allocation beyond it fails inside the student's cell, noted "memory limit reached".
+    processes : int
+        Processes and threads of one worker (a pids cgroup where the machine allows, else RLIMIT_NPROC).
 
     Returns
     -------
@@ -219,6 +231,9 @@ def grade(
     jobs = len(os.sched_getaffinity(0)) if jobs is None else jobs
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ValueError(f"jobs must be a positive number of processes, got {jobs!r}")
+    for name, value, least in (("memory_mb", memory_mb, 256), ("processes", processes, 8)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
     submissions, out = Path(submissions).resolve(), Path(out).resolve()
     if out == submissions or submissions in out.parents:
         raise ValueError(f"--out {out} is inside the submissions folder {submissions}; choose a folder outside it")
@@ -247,8 +262,11 @@ def grade(
     _warm_up([c.exercise for c in checks])
     work = Path(tempfile.mkdtemp(prefix="coursekit-grade-"))
     hide = [submissions, out, root / "solutions", work]
+    keep = sandbox.needed_paths([root]) if sandboxed else []
+    _refuse_hidden_environment(keep, hide)
     students: dict[str, StudentResult] = {}
     plans, job_list = {}, []
+    interrupted: BaseException | None = None
     try:
         for sid, (path, notes) in found.items():
             students[sid] = StudentResult(sid, path, notes=list(notes), max_score=sum(c.points for c in checks))
@@ -267,15 +285,24 @@ def grade(
             plans[sid] = (plan, nb)
             job_list.append(Job(sid, assignment, plan.cells[: last + 1], {c.grade_id: c for c in checks},
                                 seed=hashlib.sha256(data).hexdigest() + f":{sid}:{seed}", timeout=timeout, files=files,
-                                hide=hide, private_tmp=work / "fallback", clean=_cleaner(root, submissions, out, work)))
+                                hide=hide, private_tmp=work / "fallback", clean=_cleaner(root, submissions, out, work),
+                                keep=keep, memory_mb=memory_mb, processes=processes))
         if job_list:
             echo(f"grading {len(job_list)} submission(s) of {assignment} with {jobs} process(es), "
                  f"cell time limit {timeout} s; sandbox: {sandbox_text}")
-        outcomes = pool.run_all(job_list, jobs, sandboxed)
+        outcomes: dict = {}
+        try:
+            pool.run_all(job_list, jobs, sandboxed, echo=_progress(echo, start), outcomes=outcomes)
+        except BaseException as err:  # noqa: BLE001 -- Ctrl-C or a grader bug: keep what was graded, then re-raise
+            interrupted = err
+            finished = {sid for sid, o in outcomes.items() if o.finished}
+            for sid in plans:
+                if sid not in finished:
+                    students[sid].notes.append("not graded: the run was interrupted while this submission was "
+                                               "waiting or being graded; grade it again")
+            plans = {sid: p for sid, p in plans.items() if sid in finished}
         for sid, (plan, nb) in plans.items():
-            r = students[sid]
-            results.assemble(r, plan, outcomes[sid], checks, results.shown_points(nb), timeout)
-            results.write_files(out, assignment, r, plan, outcomes[sid], checks)
+            _record(students[sid], plan, nb, outcomes[sid], checks, out, assignment, timeout, echo)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -290,9 +317,51 @@ def grade(
         f"(cell time limit {timeout} s; sandbox: {sandbox_text})\n{result.table()}\n\n"
         f"grades:   {csv_path}\nfeedback: {out / 'feedback'}/<student>.html\n"
     )
+    if interrupted is not None:
+        summary = f"INTERRUPTED ({type(interrupted).__name__}): partial results\n" + summary
+    analytics.write_report(out / "analytics.html", assignment, ordered, checks)
+    summary += f"analytics: {out / 'analytics.html'}\n"
     (out / "summary.txt").write_text(summary)
     echo(summary)
+    if interrupted is not None:
+        raise interrupted
     return result
+
+
+def _progress(echo, start: float):
+    """One line per student as it finishes: count, name, points the judge gave, what happened."""
+    def line(done: int, total: int, student: str, outcome) -> None:
+        earned = sum(min(float(v.get("earned", 0)), float(v.get("points", 0))) for v in outcome.verdicts.values())
+        lost = sum(1 for c in outcome.cells.values() if c.lost)
+        extra = f", {lost} cell(s) lost" if lost else ""
+        echo(f"[{done}/{total}] {student}: {earned:g} points{extra} ({time.monotonic() - start:.0f} s)")
+    return line
+
+
+def _record(r: StudentResult, plan, nb, outcome, checks, out: Path, assignment: str, timeout: int, echo) -> None:
+    """Scores, notes and files of one student; a failure here is that student's note, never the class's crash."""
+    try:
+        results.assemble(r, plan, outcome, checks, results.shown_points(nb), timeout)
+    except Exception as err:  # noqa: BLE001 -- reported in the student's notes and on the console
+        r.points, r.score = {}, 0.0
+        r.notes.append(f"the grader failed to score this submission ({type(err).__name__}: {err}); review it by hand")
+        echo(f"warning: {r.student}: scoring failed: {type(err).__name__}: {err}")
+    try:
+        results.write_files(out, assignment, r, plan, outcome, checks)
+    except Exception as err:  # noqa: BLE001 -- the scores stand; only the feedback files are missing
+        r.notes.append(f"feedback files not written ({type(err).__name__}: {str(err)[:200]})")
+        echo(f"warning: {r.student}: feedback not written: {type(err).__name__}: {err}")
+
+
+def _refuse_hidden_environment(keep: list[Path], hide: list[Path]) -> None:
+    """Refuse to grade when a folder the workers must read (Python, libraries, the course) would be hidden."""
+    for needed in keep:
+        for hidden in hide:
+            hidden = hidden.resolve()
+            if needed == hidden or hidden in needed.parents:
+                raise ValueError(f"the worker must read {needed} (Python, its libraries or the course), but it lies in "
+                                 f"{hidden}, which the sandbox hides from submissions (the submissions, the output, "
+                                 "solutions/); move one of them")
 
 
 def _ensure_untouched(submissions: Path, before: dict[str, bytes], echo) -> None:
@@ -323,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=60, help="seconds each cell may run (default: 60)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="submissions graded in parallel, one thread each (default: the cores available)")
+    parser.add_argument("--memory", type=int, default=2048,
+                        help="MiB of memory each worker may allocate beyond the grader's own (default: 2048)")
     parser.add_argument("--seed", default="", help="mixed into every check's random cases (default: none)")
     parser.add_argument("--root", help="course root with nbgrader_config.py and solutions/ (default: found from cwd)")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false", default=None,
@@ -331,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = args.out or str(Path("grading") / args.assignment)
         grade(args.assignment, args.submissions, out, timeout=args.timeout, root=args.root, jobs=args.jobs,
-              seed=args.seed, isolate=args.isolate)
+              seed=args.seed, isolate=args.isolate, memory_mb=args.memory)
     except (ValueError, FileNotFoundError) as err:
         print(f"coursekit-grade: error: {err}", file=sys.stderr)
         return 2

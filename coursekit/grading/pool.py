@@ -15,20 +15,25 @@ import selectors
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .runner import Job, run_worker
+from .judge import run_judge
+from .runner import Job, keep_only, run_worker
 
-__all__ = ["CellResult", "Outcome", "probe_sandbox", "run_all"]
+__all__ = ["CellResult", "Outcome", "ProcessLimit", "probe_sandbox", "run_all"]
 
 GRACE = 10  # seconds after the cell limit before the parent kills a worker that ignores the interrupt
 MAX_RESTARTS = 8
+MAX_LINE = 16 * 2**20  # bytes of one record; a worker that sends more without a newline is killed
 
 
 @dataclass
 class CellResult:
     outputs: list = field(default_factory=list)
     check: dict | None = None
-    lost: str | None = None  # "timeout" or "died"
+    lost: str | None = None  # "timeout", "died" or "output"
+    limit: str | None = None  # "memory", "processes" or "output": a limit of the worker the cell ran into
+    signal: str | None = None  # how the process died, when it did (e.g. "SIGSEGV")
 
 
 @dataclass
@@ -36,27 +41,52 @@ class Outcome:
     cells: dict[int, CellResult] = field(default_factory=dict)
     attempts: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    verdicts: dict[int, dict] = field(default_factory=dict)  # check cell -> the judge's verdict
+    finished: bool = False  # every cell was run or given up (False: the run was interrupted first)
 
 
 class _Worker:
+    """One attempt at a job: a judge process and a sandbox process, forked from the grader.
+
+    Pipes: sandbox -> grader (cell records, untrusted), judge -> grader (verdicts), judge <->
+    sandbox (calls and their results). Each child keeps only its own ends (:func:`runner.keep_only`).
+    """
+
     def __init__(self, job: Job, start: int, skip: set[int], sandboxed: bool, outcome: Outcome):
-        read, write = os.pipe()
+        read, write = os.pipe()  # sandbox -> grader
+        vread, vwrite = os.pipe()  # judge -> grader
+        q_read, q_write = os.pipe()  # judge -> sandbox
+        r_read, r_write = os.pipe()  # sandbox -> judge
+        self.judge_pid = os.fork()
+        if self.judge_pid == 0:
+            try:
+                to_sandbox, from_sandbox, to_grader = keep_only([q_write, r_read, vwrite])
+                run_judge(job, to_sandbox, from_sandbox, to_grader)
+            finally:
+                os._exit(3)
         self.pid = os.fork()
-        if self.pid == 0:  # the worker
-            os.close(read)
-            run_worker(job, write, start, skip, sandboxed)
-        os.close(write)
-        self.fd, self.job, self.outcome, self.buffer = read, job, outcome, b""
+        if self.pid == 0:  # the sandbox
+            run_worker(job, (write, r_write, q_read), start, skip, sandboxed)
+        for fd in (write, vwrite, q_read, q_write, r_read, r_write):
+            os.close(fd)
+        self.fd, self.vfd, self.job, self.outcome, self.buffer, self.vbuffer = read, vread, job, outcome, b"", b""
         self.current: int | None = None
         self.last_done: int | None = None
-        self.eof = False
-        self.deadline = None
+        self.eof = self.veof = False
+        replayed = sum(1 for i, (gid, _) in enumerate(job.cells[:start]) if gid is None and i not in skip)
+        self.deadline = time.monotonic() + job.timeout * (replayed + 1) + GRACE  # always one: never wait unbounded
+        # and for the whole attempt: every cell at its limit, whatever the sandbox reports
+        self.hard_deadline = time.monotonic() + (job.timeout + GRACE) * (len(job.cells) + 1)
+        self.last_started = start - 1
         self.ended = False
         self.crash: str | None = None
+        self.overflow = False
 
     def feed(self, data: bytes) -> None:
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
+        if len(self.buffer) > MAX_LINE:
+            self.overflow, self.buffer = True, b""
         for line in lines:
             try:
                 record = json.loads(line)
@@ -64,17 +94,37 @@ class _Worker:
                 continue  # not a record of ours (a student's write to the pipe cannot be one either)
             self.handle(record)
 
+    def feed_verdict(self, data: bytes) -> None:
+        """The judge's records: the only source of points."""
+        self.vbuffer += data
+        *lines, self.vbuffer = self.vbuffer.split(b"\n")
+        for line in lines:
+            record = json.loads(line)
+            if record.get("event") == "verdict":
+                self.outcome.verdicts[record["i"]] = record
+            elif record.get("event") == "judge_crash":
+                self.outcome.notes.append(f"the grader's judge failed ({record.get('error')}); review by hand")
+
     def handle(self, record: dict) -> None:
+        if not isinstance(record, dict):
+            return
         event = record.get("event")
-        if event == "start" and isinstance(record.get("i"), int):
-            self.current = record["i"]
-            self.deadline = time.monotonic() + self.job.timeout + GRACE
+        if event == "start" and isinstance(record.get("i"), int) and record["i"] > self.last_started:
+            # each cell index starts once, in order: a sandbox cannot push its deadline back by repeating it
+            self.current = self.last_started = record["i"]
+            self.deadline = min(time.monotonic() + self.job.timeout + GRACE, self.hard_deadline)
         elif event == "done" and record.get("i") == self.current:
-            self.outcome.cells[self.current] = CellResult(record.get("outputs", []), record.get("check"))
+            outputs = record.get("outputs") if isinstance(record.get("outputs"), list) else []
+            cell = CellResult(outputs)
+            last = outputs[-1] if outputs and isinstance(outputs[-1], dict) else {}
+            if last.get("ename") == "CellTimeout":
+                cell.lost = "timeout"
+            limit = last.get("limit") if last.get("output_type") == "error" else record.get("limit")
+            cell.limit = limit if limit in ("memory", "processes", "output") else None
+            self.outcome.cells[self.current] = cell
             self.outcome.attempts = record.get("attempts", self.outcome.attempts)
-            if record.get("outputs") and record["outputs"][-1].get("ename") == "CellTimeout":
-                self.outcome.cells[self.current].lost = "timeout"
-            self.last_done, self.current, self.deadline = self.current, None, None
+            self.last_done, self.current = self.current, None
+            self.deadline = min(time.monotonic() + self.job.timeout + GRACE, self.hard_deadline)
         elif event == "end":
             self.outcome.attempts = record.get("attempts", self.outcome.attempts)
             self.ended = True
@@ -82,10 +132,12 @@ class _Worker:
             self.crash = str(record.get("error", ""))[:300]
 
     def kill(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL the sandbox's process group (without namespaces, what it forked), the sandbox and the judge."""
+        for kill, target in ((os.killpg, self.pid), (os.kill, self.pid), (os.kill, self.judge_pid)):
+            try:
+                kill(target, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _fork_probe() -> bool:
@@ -110,50 +162,134 @@ def probe_sandbox() -> bool:
     return _fork_probe()
 
 
-def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None) -> dict[str, Outcome]:
-    """Grade every job with at most ``workers`` processes at a time; ``{student: Outcome}``."""
+class ProcessLimit:
+    """A pids cgroup per worker where this process may create one (root, or a delegated cgroup v2 tree)."""
+
+    def __init__(self, processes: int):
+        self.processes, self.root, self.made = processes, self._find_root(), []
+
+    @staticmethod
+    def _find_root() -> Path | None:
+        for base in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+            if (base / "cgroup.procs").exists() and os.access(base, os.W_OK) and \
+                    ((base / "pids.max").exists() or base.name == "pids" or (base / "cgroup.subtree_control").exists()):
+                return base
+        return None
+
+    def make(self, name: str) -> Path | None:
+        """A fresh cgroup for one worker with ``pids.max`` set, or None when the machine does not allow it."""
+        if self.root is None:
+            return None
+        folder = self.root / f"coursekit-grade-{os.getpid()}-{len(self.made)}-{name}"[:200]
+        try:
+            folder.mkdir()
+            (folder / "pids.max").write_text(str(self.processes))
+        except OSError:
+            self.root = None  # e.g. cgroup v2 without the pids controller delegated: RLIMIT_NPROC instead
+            return None
+        self.made.append(folder)
+        return folder
+
+    def release(self, folder: Path | None) -> None:
+        if folder is not None:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # still busy for a moment; removed in close()
+
+    def close(self) -> None:
+        """Remove every cgroup made; a killed worker's last process may take a moment to leave."""
+        for folder in self.made:
+            for _ in range(20):
+                try:
+                    folder.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)  # still busy: a process of it is exiting
+
+
+def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None,
+            outcomes: dict[str, Outcome] | None = None) -> dict[str, Outcome]:
+    """Grade every job with at most ``workers`` processes at a time; ``{student: Outcome}``.
+
+    ``echo(done, total, student, outcome)`` is called as each student finishes. Pass ``outcomes``
+    (a dict, filled in place) to keep the finished students' results (``Outcome.finished``) when
+    the run is interrupted.
+    """
     pending = list(jobs)
     state = {job.student: {"start": 0, "skip": set(), "restarts": 0} for job in jobs}
-    outcomes = {job.student: Outcome() for job in jobs}
+    outcomes = {} if outcomes is None else outcomes
+    outcomes.update({job.student: Outcome() for job in jobs})
     running: dict[int, _Worker] = {}
+    limits = ProcessLimit(jobs[0].processes if jobs else 32)
     sel = selectors.DefaultSelector()
     done = 0
-    while pending or running:
-        while pending and len(running) < workers:
-            job = pending.pop(0)
-            st = state[job.student]
-            w = _Worker(job, st["start"], st["skip"], sandboxed, outcomes[job.student])
-            running[w.fd] = w
-            sel.register(w.fd, selectors.EVENT_READ, w)
-        now = time.monotonic()
-        deadlines = [w.deadline for w in running.values() if w.deadline is not None]
-        wait = max(0.0, min(deadlines) - now) if deadlines else 1.0
-        for key, _ in sel.select(timeout=min(wait, 1.0)):
-            w = key.data
-            data = os.read(w.fd, 1 << 16)
-            if data:
-                w.feed(data)
-            else:
-                w.eof = True
-        now = time.monotonic()
-        for w in list(running.values()):
-            overdue = w.deadline is not None and now > w.deadline
-            if overdue:
-                w.kill()
-            if not (overdue or w.eof):
-                continue
-            sel.unregister(w.fd)
-            os.close(w.fd)
-            del running[w.fd]
-            _, status = os.waitpid(w.pid, 0)
-            if _finish(w, overdue, status, state[w.job.student], outcomes[w.job.student]):
-                pending.insert(0, w.job)
-            else:
-                done += 1
-                if echo is not None:
-                    echo(done, len(jobs))
-    sel.close()
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                st = state[job.student]
+                job.cgroup = limits.make(job.student)
+                w = _Worker(job, st["start"], st["skip"], sandboxed, outcomes[job.student])
+                running[w.fd] = w
+                sel.register(w.fd, selectors.EVENT_READ, (w, "sandbox"))
+                sel.register(w.vfd, selectors.EVENT_READ, (w, "judge"))
+            wait = max(0.0, min(w.deadline for w in running.values()) - time.monotonic()) if running else 0.0
+            for key, _ in sel.select(timeout=min(wait, 1.0)):
+                w, side = key.data
+                data = os.read(key.fd, 1 << 16)
+                if data:
+                    (w.feed_verdict if side == "judge" else w.feed)(data)
+                    continue
+                sel.unregister(key.fd)
+                if side == "judge":
+                    w.veof = True
+                else:
+                    w.eof = True
+            now = time.monotonic()
+            for w in list(running.values()):
+                overdue = now > w.deadline
+                if overdue or w.overflow:
+                    w.kill()
+                if not (overdue or w.overflow or (w.eof and w.veof)):
+                    continue
+                for fd, ended in ((w.fd, w.eof), (w.vfd, w.veof)):
+                    if not ended:
+                        sel.unregister(fd)
+                    os.close(fd)
+                del running[w.fd]
+                w.kill()  # whatever the worker left behind in its process group
+                _, status = os.waitpid(w.pid, 0)
+                os.waitpid(w.judge_pid, 0)
+                limits.release(w.job.cgroup)
+                outcome = outcomes[w.job.student]
+                if _finish(w, overdue, status, state[w.job.student], outcome):
+                    pending.insert(0, w.job)
+                else:
+                    _attach_verdicts(outcome)
+                    outcome.finished = True
+                    done += 1
+                    if echo is not None:
+                        echo(done, len(jobs), w.job.student, outcome)
+    finally:
+        for w in running.values():
+            w.kill()
+            os.waitpid(w.pid, 0)
+            os.waitpid(w.judge_pid, 0)
+        sel.close()
+        limits.close()
     return outcomes
+
+
+def _attach_verdicts(outcome: Outcome) -> None:
+    """Put each judge verdict on its check cell, with its text after what the student's code printed."""
+    for i, verdict in outcome.verdicts.items():
+        cell = outcome.cells.setdefault(i, CellResult())
+        cell.check, cell.lost, cell.limit = verdict, None, None
+        cell.outputs = [o for o in cell.outputs if not (isinstance(o, dict) and o.get("output_type") == "error")]
+        cell.outputs.append({"output_type": "stream", "name": "stdout", "text": str(verdict.get("summary", "")) + "\n"})
 
 
 def _finish(w: _Worker, overdue: bool, status: int, st: dict, outcome: Outcome) -> bool:
@@ -166,12 +302,16 @@ def _finish(w: _Worker, overdue: bool, status: int, st: dict, outcome: Outcome) 
     if w.current is None:
         if w.crash:
             outcome.notes.append(f"the grader could not run this notebook ({w.crash})")
+        elif overdue:
+            outcome.notes.append("stopped by the grader: no cell started within the time limit")
+        else:
+            outcome.notes.append(f"the worker ended between cells ({_how(status)}); the remaining cells were not run")
         return False
-    lost = "timeout" if overdue or thread_left else "died"
-    if w.current not in outcome.cells:
-        outcome.cells[w.current] = CellResult(lost=lost)
-    else:
-        outcome.cells[w.current].lost = lost
+    lost = "output" if w.overflow else "timeout" if overdue or thread_left else "died"
+    cell = outcome.cells.setdefault(w.current, CellResult())
+    cell.lost = lost
+    if lost == "died":
+        cell.signal = _how(status)
     st["skip"].add(w.current)
     st["start"] = w.current + 1
     st["restarts"] += 1
@@ -179,3 +319,19 @@ def _finish(w: _Worker, overdue: bool, status: int, st: dict, outcome: Outcome) 
         outcome.notes.append(f"gave up after {MAX_RESTARTS} lost cells; the remaining cells were not run")
         return False
     return st["start"] < len(w.job.cells)
+
+
+def _how(status: int) -> str:
+    """A worker's end in words: "exit status 3", "signal SIGSEGV"."""
+    if os.WIFSIGNALED(status):
+        try:
+            return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+        except ValueError:
+            return f"signal {os.WTERMSIG(status)}"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    if code > 128:  # the sandbox's supervisor passes a signal on as 128 + its number
+        try:
+            return f"signal {signal.Signals(code - 128).name}"
+        except ValueError:
+            pass
+    return f"exit status {code}"

@@ -27,10 +27,10 @@ import signal
 import sys
 from pathlib import Path
 
-__all__ = ["SandboxError", "enter", "install_audit_hook", "ATTEMPTS"]
+__all__ = ["SandboxError", "enter", "install_audit_hook", "needed_paths", "ATTEMPTS"]
 
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 1, 2, 4, 0x4000, 1 << 18
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 0x1000, 0x4000, 1 << 18
 _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 1
 _SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and aarch64 (a "new" syscall)
 _PR_SET_PDEATHSIG = 1
@@ -62,12 +62,57 @@ def _write(path: str, text: str) -> None:
         fh.write(text)
 
 
-def enter(workdir_name: str, hide: list[Path]) -> Path:
+def needed_paths(extra: list[Path] = ()) -> list[Path]:
+    """The folders a worker must read: Python, its libraries, the course, torch's weights cache.
+
+    ``sys.prefix``/``sys.base_prefix``, every existing ``sys.path`` entry, coursekit's package folder,
+    ``torch.hub.get_dir()`` and ``extra`` (the course root), as resolved paths, innermost last.
+    """
+    import torch
+
+    coursekit_dir = Path(__file__).resolve().parents[1]
+    found = [Path(sys.prefix), Path(sys.base_prefix), coursekit_dir.parent, Path(torch.hub.get_dir()), *extra]
+    found += [Path(p) for p in sys.path if p and os.path.isdir(p)]
+    found += [Path(os.path.realpath(sys.executable)).parent]
+    return sorted({p.resolve() for p in found if p.exists()}, key=lambda p: len(p.parts))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _mask(libc, folder: str, keep: list[Path], writable: bool, size: str) -> None:
+    """Mount an empty tmpfs over ``folder`` and bind the ``keep`` folders inside it back, read-only."""
+    inner = [p for p in keep if _inside(p, Path(folder))]
+    inner = [p for p in inner if not any(q != p and _inside(p, q) for q in inner)]  # outermost only
+    fds = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in inner]
+    _ok(libc.mount(b"tmpfs", folder.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777".encode()), f"private {folder}")
+    for path, fd in fds:
+        path.mkdir(parents=True, exist_ok=True)
+        _ok(libc.mount(f"/proc/self/fd/{fd}".encode(), str(path).encode(), None, _MS_BIND | _MS_REC, None),
+            f"keep {path} visible")
+        attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+        _ok(libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, str(path).encode(), _AT_RECURSIVE, ctypes.byref(attr),
+                         ctypes.sizeof(attr)), f"read-only {path}")
+        os.close(fd)
+    if not writable:
+        attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+        _ok(libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, folder.encode(), 0, ctypes.byref(attr), ctypes.sizeof(attr)),
+            f"read-only {folder}")
+
+
+def _private_homes() -> list[str]:
+    homes = {str(Path.home()), "/root", "/home", os.environ.get("HOME", "/root")}
+    return sorted(h for h in homes if h and os.path.isdir(h) and h != "/")
+
+
+def enter(workdir_name: str, hide: list[Path], keep: list[Path] = ()) -> Path:
     """Enter the namespace sandbox and return the (empty, writable) working folder.
 
     Must be called in a single-threaded process (a freshly forked child). The calling process
     becomes a supervisor that waits for a forked grandchild and exits with its status; only the
-    grandchild returns from this function.
+    grandchild returns from this function. ``keep`` (see :func:`needed_paths`) stays readable even
+    where it lies under a masked folder (``/tmp``, the home folders).
 
     Raises
     ------
@@ -85,17 +130,29 @@ def enter(workdir_name: str, hide: list[Path]) -> Path:
     _write("/proc/self/uid_map", f"{uid} {uid} 1")
     _write("/proc/self/gid_map", f"{gid} {gid} 1")
     _ok(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "private mounts")
-    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
-    _ok(libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)),
-        "read-only mounts")
-    for folder in sorted({p.resolve() for p in hide}, key=lambda p: len(p.parts)):
+    keep = [Path(p).resolve() for p in keep]
+    hidden = sorted({p.resolve() for p in hide}, key=lambda p: len(p.parts))
+    for folder in hidden:
         if folder.is_dir():
             _ok(libc.mount(b"tmpfs", str(folder).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_RDONLY, b"size=4k"),
                 "hide a folder")
     for tmp, size in (("/tmp", "512m"), ("/dev/shm", "256m")):
         if os.path.isdir(tmp):
-            _ok(libc.mount(b"tmpfs", tmp.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size}".encode()),
-                f"private {tmp}")
+            _mask(libc, tmp, keep, writable=True, size=size)
+    for home in _private_homes():  # the instructor's dotfiles and keys; Python or the course may live there
+        if not any(_inside(Path(home), k) for k in keep):
+            _mask(libc, home, keep, writable=False, size="64k")
+    for secret in ("/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow"):
+        if os.path.isfile(secret):
+            _ok(libc.mount(b"/dev/null", secret.encode(), None, _MS_BIND, None), f"hide {secret}")
+    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    _ok(libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)),
+        "read-only mounts")
+    for tmp in ("/tmp", "/dev/shm"):  # writable again, their bound folders stay read-only
+        if os.path.isdir(tmp):
+            clear = _MountAttr(0, _MOUNT_ATTR_RDONLY, 0, 0)
+            _ok(libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, tmp.encode(), 0, ctypes.byref(clear), ctypes.sizeof(clear)),
+                f"writable {tmp}")
     child = os.fork()
     if child:  # the supervisor: wait for the student's process and pass its status on
         signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGKILL))
