@@ -42,6 +42,9 @@ def _texts(output) -> list[str]:
 def test_outputs_are_clean(path):
     nb = nbformat.read(path, as_version=4)
     assert nb.metadata.get("kernelspec") == KERNELSPEC, f"{path.name}: kernelspec {nb.metadata.get('kernelspec')}"
+    assert set(nb.metadata) <= {"kernelspec", "language_info"}, (
+        f"{path.name}: notebook metadata {sorted(set(nb.metadata) - {'kernelspec', 'language_info'})} "
+        "(e.g. saved widget state from a live run: delete it)")
     for index, output in _outputs(nb):
         where = f"{path.name} cell {index}"
         assert "application/vnd.jupyter.widget-view+json" not in output.get("data", {}), f"{where}: a live widget"
