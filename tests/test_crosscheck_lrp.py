@@ -334,7 +334,7 @@ def _zennit_composite(case, model, canonizers):
 
 
 TV_CASES = [("resnet18", "EpsilonGammaBox"), ("resnet18", "EpsilonPlusFlat"), ("resnet18", "EpsilonAlpha2Beta1"),
-            ("resnet50", "EpsilonGammaBox"), ("vgg11_bn", "EpsilonGammaBox"), ("vgg11_bn", "EpsilonPlusFlat")]
+            ("resnet50", "EpsilonGammaBox"), ("vgg16_bn", "EpsilonGammaBox"), ("vgg11_bn", "EpsilonPlusFlat")]
 
 
 @pytest.mark.parametrize("name, case", TV_CASES)
