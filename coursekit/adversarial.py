@@ -530,7 +530,7 @@ def noise_attack(model: nn.Module, x: torch.Tensor, target, *, l2_weight: float 
 
     with guarded(model, what="noise_attack"):
         with torch.no_grad():
-            check_class_range(torch.tensor([t]), model(x).shape[1])
+            check_class_range(torch.tensor([t], device="cpu"), model(x).shape[1])  # a CPU index: bookkeeping
         history = ascend(value, [noise], Adam(lr), max_steps, progress=progress, desc="noise layer", on_value=stop)
         with torch.no_grad():
             x_adv = (x + best["noise"]).clamp(0, 1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import warnings
 
@@ -321,6 +322,9 @@ CALLS = {
     "adversarial.plot_perturbation": lambda e: (lambda ax: lambda: A.plot_perturbation(ax, e.x[1:2], e.x[:1]))(_axes()),
     "adversarial.random_sphere": lambda e: lambda: A.random_sphere(e.fashion, e.x[:1], 1.0, n=8, batch_size=4),
     "adversarial.noise_attack": lambda e: lambda: A.noise_attack(e.fashion, e.x[:1], 3, max_steps=3),
+    "lrp.ResNetCanonizer": lambda e: (lambda case: lambda: L.lrp(*case))(_torchvision_case("resnet18")),  # 'auto' picks it
+    "lrp.VGGCanonizer": lambda e: (lambda case: lambda: L.lrp(*case))(_torchvision_case("vgg11_bn")),
+    "lrp.MobileNetV2Canonizer": lambda e: (lambda case: lambda: L.lrp(*case))(_torchvision_case("mobilenet_v2")),
     "adversarial.NoiseLayer": lambda e: (lambda layer: lambda: layer(_on(layer, e.x)))(A.NoiseLayer((1, 28, 28), device="cpu")),
     "adversarial.quantize_8bit": lambda e: lambda: A.quantize_8bit(e.x),
     "adversarial.evolve_fooling_images": lambda e: lambda: A.evolve_fooling_images(e.fashion, [1, 2], (1, 28, 28),
@@ -405,8 +409,25 @@ COVERED_ELSEWHERE = {
     "receptive_fields.receptive_fields",  # the same functions as filters.*
     "hooks.preserved", "hooks.Recorder",  # record
 }
+@functools.lru_cache(maxsize=None)
+def _torchvision_case(name: str):
+    """(model, x, target) for a small torchvision network with random weights, built on the CPU."""
+    import torchvision
+
+    from coursekit.models import CourseModel
+
+    with torch.device("cpu"):
+        torch.manual_seed(0)
+        net = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
+    model = CourseModel(net, name=name, classes=[str(i) for i in range(10)], input_size=(3, 32, 32),
+                        mean=[0.5] * 3, std=[0.5] * 3, layers={}).eval().requires_grad_(False)
+    return model, torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), 0
+
+
 NO_TENSOR = {
     # constants, exceptions, result containers and shape arithmetic: nothing made, nothing moved
+    "lrp.ConservationWarning", "lrp.UncanonizedWarning", "lrp.RESIDUAL_BLOCKS", "lrp.unexplained",
+    "lrp.check_explainable",  # read the module tree: which batch-norms / skips no canonizer covers
     "models.MODEL_NAMES", "models.CourseModel", "models.WeightsNotAvailableError", "models.load_model",
     "models.fetch_weights", "models.imagenet_classes", "hooks.UnknownLayerError", "hooks.get_layer",
     "hooks.LayerInfo", "images.SAMPLE_IMAGES", "images.sample_image", "plotting.notebook_figures",

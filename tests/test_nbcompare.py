@@ -5,8 +5,8 @@ from __future__ import annotations
 import types
 from pathlib import Path
 
-import conftest
 import nbformat
+import nbplugin
 import pytest
 from nbcompare import reconcile, reconcile_outputs, tolerance
 
@@ -72,16 +72,16 @@ def _fake_item(folder: Path, metadata: dict):
 
 
 def test_lecture_cells_are_all_compared_unless_tagged_volatile():
-    plain = _fake_item(conftest.LECTURES, {})
-    volatile = _fake_item(conftest.LECTURES, {"tags": ["nbval-ignore-output"]})
-    solution = _fake_item(conftest.LECTURES.parent / "solutions", {})
-    conftest.pytest_collection_modifyitems(None, [plain, volatile, solution])
+    plain = _fake_item(nbplugin.LECTURES, {})
+    volatile = _fake_item(nbplugin.LECTURES, {"tags": ["nbval-ignore-output"]})
+    solution = _fake_item(nbplugin.LECTURES.parent / "solutions", {})
+    nbplugin.pytest_collection_modifyitems(None, [plain, volatile, solution])
     assert (plain.options["check"], volatile.options["check"], solution.options["check"]) == (True, False, False)
 
 
 def test_a_declared_tolerance_reaches_nbval_s_comparison():
-    item = _fake_item(conftest.LECTURES, {"coursekit": {"compare": {"abs": 0.01}}})
-    conftest.pytest_collection_modifyitems(None, [item])
+    item = _fake_item(nbplugin.LECTURES, {"coursekit": {"compare": {"abs": 0.01}}})
+    nbplugin.pytest_collection_modifyitems(None, [item])
     out = lambda v: [{"output_type": "stream", "name": "stdout", "text": v}]  # noqa: E731
     assert item.compare_outputs(out("acc 0.108\n"), out("acc 0.105\n"))
     assert not item.compare_outputs(out("acc 0.130\n"), out("acc 0.105\n"))
