@@ -409,7 +409,9 @@ COVERED_ELSEWHERE = {
     "receptive_fields.receptive_fields",  # the same functions as filters.*
     "hooks.preserved", "hooks.Recorder",  # record
 }
-@functools.lru_cache(maxsize=None)
+
+
+@functools.cache
 def _torchvision_case(name: str):
     """(model, x, target) for a small torchvision network with random weights, built on the CPU."""
     import torchvision
