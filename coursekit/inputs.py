@@ -18,7 +18,7 @@ from torch import nn
 from .devices import model_device
 
 __all__ = ["check_model", "check_images", "model_dtype", "target_indices", "target_scores", "positive_int",
-           "check_class_range"]
+           "non_negative_int", "number", "check_class_range"]
 
 
 def check_model(model) -> nn.Module:
@@ -107,9 +107,30 @@ def check_images(x, what: str = "x", model: nn.Module | None = None, channels: i
 
 
 def positive_int(value, what: str, minimum: int = 1) -> int:
+    """``value`` as an int when it is an integer >= ``minimum`` (a bool is not), else a ValueError naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def non_negative_int(value, what: str) -> int:
+    """``value`` as an int when it is an integer >= 0 (a count of pixels, an index)."""
+    return positive_int(value, what, minimum=0)
+
+
+def number(value, what: str, *, minimum: float | None = None, strict: bool = False, unit: str = "") -> float:
+    """``value`` as a float when it is a finite real number (not a bool) >= ``minimum`` (> when ``strict``).
+
+    ``unit`` ends the message ("pixels", "a fraction of the value range"), so a student reads what the
+    number means, e.g. ``number(sigma, "sigma", minimum=0, unit="pixels")``.
+    """
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not real or not np.isfinite(value):
+        raise TypeError(f"{what} must be a finite number{f' of {unit}' if unit else ''}, got {value!r}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ValueError(f"{what} must be {bound}{f' ({unit})' if unit else ''}, got {value!r}")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------
