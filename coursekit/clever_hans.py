@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .batching import batches
 from .devices import cpu_generator
 
 __all__ = [
@@ -135,7 +136,7 @@ def watermark_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     model.eval()
     try:
         def predict(images):
-            return torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+            return torch.cat([model(images[a:b]).argmax(1) for a, b in batches(len(images), batch_size)])
 
         clean, marked = predict(x), predict(stamp(x))  # (N,), (N,)
     finally:

@@ -29,16 +29,18 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .batching import batches, rows
 from .devices import cpu_generator
 from .guard import guarded
 from .hooks import get_layer
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
 from .rules import Canonizer, Composite
 
-__all__ = ["gradient", "layer_gradient", "smooth", "integrate", "path_points", "broadcast_baseline"]
+__all__ = ["gradient", "layer_gradient", "smooth", "integrate", "path_points", "broadcast_baseline",
+           "fast_layout"]
 
 
-def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+def fast_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` in channels-last memory layout on the CPU (same values, same shape).
 
     PyTorch's CPU convolutions then take their NHWC (oneDNN) paths; for depthwise convolutions
@@ -48,16 +50,6 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def _chunks(total: int, batch_size: int | None):
-    step = total if batch_size is None else batch_size
-    for start in range(0, total, step):
-        yield start, min(start + step, total)
-
-
-def _slice(target, start: int, stop: int):
-    return target[start:stop] if isinstance(target, torch.Tensor) else target
 
 
 @reference
@@ -118,12 +110,12 @@ def gradient(
 def _batched_grad(model, x, targets, batch_size) -> torch.Tensor:
     if batch_size is None or batch_size >= x.shape[0]:
         return _scores_and_grad(model, x, targets)
-    return torch.cat([_scores_and_grad(model, x[a:b], _slice(targets, a, b)) for a, b in _chunks(x.shape[0], batch_size)])
+    return torch.cat([_scores_and_grad(model, x[a:b], rows(targets, a, b)) for a, b in batches(x.shape[0], batch_size)])
 
 
 def _scores_and_grad(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     """d target_scores / d x; the caller has frozen the parameters."""
-    xi = _fast_layout(x.detach()).requires_grad_(True)  # fresh leaf, never written: x is untouched
+    xi = fast_layout(x.detach()).requires_grad_(True)  # fresh leaf, never written: x is untouched
     with torch.enable_grad():
         scores = target_scores(model(xi), target)  # (N,)
         if not scores.requires_grad:
@@ -167,7 +159,7 @@ def layer_gradient(model: nn.Module, x: torch.Tensor, target, layer, *, what: st
         handle = module.register_forward_hook(tap)
         try:
             with torch.enable_grad():
-                scores = target_scores(model(_fast_layout(x)), target)  # (N,)
+                scores = target_scores(model(fast_layout(x)), target)  # (N,)
         finally:
             handle.remove()
         if "A" not in tapped:
@@ -237,14 +229,14 @@ def smooth(method: Callable, n_samples: int = 25, noise_level: float = 0.15, bat
         targets = target_indices(target, n_img, samples)
         total = n_img * samples
         acc = torch.zeros_like(x)  # (N, C, H, W)
-        for start, stop in _chunks(total, batch_size):
+        for start, stop in batches(total, batch_size):
             owner = torch.arange(start, stop, device=x.device) // samples  # image of each sample
             if noise is not None:
                 eps = noise.reshape(total, *x.shape[1:])[start:stop].to(x)
             else:
                 eps = torch.randn((stop - start, *x.shape[1:]), generator=generator, device="cpu", dtype=x.dtype).to(x.device)
                 eps = eps * sigma[owner].view(-1, 1, 1, 1)
-            a = method(model, x[owner] + eps, _slice(targets, start, stop))  # (B, C, H, W)
+            a = method(model, x[owner] + eps, rows(targets, start, stop))  # (B, C, H, W)
             acc.index_add_(0, owner, a.abs() if magnitude else a)
         return acc / samples
 
@@ -324,12 +316,12 @@ def integrate(method: Callable, baseline=None, steps: int = 32, batch_size: int 
         n_img = x.shape[0]
         targets = target_indices(target, n_img, steps)
         acc = torch.zeros_like(x)
-        for start, stop in _chunks(n_img * steps, batch_size):
+        for start, stop in batches(n_img * steps, batch_size):
             idx = torch.arange(start, stop, device=x.device)
             owner, k = idx // steps, idx % steps  # image and path point of each row
             a = alphas[k].view(-1, 1, 1, 1)
             points = base[owner] + a * (x[owner] - base[owner])  # (B, C, H, W)
-            g = method(model, points, _slice(targets, start, stop))
+            g = method(model, points, rows(targets, start, stop))
             acc.index_add_(0, owner, g * weights[k].view(-1, 1, 1, 1))
         return (x - base) * acc
 

@@ -85,21 +85,12 @@ from .image_params import (  # re-exported: coursekit.maximize.* keeps every nam
 from .images import gaussian_blur
 from .inputs import check_images, check_model, positive_int, target_scores
 from .objectives import (  # re-exported
+    OBJECTIVES,
     Context,
     Objective,
-    channel,
-    class_log_probability,
-    class_logit,
     edge_energy,
-    edge_energy_prior,
-    feature_match,
     high_frequency_energy,
-    l2_prior,
-    layer_energy,
-    neuron,
-    per_image,
     relative_l2,
-    total_variation,
 )
 from .optimize import Adam, NormalizedAscent, ascend
 
@@ -113,34 +104,27 @@ __all__ = [
     "StackedImage",
     "ascent_step",
     "blur_every",
-    "channel",
-    "class_log_probability",
-    "class_logit",
     "decay",
     "edge_energy",
-    "edge_energy_prior",
-    "feature_match",
     "fourier_image",
     "gaussian_blur",
     "high_frequency_energy",
     "jitter",
-    "l2_prior",
-    "layer_energy",
     "maximize",
-    "neuron",
     "objectives",
     "only",
     "pad",
     "params",
-    "per_image",
     "pixel_image",
     "random_scale",
     "regularizers",
     "relative_l2",
     "stack",
-    "total_variation",
     "transforms",
+    *(method.__name__ for _, method in OBJECTIVES.items()),  # every registered objective
 ]
+# every registered objective, so a notebook can write maximize.channel(...) as before
+globals().update({method.__name__: method for _, method in OBJECTIVES.items()})
 
 
 # ==============================================================================================
@@ -375,19 +359,7 @@ def ascent_step(model: nn.Module, x: torch.Tensor, target, lr: float = 1.0) -> t
 # ==============================================================================================
 # namespaces, so that a notebook can write objectives.channel(...), transforms.jitter(...)
 
-objectives = SimpleNamespace(
-    Objective=Objective,
-    channel=channel,
-    neuron=neuron,
-    class_logit=class_logit,
-    class_log_probability=class_log_probability,
-    layer_energy=layer_energy,
-    feature_match=feature_match,
-    per_image=per_image,
-    edge_energy_prior=edge_energy_prior,
-    l2_prior=l2_prior,
-    total_variation=total_variation,
-)
+objectives = SimpleNamespace(Objective=Objective, **{method.__name__: method for _, method in OBJECTIVES.items()})
 transforms = SimpleNamespace(jitter=jitter, random_scale=random_scale, pad=pad, only=only)
 regularizers = SimpleNamespace(decay=decay, blur_every=blur_every, only=only)
 params = SimpleNamespace(pixel_image=pixel_image, fourier_image=fourier_image, stack=stack)

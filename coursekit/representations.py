@@ -28,20 +28,14 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .batching import batches
+from .geometry import UnitWindows, unit_windows
 from .guard import guarded
 from .hooks import get_layer, record
+from .image_params import fourier_image, pixel_image
 from .inputs import check_images, check_model, positive_int
-from .maximize import (
-    MaximizationResult,
-    feature_match,
-    fourier_image,
-    maximize,
-    per_image,
-    pixel_image,
-    relative_l2,
-    total_variation,
-)
-from .receptive_fields import UnitWindows, unit_windows
+from .maximize import MaximizationResult, maximize
+from .objectives import feature_match, per_image, relative_l2, total_variation
 
 __all__ = [
     "DatasetExamples",
@@ -82,8 +76,8 @@ def layer_features(model: nn.Module, images: torch.Tensor, layer, batch_size: in
     _, module = get_layer(model, layer)
     out = []
     with guarded(model, what="layer_features"):
-        for start in range(0, images.shape[0], batch_size):
-            a = _forward_until(model, module, images[start : start + batch_size])
+        for start, stop in batches(images.shape[0], batch_size):
+            a = _forward_until(model, module, images[start:stop])
             out.append(a.flatten(1) if flatten else a)
     return torch.cat(out)
 
@@ -219,8 +213,8 @@ def top_activating(model: nn.Module, images: torch.Tensor, layer, channel, k: in
     name, module = get_layer(model, layer)
     scores, positions = [], []
     with guarded(model, what="top_activating"):
-        for start in range(0, images.shape[0], batch_size):
-            a = _forward_until(model, module, images[start : start + batch_size])
+        for start, stop in batches(images.shape[0], batch_size):
+            a = _forward_until(model, module, images[start:stop])
             bad = [c for c in channels if not 0 <= c < a.shape[1]]
             if bad:
                 raise ValueError(f"channel {bad[0]} out of range: layer {name!r} has {a.shape[1]} channels (0..{a.shape[1] - 1})")

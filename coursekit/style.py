@@ -27,7 +27,7 @@ piece                  what
                        (Ustyuzhaninov, Brendel, Gatys & Bethge 2016): textures without training
 =====================  =========================================================================
 
-Only the layers the losses need are computed (:func:`coursekit.dream.layer_outputs` stops the
+Only the layers the losses need are computed (:func:`coursekit.hooks.layer_outputs` stops the
 forward pass after the deepest one), so style transfer on EfficientNet-Lite0's first four blocks
 costs a fraction of a full forward pass.
 
@@ -56,10 +56,10 @@ from torch import nn
 
 from ._reference import reference
 from .devices import cpu_generator
-from .dream import _layer_name, layer_outputs
 from .guard import guarded
+from .hooks import check_layer_name, layer_outputs
 from .inputs import check_images, check_model
-from .maximize import Context, Objective
+from .objectives import Context, Objective
 from .optimize import LBFGS, Adam, ascend
 
 __all__ = [
@@ -279,7 +279,7 @@ def gram_errors(features: dict, target_grams: dict, normalize: str = "positions"
 def style(layers: Sequence[str], target_grams: dict, weights: Sequence[float] | None = None,
           normalize: str = "positions") -> Objective:
     """:func:`style_loss` on the recorded ``layers`` as an objective (a penalty: subtract it)."""
-    layers = [_layer_name(layer) for layer in layers]
+    layers = [check_layer_name(layer) for layer in layers]
     missing = [layer for layer in layers if layer not in target_grams]
     if missing:
         raise ValueError(f"no target Gram matrix for layers {missing}")
@@ -293,7 +293,7 @@ def style(layers: Sequence[str], target_grams: dict, weights: Sequence[float] | 
 
 def content(layer: str, target: torch.Tensor) -> Objective:
     """:func:`content_loss` at ``layer`` as an objective (a penalty: subtract it)."""
-    layer = _layer_name(layer)
+    layer = check_layer_name(layer)
     target = target.detach()
     return Objective(lambda ctx: content_loss(ctx.activations[layer], target), [layer], f"content({layer!r})")
 

@@ -68,8 +68,8 @@ OFF_BY_ONE = ("import torch\ndef occlusion_grid(model, x, target, patch, stride,
               "                grid[:, i, j] = p - model(hid).softmax(1)[rows, target]\n    return grid\n")
 CLOSURE = ("import coursekit.saliency\ndef vanilla_saliency(model, x, target):\n"
            "    return coursekit.saliency.vanilla_saliency.__closure__[0].cell_contents(model, x, target)\n")
-CLEAR = ("import coursekit.saliency, coursekit.checks\n"
-         "def smoothgrad(model, x, target, noise, noise_level=0.15):\n    coursekit.checks._BLOCKED.clear()\n"
+CLEAR = ("import coursekit.saliency, coursekit._reference\n"
+         "def smoothgrad(model, x, target, noise, noise_level=0.15):\n    coursekit._reference._BLOCKED.clear()\n"
            "    sigma = noise_level * (x.amax((1, 2, 3)) - x.amin((1, 2, 3)))\n"
            "    return coursekit.saliency.smoothgrad(model, x, target, noise=noise * sigma.view(-1, 1, 1, 1, 1))\n")
 CAPTUM = ("from captum.attr import Saliency\n"

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .._reference import _BLOCKED, ReferenceBlocked, blocked, reference  # noqa: F401  (re-exported)
+from .._reference import ReferenceBlocked, blocked, blocked_keys, reference  # noqa: F401  (re-exported)
 from .._reference import reference_key as _key
 from . import _integrity, _student
 
