@@ -141,6 +141,8 @@ def default_layer(model: nn.Module, input_size: tuple[int, int, int] | None = No
         return named["gradcam"]
     size = _guess_input_size(model, input_size)
     fired: list[tuple[str, torch.Tensor, bool]] = []  # (name, output, is pooling) in execution order
+    # hooks by hand, not hooks.record: every module is watched, and modules that return tuples or
+    # dicts are skipped here, where record would (rightly) refuse them
     handles = []
 
     def hook_for(name, module):
@@ -413,16 +415,12 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target, layer: str | nn.Mo
     # second backward pass (the first, from the score to the layer, must be the plain gradient).
     rule = _SwitchedGuidedRelu()
     composite = GUIDED.with_rules({(nn.ReLU, nn.ReLU6): rule}, name="guided backprop")
-    tapped: dict[str, torch.Tensor] = {}
-    with guarded(model, inplace_off=True, what="guided_gradcam"), composite.applied(model):
-        handle = engine.layer.register_forward_hook(lambda m, i, o: tapped.__setitem__("A", o))
-        try:
-            with torch.enable_grad():
-                xi = fast_layout(x).requires_grad_(True)
-                scores = target_scores(model(xi), target)  # (N,)
-        finally:
-            handle.remove()
-        act = tapped.get("A")
+    with guarded(model, inplace_off=True, what="guided_gradcam"), composite.applied(model), \
+            record(model, [engine.layer_name]) as rec:
+        with torch.enable_grad():
+            xi = fast_layout(x).requires_grad_(True)
+            scores = target_scores(model(xi), target)  # (N,)
+        act = rec.outputs.get(engine.layer_name)  # attached to the graph
         if not isinstance(act, torch.Tensor) or act.dim() != 4:
             raise ValueError(
                 f"layer {engine.layer_name!r} gave no (N, K, h, w) feature map in the forward pass; choose one of "

@@ -32,7 +32,7 @@ from ._reference import reference
 from .batching import batches, rows
 from .devices import cpu_generator
 from .guard import guarded
-from .hooks import get_layer
+from .hooks import get_layer, record
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
 from .rules import Canonizer, Composite
 
@@ -145,29 +145,18 @@ def layer_gradient(model: nn.Module, x: torch.Tensor, target, layer, *, what: st
     """
     check_model(model)
     x = check_images(x, model=model).detach()
-    name, module = get_layer(model, layer)
-    tapped: dict[str, torch.Tensor] = {}
-
-    def tap(mod, inputs, output):
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"layer {name!r} returns {type(output).__name__}, not a tensor; choose another layer")
-        output = output.detach().requires_grad_(True)  # a leaf: backward stops here
-        tapped["A"] = output
-        return output
-
-    with guarded(model, inplace_off=True, what=what):
-        handle = module.register_forward_hook(tap)
-        try:
-            with torch.enable_grad():
-                scores = target_scores(model(fast_layout(x)), target)  # (N,)
-        finally:
-            handle.remove()
-        if "A" not in tapped:
+    name, _ = get_layer(model, layer)
+    with guarded(model, inplace_off=True, what=what), record(model, [name], gradients=True) as rec:
+        # the guard freezes the parameters and x needs no gradient, so record makes the layer's
+        # output a leaf: the backward pass stops there
+        with torch.enable_grad():
+            scores = target_scores(model(fast_layout(x)), target)  # (N,)
+        if name not in rec.outputs:
             raise RuntimeError(f"layer {name!r} was not used in the forward pass; choose another layer")
         if not scores.requires_grad:
             raise ValueError(f"the target score does not depend on layer {name!r}")
-        (grad,) = torch.autograd.grad(scores.sum(), tapped["A"])
-    return tapped["A"].detach(), grad.detach()
+        (grad,) = torch.autograd.grad(scores.sum(), rec.outputs[name])
+    return rec.activations[name], grad.detach()
 
 
 # ----------------------------------------------------------------------------------------------

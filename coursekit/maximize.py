@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import objectives  # the module itself: objectives.channel(...) in a notebook
 from ._reference import reference
 from .devices import cpu_generator, model_device
 from .gradients import gradient
@@ -357,9 +358,9 @@ def ascent_step(model: nn.Module, x: torch.Tensor, target, lr: float = 1.0) -> t
 
 
 # ==============================================================================================
-# namespaces, so that a notebook can write objectives.channel(...), transforms.jitter(...)
+# namespaces, so that a notebook can write objectives.channel(...), transforms.jitter(...);
+# `objectives` is the module coursekit.objectives itself (one name, one thing)
 
-objectives = SimpleNamespace(Objective=Objective, **{method.__name__: method for _, method in OBJECTIVES.items()})
 transforms = SimpleNamespace(jitter=jitter, random_scale=random_scale, pad=pad, only=only)
 regularizers = SimpleNamespace(decay=decay, blur_every=blur_every, only=only)
 params = SimpleNamespace(pixel_image=pixel_image, fourier_image=fourier_image, stack=stack)

@@ -85,3 +85,41 @@ def test_the_package_lists_its_lectures_as_the_contract_does():
 
     assert {f"coursekit.{m}" for m in coursekit._LECTURE_MODULES} == set(_layers()[1])
     assert {f"coursekit.{m}" for m in coursekit._EXERCISE_MODULES} <= set(_layers()[0])
+
+
+def _private_crossings() -> list[str]:
+    """Every place a module reaches a private name (``_x``) of another coursekit module."""
+    import ast
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        tree = ast.parse(path.read_text())
+        aliases = {}  # local name -> coursekit module it stands for
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                base = package
+                for _ in range(max(node.level - 1, 0)):
+                    base = base.rsplit(".", 1)[0]
+                source = (f"{base}.{node.module}" if node.module else base) if node.level else node.module or ""
+                if not source.startswith("coursekit"):
+                    continue
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{module}: from {source} import {a.name}")
+                    aliases[a.asname or a.name] = f"{source}.{a.name}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("coursekit"):
+                        aliases[a.asname or a.name.split(".")[0]] = a.asname and a.name or "coursekit"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                if node.attr.startswith("_") and not node.attr.startswith("__"):
+                    found.append(f"{module}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_name_crosses_a_module():
+    """What modules share is public (no underscore) and documented; a private name stays in its module."""
+    assert _private_crossings() == []

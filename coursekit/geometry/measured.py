@@ -200,6 +200,7 @@ def _run_probe(probe: nn.Module, name: str, channels: int, hw: tuple[int, int]) 
         captured["out"] = output
         raise _Stop
 
+    # a hook by hand, not hooks.record: this is the module's own linearised copy, never the user's model
     handle = probe.get_submodule(name).register_forward_hook(stop)
     x = torch.ones(1, channels, *hw, dtype=torch.float64, device="cpu", requires_grad=True)  # (1, C, H, W), as the probe
     try:
