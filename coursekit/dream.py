@@ -53,7 +53,7 @@ from .hooks import (  # layer_outputs re-exported: lecture 6 uses dream.layer_ou
 )
 from .image_params import jitter
 from .images import gaussian_blur
-from .inputs import check_images, check_model
+from .inputs import check_images, check_model, number, positive_int
 from .objectives import Context, Objective, layer_energy
 from .optimize import NormalizedAscent, ascend, octaves
 
@@ -114,9 +114,7 @@ class SmoothedAscent(NormalizedAscent):
 
     def __init__(self, lr: float = 0.02, sigma: float = 1.0):
         super().__init__(lr)
-        if not sigma >= 0:
-            raise ValueError(f"sigma must be >= 0 pixels, got {sigma!r}")
-        self.sigma = float(sigma)
+        self.sigma = number(sigma, "sigma", minimum=0, unit="pixels")
 
     def step(self, tensors, grads):
         if self.sigma > 0:
@@ -217,8 +215,7 @@ def deepdream(
         raise ValueError(f"the objective {objective.name} uses no layer; DeepDream climbs a layer's activations")
     if objective.targets:
         raise ValueError(f"the objective {objective.name} involves class scores; DeepDream uses layer objectives only")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = positive_int(steps, "steps")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     shift = jitter(jitter_pixels)

@@ -33,7 +33,7 @@ from .batching import batches, rows
 from .devices import cpu_generator
 from .guard import guarded
 from .hooks import get_layer, record
-from .inputs import check_images, check_model, positive_int, target_indices, target_scores
+from .inputs import check_images, check_model, number, positive_int, target_indices, target_scores
 from .rules import Canonizer, Composite
 
 __all__ = ["gradient", "layer_gradient", "smooth", "integrate", "path_points", "broadcast_baseline",
@@ -195,8 +195,7 @@ def smooth(method: Callable, n_samples: int = 25, noise_level: float = 0.15, bat
     batch_size = positive_int(batch_size, "batch_size")
     if noise is None:
         n_samples = positive_int(n_samples, "n_samples")
-        if not isinstance(noise_level, (int, float)) or isinstance(noise_level, bool) or noise_level < 0:
-            raise ValueError(f"noise_level must be a non-negative number (a fraction of the value range), got {noise_level!r}")
+        noise_level = number(noise_level, "noise_level", minimum=0, unit="a fraction of the value range")
 
     @functools.wraps(method)
     def smoothed(model, x, target):

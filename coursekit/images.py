@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ._reference import reference
-from .inputs import check_images
+from .inputs import check_images, number
 
 __all__ = ["SAMPLE_IMAGES", "sample_image", "load_image", "to_pil", "to_numpy_image", "gaussian_blur", "image_tensor",
            "convert_channels"]
@@ -201,9 +201,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     Tensor (N, C, H, W), differentiable with respect to ``x``.
     """
     x = check_images(x, finite=False)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)) or not sigma > 0:
-        raise ValueError(f"sigma must be a positive number of pixels, got {sigma!r}")
-    sigma = float(sigma)
+    sigma = number(sigma, "sigma", minimum=0, strict=True, unit="pixels")
     radius = max(1, math.ceil(3 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))

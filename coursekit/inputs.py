@@ -126,7 +126,7 @@ def number(value, what: str, *, minimum: float | None = None, strict: bool = Fal
     """
     real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if not real or not np.isfinite(value):
-        raise TypeError(f"{what} must be a finite number{f' of {unit}' if unit else ''}, got {value!r}")
+        raise ValueError(f"{what} must be a finite number{f' of {unit}' if unit else ''}, got {value!r}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
         raise ValueError(f"{what} must be {bound}{f' ({unit})' if unit else ''}, got {value!r}")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._reference import reference
+from .inputs import positive_int
 from .progress import progress_bar
 
 __all__ = ["StepRule", "Adam", "NormalizedAscent", "SignStep", "LBFGS", "ascend", "octaves", "project"]
@@ -208,8 +209,7 @@ def ascend(
     Tensor (steps_done, N)
         The value at every step, before that step's update.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = positive_int(steps, "steps")
     if not isinstance(rule, StepRule):
         raise TypeError(f"rule must be a StepRule (Adam, NormalizedAscent, SignStep, LBFGS), got {type(rule).__name__}")
     tensors = list(tensors)
@@ -278,8 +278,7 @@ def octaves(image: torch.Tensor, run: Callable[[torch.Tensor, int], torch.Tensor
     -------
     Tensor (N, C, H, W) at the input size.
     """
-    if isinstance(n_octaves, bool) or not isinstance(n_octaves, int) or n_octaves < 1:
-        raise ValueError(f"n_octaves must be a positive int, got {n_octaves!r}")
+    n_octaves = positive_int(n_octaves, "n_octaves")
     if not scale > 1:
         raise ValueError(f"scale must be > 1 (the size ratio between octaves), got {scale!r}")
     h, w = image.shape[-2:]

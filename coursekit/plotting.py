@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .images import convert_channels, image_tensor, to_numpy_image
+from .inputs import non_negative_int
 
 __all__ = ["show_images", "overlay", "show_overlays", "heatmap_array", "notebook_figures", "curve_style", "legend_below"]
 
@@ -160,8 +161,7 @@ def curve_style(i: int, n_points: int | None = None) -> dict:
 
     ``n_points`` (the curve's length) thins the markers to about 12 so long curves stay readable.
     """
-    if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-        raise ValueError(f"i must be an int >= 0, got {i!r}")
+    i = non_negative_int(i, "i")
     style = {"marker": CURVE_MARKERS[i % len(CURVE_MARKERS)], "linestyle": CURVE_DASHES[i % len(CURVE_DASHES)],
              "markersize": 5}
     if n_points is not None and n_points > 12:

@@ -58,7 +58,7 @@ from ._reference import reference
 from .devices import cpu_generator
 from .guard import guarded
 from .hooks import check_layer_name, layer_outputs
-from .inputs import check_images, check_model
+from .inputs import check_images, check_model, positive_int
 from .objectives import Context, Objective
 from .optimize import LBFGS, Adam, ascend
 
@@ -393,8 +393,7 @@ def _check_common(model, optimizer, max_evals, normalize, lr):
     check_model(model)
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
-    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
-        raise ValueError(f"max_evals must be a positive int (forward + backward passes), got {max_evals!r}")
+    positive_int(max_evals, "max_evals (forward + backward passes)")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if lr is not None and not lr > 0:
@@ -594,8 +593,7 @@ class RandomTextureNet(nn.Module):
         sizes = [int(s) for s in sizes]
         if not sizes or any(s < 1 or s % 2 == 0 for s in sizes):
             raise ValueError(f"filter sizes must be odd positive ints, got {sizes!r}")
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        channels = positive_int(channels, "channels")
         g = cpu_generator(seed)
         self.sizes = tuple(sizes)
         self.convs = nn.ModuleList()
