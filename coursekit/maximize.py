@@ -243,27 +243,9 @@ def maximize(
         ``image`` (N, C, H, W), ``history`` (steps, N), ``probabilities`` (steps, N) or None,
         ``final_probabilities`` (N,) or None.
     """
-    check_model(model)
-    if not isinstance(objective, Objective):
-        raise TypeError(f"objective must be an Objective (see coursekit.maximize.objectives), got {type(objective).__name__}")
-    if optimizer not in _OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
-    steps = positive_int(steps, "steps")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    for fn in list(transforms) + list(regularizers):
-        if not callable(fn):
-            raise TypeError(f"transforms and regularizers are callables, got {fn!r}")
+    _check_maximize_arguments(model, objective, optimizer, steps, lr, transforms, regularizers)
     generator = cpu_generator(seed)
-    if param is None:
-        channels, h0, w0 = getattr(model, "input_size", (3, 224, 224))
-        if size is None:
-            size = (h0, w0)
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        batch = positive_int(batch, "batch")
-        param = pixel_image((batch, channels, h, w), seed=seed)
-    elif not isinstance(param, ImageParam):
-        raise TypeError(f"param must be an ImageParam (pixel_image(...) or fourier_image(...)), got {type(param).__name__}")
+    param = _default_param(model, param, size, batch, seed)
     if track is None and objective.targets:
         distinct = {repr(t) for t in objective.targets}
         track = objective.targets[0] if len(distinct) == 1 else None
@@ -320,6 +302,34 @@ class _no_record:
 
     def __exit__(self, *exc):
         return False
+
+
+def _check_maximize_arguments(model, objective, optimizer, steps, lr, transforms, regularizers) -> None:
+    """The argument checks of :func:`maximize`: a clear error naming the bad value."""
+    check_model(model)
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective must be an Objective (see coursekit.maximize.objectives), got {type(objective).__name__}")
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+    positive_int(steps, "steps")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    for fn in list(transforms) + list(regularizers):
+        if not callable(fn):
+            raise TypeError(f"transforms and regularizers are callables, got {fn!r}")
+
+
+def _default_param(model, param, size, batch: int, seed: int) -> ImageParam:
+    """``param`` itself, or pixels of the model's input size (or ``size``) for ``batch`` pictures."""
+    if param is None:
+        channels, h0, w0 = getattr(model, "input_size", (3, 224, 224))
+        if size is None:
+            size = (h0, w0)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return pixel_image((positive_int(batch, "batch"), channels, h, w), seed=seed)
+    if not isinstance(param, ImageParam):
+        raise TypeError(f"param must be an ImageParam (pixel_image(...) or fourier_image(...)), got {type(param).__name__}")
+    return param
 
 
 # ==============================================================================================

@@ -123,3 +123,24 @@ def _private_crossings() -> list[str]:
 def test_no_private_name_crosses_a_module():
     """What modules share is public (no underscore) and documented; a private name stays in its module."""
     assert _private_crossings() == []
+
+
+def _long_functions(limit: int = 60) -> list[str]:
+    """Functions whose body (docstring excluded) is over ``limit`` lines and whose docstring gives no
+    reason (a line "Long because: ...")."""
+    import ast
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            doc = ast.get_docstring(node) or ""
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            if body and node.end_lineno - body[0].lineno + 1 > limit and "Long because:" not in doc:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - body[0].lineno + 1} lines)")
+    return found
+
+
+def test_no_function_body_is_over_60_lines_without_a_reason():
+    assert _long_functions() == []
