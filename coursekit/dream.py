@@ -55,7 +55,7 @@ from .image_params import jitter
 from .images import gaussian_blur
 from .inputs import check_images, check_model, number, positive_int
 from .objectives import Context, Objective, layer_energy
-from .optimize import NormalizedAscent, ascend, octaves
+from .optimize import NormalizedAscent, ascend, normalized, octaves
 
 __all__ = [
     "DreamResult",
@@ -278,5 +278,4 @@ def dream_step(features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     xs = torch.roll(x, shifts=tuple(shift), dims=(2, 3))
     energy = features(xs).pow(2).flatten(1).mean(1)  # (N,)
     (g,) = torch.autograd.grad(energy.sum(), x)
-    rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
-    return (x.detach() + lr * g / rms).clamp(0, 1)
+    return (x.detach() + lr * normalized(g)).clamp(0, 1)

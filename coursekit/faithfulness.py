@@ -47,6 +47,7 @@ from torch import nn
 
 from .batching import batches
 from .devices import cpu_generator
+from .gradients import broadcast_baseline
 from .guard import guarded
 from .images import gaussian_blur
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
@@ -174,17 +175,9 @@ def _baseline(x: torch.Tensor, baseline) -> torch.Tensor:
         if baseline == "zeros":
             return torch.zeros_like(x)
         raise ValueError(f"baseline must be 'blur', 'zeros' or a tensor, got {baseline!r}")
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, float(baseline))
-    if isinstance(baseline, torch.Tensor):
-        b = baseline.detach().to(device=x.device, dtype=x.dtype)
-        try:
-            return b.expand_as(x)
-        except RuntimeError:
-            raise ValueError(
-                f"a baseline tensor must broadcast to x's shape {tuple(x.shape)}, got {tuple(baseline.shape)}"
-            ) from None
-    raise TypeError(f"baseline must be 'blur', 'zeros', a number or a tensor, got {type(baseline).__name__}")
+    if baseline is None:
+        raise TypeError("baseline must be 'blur', 'zeros', a number or a tensor, got None")
+    return broadcast_baseline(baseline, x)  # a number or a tensor broadcastable to x, shaped like x
 
 
 def _check_score(score) -> str:

@@ -93,7 +93,7 @@ from .objectives import (  # re-exported
     high_frequency_energy,
     relative_l2,
 )
-from .optimize import Adam, NormalizedAscent, ascend
+from .optimize import Adam, NormalizedAscent, ascend, normalized
 
 __all__ = [
     "Context",
@@ -363,8 +363,7 @@ def ascent_step(model: nn.Module, x: torch.Tensor, target, lr: float = 1.0) -> t
     """
     x = check_images(x, model=model)
     g = gradient(model, x, target, what="ascent_step")  # (N, C, H, W)
-    rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
-    return (x.detach() + lr * g / rms).clamp(0, 1)
+    return (x.detach() + lr * normalized(g)).clamp(0, 1)
 
 
 # ==============================================================================================

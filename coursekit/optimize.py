@@ -30,11 +30,18 @@ from ._reference import reference
 from .inputs import positive_int
 from .progress import progress_bar
 
-__all__ = ["StepRule", "Adam", "NormalizedAscent", "SignStep", "LBFGS", "ascend", "octaves", "project"]
+__all__ = ["normalized", "StepRule", "Adam", "NormalizedAscent", "SignStep", "LBFGS", "ascend", "octaves", "project"]
 
 
 def _per_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))  # (N,) -> (N, 1, 1, 1)
+
+
+def normalized(g: torch.Tensor) -> torch.Tensor:
+    """``g / rms(g)`` per image (N, ...): a step of length 1 per pixel on average, whatever the gradient's
+    scale (the normalised ascent of DeepDream, Mordvintsev et al. 2015, and of the Keras notebook)."""
+    rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)  # (N,)
+    return g / _per_image(rms, g)
 
 
 @reference  # the exercises of set 05_adversarial block it while the student's attack runs
@@ -100,8 +107,7 @@ class NormalizedAscent(StepRule):
     @torch.no_grad()
     def step(self, tensors, grads):
         for p, g in zip(tensors, grads):
-            rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)  # (N,)
-            p.add_(self.lr * g / _per_image(rms, g))
+            p.add_(self.lr * normalized(g))
 
 
 class SignStep(StepRule):
