@@ -239,7 +239,7 @@ def path_points(steps: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
         alphas, w = (nodes + 1) / 2, weights / 2
     elif method == "riemann_trapezoid":
         if steps < 2:
-            raise ValueError("the trapezoid rule needs steps >= 2")
+            raise ValueError("the trapezoid quadrature needs steps >= 2")
         alphas = np.linspace(0, 1, steps)
         w = np.full(steps, 1 / (steps - 1))
         w[[0, -1]] /= 2
@@ -272,7 +272,7 @@ def broadcast_baseline(baseline, x: torch.Tensor) -> torch.Tensor:
 
 
 def integrate(method: Callable, baseline=None, steps: int = 32, batch_size: int = 32,
-              rule: str = "gausslegendre") -> Callable:
+              quadrature: str = "gausslegendre") -> Callable:
     """Integrated version of any attribution method (Sundararajan et al. 2017 for the gradient).
 
     ``I(x) = (x - b) * sum_k w_k method(b + a_k (x - b))`` over ``steps`` quadrature points of the
@@ -287,19 +287,21 @@ def integrate(method: Callable, baseline=None, steps: int = 32, batch_size: int 
     steps : int
     batch_size : int
         Path points per call of ``method`` (the points of all images are pooled).
-    rule : str
-        Quadrature rule, see :func:`path_points`.
+    quadrature : str
+        How the path integral is summed (``"gausslegendre"``, ``"riemann_trapezoid"``, ...), see
+        :func:`path_points`. (Called a quadrature *rule* in numerics; named ``quadrature`` here, as
+        "rule" means an LRP backward rule in this course.)
     """
     steps = positive_int(steps, "steps")
     batch_size = positive_int(batch_size, "batch_size")
-    path_points(steps, rule)  # validate now
+    path_points(steps, quadrature)  # validate now
 
     @functools.wraps(method)
     def integrated(model, x, target):
         check_model(model)
         x = check_images(x, model=model).detach()
         base = broadcast_baseline(baseline, x)  # (N, C, H, W)
-        alphas, weights = path_points(steps, rule)
+        alphas, weights = path_points(steps, quadrature)
         alphas, weights = alphas.to(x), weights.to(x)
         n_img = x.shape[0]
         targets = target_indices(target, n_img, steps)

@@ -220,7 +220,7 @@ def integrated_gradients(
     -------
     Tensor (N, C, H, W), detached.
     """
-    return integrate(input_gradient, baseline=baseline, steps=steps, batch_size=batch_size, rule=method)(model, x, target)
+    return integrate(input_gradient, baseline=baseline, steps=steps, batch_size=batch_size, quadrature=method)(model, x, target)
 
 
 # ----------------------------------------------------------------------------------------------
