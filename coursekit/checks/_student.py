@@ -72,6 +72,27 @@ def _async_raise(thread: threading.Thread, exc: type[BaseException]) -> None:
 
 def call(fn, args: tuple, kwargs: dict, forbid: tuple[str, ...]):
     """``fn(*args, **kwargs)`` in its own thread under the guard; raises what ``fn`` raised, or Violation."""
+    guard, found = _guard(forbid)
+    box, still_blocked = _run_guarded(fn, args, kwargs, forbid, guard)
+    if not box.get("intact", True):
+        found.append("your function removed the check's profiler (sys.setprofile)")
+    if not still_blocked:
+        found.append("your function changed coursekit's list of blocked references")
+    if found:
+        raise Violation("; ".join(found))
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _guard(forbid: tuple[str, ...]):
+    """The profiler that records what the student's function should not do, and its list of records.
+
+    Returns ``(guard, found)``: ``guard`` is a ``sys.setprofile`` function; ``found`` fills with
+    one sentence per kind of violation (calls of a blocked reference or of a copy of its code, of
+    a private helper of its module, of an attribution library, of the frame-reaching functions).
+    The verdict of each code object is cached: the profiler sees every call, C calls included.
+    """
     codes = {}
     for key in forbid:
         code = _reference.reference_code(key)
@@ -113,13 +134,25 @@ def call(fn, args: tuple, kwargs: dict, forbid: tuple[str, ...]):
             if text not in found:
                 found.append(text)
 
+    return guard, found
+
+
+def _run_guarded(fn, args: tuple, kwargs: dict, forbid: tuple[str, ...], guard) -> tuple[dict, bool]:
+    """Run ``fn`` in a thread of its own under ``guard`` while the ``forbid`` references are blocked.
+
+    Returns ``(box, still_blocked)``: ``box`` holds ``"value"`` or ``"error"`` (what ``fn``
+    returned or raised) and ``"intact"`` (whether ``guard`` was still the thread's profiler);
+    ``still_blocked`` says whether the references were still blocked when ``fn`` returned. An
+    interruption of the waiting thread (Jupyter's stop button, the grader's time limit) is passed
+    on to the student's thread and re-raised.
+    """
     box: dict = {}
 
     def target(fn=fn, args=args, kwargs=kwargs, box=box, guard=guard):
         sys.setprofile(guard)
         try:
             box["value"] = fn(*args, **kwargs)
-        except BaseException as err:  # noqa: BLE001 -- handed over to the checking thread below
+        except BaseException as err:  # noqa: BLE001 -- handed over to the checking thread in call()
             box["error"] = err
         finally:
             box["intact"] = sys.getprofile() is guard
@@ -136,12 +169,4 @@ def call(fn, args: tuple, kwargs: dict, forbid: tuple[str, ...]):
             thread.join(1.0)
             raise
         still_blocked = set(forbid) <= _reference.blocked_keys()
-    if not box.get("intact", True):
-        found.append("your function removed the check's profiler (sys.setprofile)")
-    if not still_blocked:
-        found.append("your function changed coursekit's list of blocked references")
-    if found:
-        raise Violation("; ".join(found))
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return box, still_blocked
