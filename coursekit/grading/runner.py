@@ -197,10 +197,10 @@ class _Server:
     """
 
     def __init__(self, to_judge: int, from_judge: int):
-        from coursekit.checks import _integrity, local_call
+        from coursekit.checks import integrity, local_call
 
         self.out, self.inp = to_judge, from_judge
-        self.restore, self.local_call = _integrity.restore, local_call
+        self.restore, self.local_call = integrity.restore, local_call
 
     def send(self, header: dict, value=None) -> None:
         wire.write_frame(self.out, wire.encode(header, value))

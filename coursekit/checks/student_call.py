@@ -10,7 +10,7 @@ values in them) are not on its call stack, under a profiler that records
 * ``sys._current_frames`` and the ``gc`` object lists (the ways to reach another thread's frames).
 
 The profiler only records (an exception raised by a profiler would switch it off); the check
-turns each record into a verdict after the call. :func:`coursekit.checks._integrity.restore` runs
+turns each record into a verdict after the call. :func:`coursekit.checks.integrity.restore` runs
 after every call, so a function that patches torch or coursekit is caught too.
 """
 
@@ -25,7 +25,7 @@ import sysconfig
 import threading
 from pathlib import Path
 
-from .. import _reference
+from .._reference import blocked, blocked_keys, reference_code, reference_module
 
 __all__ = ["call", "Violation"]
 
@@ -95,12 +95,12 @@ def _guard(forbid: tuple[str, ...]):
     """
     codes = {}
     for key in forbid:
-        code = _reference.reference_code(key)
+        code = reference_code(key)
         if code is not None:
             codes[code] = key
     bytecodes = {_fingerprint(code): key for code, key in codes.items()}
     bytecodes.pop(None, None)
-    module_files = {getattr(sys.modules.get(_reference.reference_module(k)), "__file__", None) for k in forbid} - {None}
+    module_files = {getattr(sys.modules.get(reference_module(k)), "__file__", None) for k in forbid} - {None}
     attribution = _ATTRIBUTION_DIRS
     seen: dict[int, str | None] = {}
     found: list[str] = []
@@ -159,7 +159,7 @@ def _run_guarded(fn, args: tuple, kwargs: dict, forbid: tuple[str, ...], guard) 
             sys.setprofile(None)
 
     thread = threading.Thread(target=target, name="student-function", daemon=True)
-    with _reference.blocked(forbid):
+    with blocked(forbid):
         thread.start()
         try:
             while thread.is_alive():
@@ -168,5 +168,5 @@ def _run_guarded(fn, args: tuple, kwargs: dict, forbid: tuple[str, ...], guard) 
             _async_raise(thread, KeyboardInterrupt)  # interrupted (Jupyter's stop button, the grader's time limit)
             thread.join(1.0)
             raise
-        still_blocked = set(forbid) <= _reference.blocked_keys()
+        still_blocked = set(forbid) <= blocked_keys()
     return box, still_blocked
