@@ -278,4 +278,4 @@ def dream_step(features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     xs = torch.roll(x, shifts=tuple(shift), dims=(2, 3))
     energy = features(xs).pow(2).flatten(1).mean(1)  # (N,)
     (g,) = torch.autograd.grad(energy.sum(), x)
-    return (x.detach() + lr * normalized(g)).clamp(0, 1)
+    return (x.detach() + normalized(g, lr)).clamp(0, 1)

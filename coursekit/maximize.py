@@ -363,7 +363,7 @@ def ascent_step(model: nn.Module, x: torch.Tensor, target, lr: float = 1.0) -> t
     """
     x = check_images(x, model=model)
     g = gradient(model, x, target, what="ascent_step")  # (N, C, H, W)
-    return (x.detach() + lr * normalized(g)).clamp(0, 1)
+    return (x.detach() + normalized(g, lr)).clamp(0, 1)
 
 
 # ==============================================================================================

@@ -37,11 +37,12 @@ def _per_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))  # (N,) -> (N, 1, 1, 1)
 
 
-def normalized(g: torch.Tensor) -> torch.Tensor:
-    """``g / rms(g)`` per image (N, ...): a step of length 1 per pixel on average, whatever the gradient's
-    scale (the normalised ascent of DeepDream, Mordvintsev et al. 2015, and of the Keras notebook)."""
+def normalized(g: torch.Tensor, length: float = 1.0) -> torch.Tensor:
+    """``length * g / rms(g)`` per image (N, ...): a step of ``length`` per pixel on average, whatever the
+    gradient's scale (the normalised ascent of DeepDream, Mordvintsev et al. 2015, and of the Keras
+    notebook). Computed as ``(length * g) / rms`` (the order matters for the last bit of a dream)."""
     rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)  # (N,)
-    return g / _per_image(rms, g)
+    return length * g / _per_image(rms, g)
 
 
 @reference  # the exercises of set 05_adversarial block it while the student's attack runs
@@ -107,7 +108,7 @@ class NormalizedAscent(StepRule):
     @torch.no_grad()
     def step(self, tensors, grads):
         for p, g in zip(tensors, grads):
-            p.add_(self.lr * normalized(g))
+            p.add_(normalized(g, self.lr))
 
 
 class SignStep(StepRule):
