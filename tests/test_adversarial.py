@@ -403,6 +403,34 @@ def test_fgsm_sweep_matches_fgsm_per_eps(fashion, fashion_test):
     assert ax.get_xlabel().startswith("epsilon")
 
 
+def _sweep_before_issue_17(model, x, y, eps_values, batch_size, loss):
+    """eps_sweep's FGSM branch as it was written before the FGSM step was shared (its own copy)."""
+    correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool)
+    for a in range(0, len(x), batch_size):
+        xb, yb = x[a:a + batch_size], y[a:a + batch_size]
+        xg = xb.detach().clone().requires_grad_(True)
+        logits = model(xg)
+        (g,) = torch.autograd.grad(A.attack_objective(logits, yb, loss).sum(), xg)
+        clean = logits.detach().argmax(1) == yb
+        direction = g.sign()
+        with torch.no_grad():
+            for i, e in enumerate(eps_values):
+                correct[i, a:a + batch_size] = clean if e == 0 else model((xb + e * direction).clamp(0, 1)).argmax(1) == yb
+    return correct
+
+
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+def test_fgsm_sweep_gives_the_same_answers_as_before(fashion, fashion_test, loss):
+    """The sweep now takes the shared step (attack_steps.input_gradient + optimize.sign_step): the
+    same per-image answers as its own copy had, on 300 images and 7 epsilons."""
+    x, y = fashion_test[0][:300], fashion_test[1][:300]
+    eps = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3]
+    sweep = R.eps_sweep(fashion, x, y, eps, batch_size=50, progress=False, loss=loss)
+    before = _sweep_before_issue_17(fashion, x, y, eps, 50, loss)
+    assert torch.equal(sweep.per_image, before)
+    assert 0 < before[1:].sum() < before[0].sum() * len(eps)  # the attack changes some answers, not all
+
+
 def test_pgd_sweep_matches_pgd_per_eps(fashion, fashion_test):
     x, y = fashion_test[0][:30], fashion_test[1][:30]
     sweep = R.eps_sweep(fashion, x, y, [0.0, 0.05], "pgd", steps=3, step_ratio=0.5, seed=3, progress=False)
