@@ -4,13 +4,19 @@ Every attack here changes the *input* of a model that holds its own normalisatio
 (:class:`coursekit.models.CourseModel` takes [0, 1] pixels) and leaves the model exactly as it was
 (:func:`coursekit.guard.guarded`: eval mode, frozen parameters, restored even on error). The loop
 is the shared input-optimisation engine, :func:`coursekit.optimize.ascend` with a
-:class:`coursekit.optimize.SignStep`, which projects onto the epsilon-ball and clamps to [0, 1]
-after every step.
+:class:`coursekit.optimize.SignStep` (or MI-FGSM's :class:`coursekit.optimize.MomentumSignStep`),
+which projects onto the epsilon-ball and clamps to [0, 1] after every step; an :class:`AttackConfig`
+says how. With ``early_stop=True`` the loop freezes every image at its first fooling iterate itself,
+so a step rule with state (momentum, Adam) cannot move it on. FGSM is one
+:func:`coursekit.attack_steps.fgsm_step`, the step that :mod:`coursekit.robustness` and
+:mod:`coursekit.train` take too.
 
 * :func:`fgsm` — the fast gradient sign method (Goodfellow, Shlens & Szegedy 2015).
 * :func:`pgd` — projected gradient descent under L-inf or L2 with random start and restarts
   (Madry et al. 2018); ``random_start=False`` is the basic iterative method, BIM
   (Kurakin, Goodfellow & Bengio 2017): :func:`bim`.
+* :func:`mifgsm` — the momentum iterative FGSM, MI-FGSM (Dong et al. 2018): the same loop driven by
+  a step rule with state (:class:`coursekit.optimize.MomentumSignStep`).
 * targeted versions (``target=``), cross-entropy or margin loss on logits (Carlini & Wagner 2017).
 * :func:`random_sphere` — Szegedy et al. (2014): random points twice as far do not change the label.
 * :func:`noise_attack` — a trainable noise layer with an L2 penalty and early stopping.
@@ -552,8 +558,8 @@ def plot_perturbation(ax, x_adv: torch.Tensor, x: torch.Tensor, *, vmax: float |
     top = float(np.abs(delta).max())
     if vmax is None:
         vmax = float(np.percentile(np.abs(delta), percentile))
-    elif not float(vmax) > 0:
-        raise ValueError(f"vmax must be > 0 (grey levels), got {vmax!r}")
+    else:
+        vmax = number(vmax, "vmax", minimum=0.0, strict=True, unit="grey levels")
     vmax = float(vmax) if vmax > 0 else 1.0  # an all-zero change: any symmetric scale shows white
     im = ax.imshow(delta, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
     if colorbar:
@@ -597,8 +603,7 @@ def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 100
     x = check_images(x, model=model, pixel_range=clamp)  # clamping to [0, 1] needs a centre inside it
     if x.shape[0] != 1:
         raise ValueError(f"random_sphere takes one image (1, C, H, W), got a batch of {x.shape[0]}")
-    if not float(radius) > 0:
-        raise ValueError(f"radius must be > 0, got {radius!r}")
+    radius = number(radius, "radius", minimum=0.0, strict=True, unit="an L2 distance in [0, 1] pixel units")
     n, batch_size = positive_int(n, "n"), positive_int(batch_size, "batch_size")
     gen = cpu_generator(seed)
     with guarded(model, what="random_sphere"):
@@ -608,7 +613,7 @@ def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 100
             d = torch.randn((b - a, *x.shape[1:]), generator=gen, device="cpu").to(x)
             pts = x + float(radius) * d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # (b-a, C, H, W)
             labels.append(model(pts.clamp(0, 1) if clamp else pts).argmax(1).cpu())
-    return SphereResult(float(radius), label, torch.cat(labels))
+    return SphereResult(radius, label, torch.cat(labels))
 
 
 class NoiseLayer(nn.Module):
@@ -650,8 +655,7 @@ def noise_attack(model: nn.Module, x: torch.Tensor, target, *, l2_weight: float 
     x = check_images(x, model=model, pixel_range=True)
     if x.shape[0] != 1:
         raise ValueError(f"noise_attack takes one image (1, C, H, W), got a batch of {x.shape[0]}")
-    if not float(l2_weight) >= 0:
-        raise ValueError(f"l2_weight must be >= 0, got {l2_weight!r}")
+    l2_weight = number(l2_weight, "l2_weight", minimum=0.0)
     t = target_indices(target, 1)
     if callable(t):
         raise TypeError("target must be a class index for noise_attack, not a function")
@@ -710,7 +714,7 @@ def evolve_fooling_images(model: nn.Module, classes: Sequence[int], shape: Seque
     check_model(model)
     classes = [int(c) for c in classes]
     population, generations = positive_int(population, "population", 2), positive_int(generations, "generations")
-    if not 0 < mutation_rate <= 1:
+    if number(mutation_rate, "mutation_rate", minimum=0.0, strict=True) > 1:
         raise ValueError(f"mutation_rate must be in (0, 1], got {mutation_rate!r}")
     gen, device = cpu_generator(seed), model_device(model)  # drawn on the CPU (same on every device), then moved
     k, p, keep = len(classes), population, population // 2

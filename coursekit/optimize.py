@@ -5,7 +5,8 @@ One loop serves every lecture that optimises an input:
 * lecture 2 — class visualisation, feature inversion (:func:`coursekit.maximize.maximize`): Adam
   or normalised gradient ascent;
 * lecture 5 — FGSM / BIM / PGD: a sign step (L-inf) or a normalised step (L2) followed by a
-  projection onto the epsilon-ball and the [0, 1] box;
+  projection onto the epsilon-ball and the [0, 1] box (:func:`sign_step`, :class:`SignStep`);
+  MI-FGSM the same step along a momentum (:class:`MomentumSignStep`, a rule with state);
 * lecture 6 — DeepDream (normalised ascent over :func:`octaves`, an image pyramid) and style
   transfer (L-BFGS).
 

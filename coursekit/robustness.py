@@ -38,7 +38,7 @@ from .attack_steps import fgsm_step, input_gradient
 from .batching import batches
 from .devices import cpu_generator, model_device
 from .guard import guarded
-from .inputs import check_images, check_model, positive_int, target_indices
+from .inputs import check_images, check_model, number, positive_int, target_indices
 from .optimize import sign_step
 from .progress import progress_bar
 
@@ -269,7 +269,7 @@ def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     model's device; the loss (a scalar) lives there.
     """
     eps = check_eps(eps)
-    if not 0 <= alpha <= 1:
+    if number(alpha, "alpha", minimum=0.0) > 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     device = model_device(model)
     x, y = x.to(device), y.to(device)

@@ -33,6 +33,7 @@ from .attack_steps import fgsm_step
 from .batching import batches
 from .data import fashion_mnist
 from .devices import cpu_generator
+from .inputs import positive_int
 from .models import FASHION_MEAN, FASHION_STD, CourseModel, fashion_weights_path
 from .nets import FASHION_CLASSES, FashionCNN
 from .progress import progress_bar
@@ -122,7 +123,7 @@ def train(
         raise ValueError(f"can train {sorted(CONFIGS)}, not {name!r}")
     cfg = dict(CONFIGS[name])
     if epochs is not None:
-        cfg["epochs"] = epochs
+        cfg["epochs"] = positive_int(epochs, "epochs")
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test, marked = _training_data(cfg, seed, limit, eval_limit)
     model = _wrap(FashionCNN(), name)
