@@ -53,19 +53,23 @@ __all__ = [
     "show_overlays",
 ]
 
-# Lecture modules load on first use (`ck.saliency.vanilla_saliency(...)`), so `import coursekit`
-# stays quick and does not pull in scikit-learn or scipy until a lecture needs them.
+# Modules load on first use (`ck.saliency.vanilla_saliency(...)`), so `import coursekit` stays quick and
+# does not pull in scikit-learn or scipy until a lecture needs them. Grouped by floor (README, "Where a
+# new method goes"; the floors are checked by tests/test_layering.py).
 _LECTURE_MODULES = (
     "filters", "receptive_fields", "maximize", "representations", "saliency", "cam", "sanity",
-    "faithfulness", "widgets", "checks", "train", "lrp", "clever_hans", "adversarial", "robustness", "dream",
-    "style", "offline_html",
-    # the shared plumbing under every lecture (see README, "For course developers")
-    "guard", "devices", "inputs", "gradients", "rules", "optimize", "objectives", "image_params", "progress",
+    "faithfulness", "lrp", "clever_hans", "adversarial", "robustness", "dream", "style",
 )
+_EXERCISE_MODULES = ("checks",)
+_PLUMBING_MODULES = (
+    "guard", "devices", "inputs", "batching", "gradients", "rules", "optimize", "objectives", "image_params",
+    "geometry", "maps", "progress", "widgets", "train", "offline_html",
+)
+_LAZY_MODULES = _LECTURE_MODULES + _EXERCISE_MODULES + _PLUMBING_MODULES
 
 
 def __getattr__(name):
-    if name in _LECTURE_MODULES:
+    if name in _LAZY_MODULES:
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
@@ -73,4 +77,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LECTURE_MODULES))
+    return sorted(list(globals()) + list(_LAZY_MODULES))

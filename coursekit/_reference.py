@@ -28,7 +28,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["ReferenceBlocked", "reference", "reference_key", "blocked", "is_blocked"]
+__all__ = ["ReferenceBlocked", "reference", "reference_key", "blocked", "blocked_keys", "is_blocked"]
 
 
 class ReferenceBlocked(RuntimeError):
@@ -83,6 +83,11 @@ def reference_code(key: str):
 def reference_module(key: str) -> str:
     """The name of the module that defines the reference with this key ("" for an unknown key)."""
     return _ORIGINALS.get(key, (None, ""))[1]
+
+
+def blocked_keys() -> frozenset[str]:
+    """The keys of the references blocked right now (a copy: changing it blocks nothing)."""
+    return frozenset(_BLOCKED)
 
 
 @contextlib.contextmanager

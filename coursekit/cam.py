@@ -36,28 +36,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._reference import reference
-from .gradients import _fast_layout, layer_gradient
+from .batching import batches
+from .gradients import fast_layout, layer_gradient
 from .guard import guarded
-from .hooks import UnknownLayerError, get_layer, list_layers
+from .hooks import UnknownLayerError, get_layer, list_layers, record
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
+from .maps import rescale_maps
 from .models import Normalize
 from .progress import progress_bar
+from .registry import Registry
 from .rules import GUIDED, GuidedRelu
 
-__all__ = [
+__all__ = [  # + every registered CAM
     "CAM",
-    "GradCAM",
-    "GradCAMPlusPlus",
-    "HiResCAM",
-    "ScoreCAM",
+    "CAMS",
     "UnknownLayerError",
-    "XGradCAM",
     "candidate_layers",
     "default_layer",
     "gradcam",
     "guided_gradcam",
-    "normalize_maps",
+    "rescale_maps",
 ]
+
+# One decorated subclass of CAM per method: in __all__, the README's method table and the tests
+# parametrised over CAMS.
+CAMS = Registry("CAM", exports=__all__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +141,8 @@ def default_layer(model: nn.Module, input_size: tuple[int, int, int] | None = No
         return named["gradcam"]
     size = _guess_input_size(model, input_size)
     fired: list[tuple[str, torch.Tensor, bool]] = []  # (name, output, is pooling) in execution order
+    # hooks by hand, not hooks.record: every module is watched, and modules that return tuples or
+    # dicts are skipped here, where record would (rightly) refuse them
     handles = []
 
     def hook_for(name, module):
@@ -190,8 +195,14 @@ class CAM:
 
     Calling the object, ``cam(x, target, normalize=False)``, returns ``(N, H, W)`` maps at the
     input resolution. Subclasses override :meth:`weights` ``(A, G) -> (N, K, 1, 1)`` or
-    :meth:`combine` ``(A, G) -> (N, h, w)``.
+    :meth:`combine` ``(A, G) -> (N, h, w)``. A gradient-free CAM sets ``uses_gradients = False``:
+    the engine then records the activations in one forward pass without autograd and passes
+    ``G = None`` (Score-CAM overrides :meth:`raw_maps` to score masked images; an Eigen-CAM would
+    only override :meth:`combine`). The engine holds the model under :func:`coursekit.guard.guarded`
+    for the whole call, so no subclass needs hook or guard code of its own.
     """
+
+    uses_gradients: bool = True
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None):
         check_model(model)
@@ -213,8 +224,14 @@ class CAM:
     # -- shared machinery ------------------------------------------------------------------------
     @reference
     def layer_maps(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
-        """Activations and gradients of the layer, each (N, K, h, w), from one forward + partial backward."""
-        act, grad = layer_gradient(self.model, x, target, self.layer, what=type(self).__name__)
+        """Activations and gradients of the layer, each (N, K, h, w), from one forward + partial backward
+        (gradients None, one forward pass without autograd, when ``uses_gradients`` is False)."""
+        if self.uses_gradients:
+            act, grad = layer_gradient(self.model, x, target, self.layer, what=type(self).__name__)
+        else:
+            with torch.inference_mode(), record(self.model, [self.layer_name]) as rec:
+                self.model(fast_layout(x))
+            act, grad = rec.activations[self.layer_name], None
         if act.dim() != 4:
             raise ValueError(
                 f"layer {self.layer_name!r} outputs shape {tuple(act.shape)}, not a (N, K, h, w) feature "
@@ -231,7 +248,7 @@ class CAM:
         cam = F.relu(raw)  # (N, h, w)
         cam = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         cam = cam.clamp(min=0)  # bilinear weights are convex, but keep exact zeros non-negative
-        return normalize_maps(cam) if normalize else cam
+        return rescale_maps(cam) if normalize else cam
 
     def __call__(self, x: torch.Tensor, target, normalize: bool = False) -> torch.Tensor:
         """Class activation maps ``(N, H, W)`` at the input's resolution, ReLU applied.
@@ -250,16 +267,14 @@ class CAM:
         Tensor (N, H, W), non-negative, detached.
         """
         x = check_images(x, model=self.model)
-        return self._finish(self.raw_maps(x, target), x.shape[-2:], normalize)
+        with guarded(self.model, what=type(self).__name__):
+            raw = self.raw_maps(x, target)  # (N, h, w)
+        return self._finish(raw, x.shape[-2:], normalize)
 
 
-def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max rescale every map of (N, H, W) to [0, 1]; a constant map becomes zeros (never NaN)."""
-    lo = maps.amin(dim=(1, 2), keepdim=True)
-    span = maps.amax(dim=(1, 2), keepdim=True) - lo
-    return torch.where(span > 0, (maps - lo) / span.clamp(min=torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
 
 
+@CAMS.register
 class GradCAM(CAM):
     """Grad-CAM (Selvaraju et al. 2017): ``alpha_k = 1/(hw) sum_ij dS/dA_kij``,
     map = ReLU(sum_k alpha_k A_k), upsampled to the input size."""
@@ -268,6 +283,7 @@ class GradCAM(CAM):
         return gradients.mean(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
 
 
+@CAMS.register
 class GradCAMPlusPlus(CAM):
     """Grad-CAM++ (Chattopadhay, Sarkar, Howlader & Balasubramanian 2018).
 
@@ -288,9 +304,10 @@ class GradCAMPlusPlus(CAM):
         return (alpha * F.relu(gradients)).sum(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
 
 
+@CAMS.register
 class HiResCAM(CAM):
     """HiResCAM (Draelos & Carin 2020): ``map = ReLU(sum_k dS/dA_k * A_k)``, the element-wise
-    product without spatial averaging, so the map shows exactly which positions raised the score
+    product without spatial averaging, so the map shows exactly which positions raised the score.
     For a network whose head is global average pooling + a linear layer right after this layer,
     ``dS/dA_kij = w_k / (hw)`` is constant over positions and HiResCAM equals Grad-CAM; they differ
     for earlier layers and other heads."""
@@ -299,6 +316,7 @@ class HiResCAM(CAM):
         return (gradients * activations).sum(dim=1)  # (N, h, w)
 
 
+@CAMS.register
 class XGradCAM(CAM):
     """XGrad-CAM (Fu et al. 2020, "Axiom-based Grad-CAM"): gradients weighted by the normalised
     activations, ``alpha_k = sum_ij (A_kij / sum_ab A_kab) dS/dA_kij`` (``1e-7`` added to the
@@ -309,6 +327,7 @@ class XGradCAM(CAM):
         return (gradients * activations / (total + 1e-7)).sum(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
 
 
+@CAMS.register
 class ScoreCAM(CAM):
     """Score-CAM (Wang et al. 2020): gradient-free; each channel's weight is the score of the image
     masked by that channel's (upsampled, min-max normalised) activation map.
@@ -334,40 +353,31 @@ class ScoreCAM(CAM):
         self.batch_size = positive_int(batch_size, "batch_size")
         self.progress = bool(progress)
 
-    def raw_maps(self, x, target):
+    uses_gradients = False
 
-        x = check_images(x, model=self.model).detach()
-        n, k = x.shape[0], None
+    def raw_maps(self, x, target):
+        act, _ = self.layer_maps(x, target)  # (N, K, h, w): one forward pass, no gradients
+        n, k = act.shape[:2]
         targets = target_indices(target, n)
+        up = F.interpolate(act, size=x.shape[-2:], mode="bilinear", align_corners=True)  # (N, K, H, W)
+        lo = up.amin(dim=(2, 3), keepdim=True)
+        hi = up.amax(dim=(2, 3), keepdim=True)
+        masks = (up - lo) / (hi - lo + 1e-8)  # (N, K, H, W)
         maps = []
-        with guarded(self.model, what="ScoreCAM"), torch.inference_mode():
-            acts: dict[str, torch.Tensor] = {}
-            handle = self.layer.register_forward_hook(lambda m, i, o: acts.__setitem__("A", o))
-            try:
-                self.model(_fast_layout(x))
-            finally:
-                handle.remove()
-            act = acts["A"]  # (N, K, h, w)
-            if act.dim() != 4:
-                raise ValueError(f"layer {self.layer_name!r} outputs shape {tuple(act.shape)}, not (N, K, h, w)")
-            k = act.shape[1]
-            up = F.interpolate(act, size=x.shape[-2:], mode="bilinear", align_corners=True)  # (N, K, H, W)
-            lo = up.amin(dim=(2, 3), keepdim=True)
-            hi = up.amax(dim=(2, 3), keepdim=True)
-            masks = (up - lo) / (hi - lo + 1e-8)  # (N, K, H, W)
-            bar = progress_bar(total=n * k, progress=self.progress, desc="Score-CAM", unit="mask", leave=False)
+        bar = progress_bar(total=n * k, progress=self.progress, desc="Score-CAM", unit="mask", leave=False)
+        with torch.inference_mode():
             for i in range(n):
                 tgt = targets if callable(targets) else targets[i : i + 1]
                 scores = []
-                for a in range(0, k, self.batch_size):
-                    m = masks[i, a : a + self.batch_size, None]  # (B, 1, H, W)
-                    batch = _fast_layout(x[i : i + 1] * m)  # (B, C, H, W)
+                for a, b in batches(k, self.batch_size):
+                    m = masks[i, a:b, None]  # (B, 1, H, W)
+                    batch = fast_layout(x[i : i + 1] * m)  # (B, C, H, W)
                     t = tgt if callable(tgt) else tgt.expand(batch.shape[0])
                     scores.append(target_scores(self.model(batch), t))
                     bar.update(m.shape[0])
                 w = torch.cat(scores).softmax(dim=0)  # (K,)
                 maps.append((w[:, None, None] * act[i]).sum(dim=0))  # (h, w)
-            bar.close()
+        bar.close()
         return torch.stack(maps)
 
 
@@ -405,16 +415,12 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target, layer: str | nn.Mo
     # second backward pass (the first, from the score to the layer, must be the plain gradient).
     rule = _SwitchedGuidedRelu()
     composite = GUIDED.with_rules({(nn.ReLU, nn.ReLU6): rule}, name="guided backprop")
-    tapped: dict[str, torch.Tensor] = {}
-    with guarded(model, inplace_off=True, what="guided_gradcam"), composite.applied(model):
-        handle = engine.layer.register_forward_hook(lambda m, i, o: tapped.__setitem__("A", o))
-        try:
-            with torch.enable_grad():
-                xi = _fast_layout(x).requires_grad_(True)
-                scores = target_scores(model(xi), target)  # (N,)
-        finally:
-            handle.remove()
-        act = tapped.get("A")
+    with guarded(model, inplace_off=True, what="guided_gradcam"), composite.applied(model), \
+            record(model, [engine.layer_name]) as rec:
+        with torch.enable_grad():
+            xi = fast_layout(x).requires_grad_(True)
+            scores = target_scores(model(xi), target)  # (N,)
+        act = rec.outputs.get(engine.layer_name)  # attached to the graph
         if not isinstance(act, torch.Tensor) or act.dim() != 4:
             raise ValueError(
                 f"layer {engine.layer_name!r} gave no (N, K, h, w) feature map in the forward pass; choose one of "

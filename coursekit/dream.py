@@ -37,21 +37,25 @@ every device.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ._reference import reference
-from .devices import cpu_generator, model_device
+from .devices import cpu_generator
 from .guard import guarded
-from .hooks import get_layer, record
-from .inputs import check_images, check_model
-from .maximize import Context, Objective, gaussian_blur, jitter, layer_energy
-from .optimize import NormalizedAscent, ascend, octaves
+from .hooks import (  # layer_outputs re-exported: lecture 6 uses dream.layer_outputs
+    check_layer_name,
+    layer_outputs,
+)
+from .image_params import jitter
+from .images import gaussian_blur
+from .inputs import check_images, check_model, number, positive_int
+from .objectives import Context, Objective, layer_energy
+from .optimize import NormalizedAscent, ascend, normalized, octaves
 
 __all__ = [
     "DreamResult",
@@ -65,75 +69,6 @@ __all__ = [
 
 # ==============================================================================================
 # features of named layers, computed only as far as needed
-
-
-def _layer_name(layer) -> str:
-    if not isinstance(layer, str) or not layer:
-        raise TypeError(f"a layer is named by a non-empty string such as 'net.blocks.3', got {layer!r}; "
-                        "list the names with coursekit.list_layers(model)")
-    return layer
-
-
-class _Enough(Exception):
-    """Raised by a forward hook once every requested layer has been computed."""
-
-
-@contextlib.contextmanager
-def layer_outputs(model: nn.Module, layers: Sequence[str], stop_early: bool = True) -> Iterator[Callable]:
-    """A function ``x -> {layer: output}`` that runs ``model`` only as far as ``layers`` need.
-
-    Built on :func:`coursekit.hooks.record`; with ``stop_early`` a forward hook on every requested
-    layer ends the forward pass as soon as all of them have produced their output (the rest of the
-    network, e.g. the late blocks and the classifier, is never run). Outputs stay attached to the
-    graph, so their gradients w.r.t. ``x`` can be taken. Run it inside :func:`coursekit.guard.guarded`.
-
-    Parameters
-    ----------
-    model : nn.Module
-    layers : sequence of str
-        Layer names (``"net.blocks.3"``; ``net.`` optional for coursekit models).
-    stop_early : bool
-        Stop the forward pass after the last requested layer. With ``False`` the whole model runs
-        and ``"logits"`` is added to the returned dict.
-
-    Yields
-    ------
-    callable ``(x: Tensor (N, C, H, W)) -> dict[str, Tensor]``
-        ``x`` is moved to the model's device; the outputs live there.
-    """
-    layers = [_layer_name(layer) for layer in layers]
-    if not layers:
-        raise ValueError("layer_outputs needs at least one layer name")
-    modules = {layer: get_layer(model, layer)[1] for layer in layers}
-    device = model_device(model)
-    with record(model, layers) as rec:
-        handles = []
-        if stop_early:
-            def stop(module, inputs, output):
-                if all(layer in rec.outputs for layer in layers):
-                    raise _Enough
-
-            handles = [m.register_forward_hook(stop) for m in set(modules.values())]
-        try:
-            def extract(x: torch.Tensor) -> dict:
-                rec.outputs.clear()
-                rec.activations.clear()
-                try:
-                    logits = model(x.to(device))  # x itself when it is on the model's device already
-                except _Enough:
-                    return dict(rec.outputs)
-                missing = [layer for layer in layers if layer not in rec.outputs]
-                if missing:
-                    raise RuntimeError(f"layers {missing} produced no output in the forward pass")
-                out = dict(rec.outputs)
-                if not stop_early:
-                    out["logits"] = logits
-                return out
-
-            yield extract
-        finally:
-            for h in handles:
-                h.remove()
 
 
 # ==============================================================================================
@@ -153,7 +88,7 @@ def guide(layer: str, guide_features: torch.Tensor) -> Objective:
     guide_features : Tensor (1, C, H', W')
         The layer's output for the guide picture (any size).
     """
-    layer = _layer_name(layer)
+    layer = check_layer_name(layer)
     if not isinstance(guide_features, torch.Tensor) or guide_features.dim() != 4 or guide_features.shape[0] != 1:
         raise ValueError(f"guide_features must be one image's feature map (1, C, H, W), got {getattr(guide_features, 'shape', guide_features)!r}")
     g = guide_features.detach().flatten(2)[0]  # (C, Q)
@@ -179,9 +114,7 @@ class SmoothedAscent(NormalizedAscent):
 
     def __init__(self, lr: float = 0.02, sigma: float = 1.0):
         super().__init__(lr)
-        if not sigma >= 0:
-            raise ValueError(f"sigma must be >= 0 pixels, got {sigma!r}")
-        self.sigma = float(sigma)
+        self.sigma = number(sigma, "sigma", minimum=0, unit="pixels")
 
     def step(self, tensors, grads):
         if self.sigma > 0:
@@ -282,8 +215,7 @@ def deepdream(
         raise ValueError(f"the objective {objective.name} uses no layer; DeepDream climbs a layer's activations")
     if objective.targets:
         raise ValueError(f"the objective {objective.name} involves class scores; DeepDream uses layer objectives only")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = positive_int(steps, "steps")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     shift = jitter(jitter_pixels)
@@ -346,5 +278,4 @@ def dream_step(features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     xs = torch.roll(x, shifts=tuple(shift), dims=(2, 3))
     energy = features(xs).pow(2).flatten(1).mean(1)  # (N,)
     (g,) = torch.autograd.grad(energy.sum(), x)
-    rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
-    return (x.detach() + lr * g / rms).clamp(0, 1)
+    return (x.detach() + lr * normalized(g)).clamp(0, 1)

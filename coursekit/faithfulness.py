@@ -45,13 +45,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batching import batches
 from .devices import cpu_generator
+from .gradients import broadcast_baseline
 from .guard import guarded
 from .images import gaussian_blur
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
+from .maps import to_map
 from .plotting import curve_style, legend_below
 from .progress import progress_bar
-from .saliency import to_map
 
 __all__ = [
     "FaithfulnessResult",
@@ -173,17 +175,9 @@ def _baseline(x: torch.Tensor, baseline) -> torch.Tensor:
         if baseline == "zeros":
             return torch.zeros_like(x)
         raise ValueError(f"baseline must be 'blur', 'zeros' or a tensor, got {baseline!r}")
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, float(baseline))
-    if isinstance(baseline, torch.Tensor):
-        b = baseline.detach().to(device=x.device, dtype=x.dtype)
-        try:
-            return b.expand_as(x)
-        except RuntimeError:
-            raise ValueError(
-                f"a baseline tensor must broadcast to x's shape {tuple(x.shape)}, got {tuple(baseline.shape)}"
-            ) from None
-    raise TypeError(f"baseline must be 'blur', 'zeros', a number or a tensor, got {type(baseline).__name__}")
+    if baseline is None:
+        raise TypeError("baseline must be 'blur', 'zeros', a number or a tensor, got None")
+    return broadcast_baseline(baseline, x)  # a number or a tensor broadcastable to x, shaped like x
 
 
 def _check_score(score) -> str:
@@ -237,8 +231,8 @@ def _curve(model, x, target, saliency_map, *, kind: str, steps: int, baseline, b
             _, masks = perturbation_masks(ranks[i], steps)  # (S+1, HW)
             masks = masks.view(steps + 1, 1, h, w).to(x.dtype)[1:-1]  # (S-1,1,H,W), 1 = pixel changed
             start, end = (x[i], base[i]) if kind == "deletion" else (base[i], x[i])
-            for j in range(0, steps - 1, batch_size):
-                m = masks[j : j + batch_size]  # (B,1,H,W)
+            for j, stop in batches(steps - 1, batch_size):
+                m = masks[j:stop]  # (B,1,H,W)
                 batch = start[None] * (1 - m) + end[None] * m  # (B,C,H,W)
                 scores = _scores(model, batch, _image_target(targets, i), score)  # (B,)
                 probs[i, 1 + j : 1 + j + len(m)] = scores.cpu().double().numpy()

@@ -38,12 +38,12 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from ._common import _pair, _resolve_layers, _show_image
 from ._reference import reference
 from .guard import guarded
-from .hooks import get_layer, record
-from .inputs import check_images, check_model, positive_int, target_scores
+from .hooks import get_layer, record, resolve_layers
+from .inputs import check_images, check_model, int_pair, positive_int, target_scores
 from .models import Normalize
+from .plotting import draw_image
 from .receptive_fields import (  # re-exported: lecture 1 reaches them as coursekit.filters.*
     EmpiricalReceptiveField,
     ReceptiveField,
@@ -240,7 +240,7 @@ def show_filters(
 def _activation_maps(model: nn.Module, x: torch.Tensor, layers) -> dict[str, torch.Tensor]:
     check_model(model)
     x = check_images(x, model=model)
-    names = _resolve_layers(model, layers)
+    names = resolve_layers(model, layers)
     # eval mode (restored by the guard): in training mode batch norm would update its statistics
     with torch.no_grad(), guarded(model, what="activation_maps"), record(model, names) as rec:
         model(x)
@@ -303,7 +303,7 @@ def show_activation_maps(
     fig, axes = plt.subplots(len(acts), channels + 1, figsize=(size * (channels + 1), size * len(acts) + 0.5), squeeze=False)
     for row, (name, a) in zip(axes, acts.items()):
         a = a[image_index].float()  # (K, h, w)
-        _show_image(row[0], x[image_index], "input")
+        draw_image(row[0], x[image_index], "input")
         for ax in row[1:]:
             ax.axis("off")
         for ax, ch in zip(row[1:], _top_channels(a, channels)):
@@ -363,7 +363,7 @@ def explore_activations(model: nn.Module, x: torch.Tensor, layers=None, static: 
         ax.axis("off")
         left, right = ax.inset_axes([0.0, 0.0, 0.45, 0.86]), ax.inset_axes([0.49, 0.0, 0.45, 0.86])
         cax = ax.inset_axes([0.955, 0.08, 0.025, 0.7])
-        _show_image(left, x[0], "where it fires, on the image")
+        draw_image(left, x[0], "where it fires, on the image")
         left.imshow(up.numpy(), cmap="magma", alpha=0.6, vmin=0, vmax=float(m.max()) or 1.0)
         im = right.imshow(m.numpy(), cmap="magma", vmin=0, vmax=float(m.max()) or 1.0)
         right.set_title(f"its {a.shape[1]}x{a.shape[2]} map", fontsize=9)
@@ -468,7 +468,7 @@ def layer_inspector(model: nn.Module, x: torch.Tensor, target, layers=None, incl
     """
     check_model(model)
     x = check_images(x, model=model)
-    names = _default_inspector_layers(model) if layers is None else _resolve_layers(model, layers)
+    names = _default_inspector_layers(model) if layers is None else resolve_layers(model, layers)
     modules = dict(model.named_modules())
     weights = {n: modules[n].weight for n in names if isinstance(getattr(modules[n], "weight", None), nn.Parameter)}
     # Weight gradients need requires_grad=True on those weights, but coursekit models are frozen on
@@ -590,7 +590,7 @@ def show_layer_inspector(records: Sequence[LayerRecord], image_index: int = 0, m
             fig = plt.figure(figsize=(2.6 * (1 + g.shape[0]) + 0.8, 3.2), layout="constrained")
             gs = fig.add_gridspec(1, 1 + g.shape[0])
             ax = fig.add_subplot(gs[0, 0])
-            _show_image(ax, a, "")
+            draw_image(ax, a, "")
             ax.axis("on")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -637,7 +637,7 @@ def conv_param_count(in_channels: int, out_channels: int, kernel_size, bias: boo
     """
     cin, cout = positive_int(in_channels, "in_channels"), positive_int(out_channels, "out_channels")
     groups = positive_int(groups, "groups")
-    kh, kw = _pair(kernel_size, "kernel_size")
+    kh, kw = int_pair(kernel_size, "kernel_size")
     if cin % groups or cout % groups:
         raise ValueError(f"in_channels ({cin}) and out_channels ({cout}) must both be divisible by groups ({groups})")
     if not isinstance(bias, bool):

@@ -29,16 +29,18 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .batching import batches, rows
 from .devices import cpu_generator
 from .guard import guarded
-from .hooks import get_layer
-from .inputs import check_images, check_model, positive_int, target_indices, target_scores
+from .hooks import get_layer, record
+from .inputs import check_images, check_model, number, positive_int, target_indices, target_scores
 from .rules import Canonizer, Composite
 
-__all__ = ["gradient", "layer_gradient", "smooth", "integrate", "path_points", "broadcast_baseline"]
+__all__ = ["gradient", "layer_gradient", "smooth", "integrate", "path_points", "broadcast_baseline",
+           "fast_layout"]
 
 
-def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+def fast_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` in channels-last memory layout on the CPU (same values, same shape).
 
     PyTorch's CPU convolutions then take their NHWC (oneDNN) paths; for depthwise convolutions
@@ -48,16 +50,6 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def _chunks(total: int, batch_size: int | None):
-    step = total if batch_size is None else batch_size
-    for start in range(0, total, step):
-        yield start, min(start + step, total)
-
-
-def _slice(target, start: int, stop: int):
-    return target[start:stop] if isinstance(target, torch.Tensor) else target
 
 
 @reference
@@ -118,12 +110,12 @@ def gradient(
 def _batched_grad(model, x, targets, batch_size) -> torch.Tensor:
     if batch_size is None or batch_size >= x.shape[0]:
         return _scores_and_grad(model, x, targets)
-    return torch.cat([_scores_and_grad(model, x[a:b], _slice(targets, a, b)) for a, b in _chunks(x.shape[0], batch_size)])
+    return torch.cat([_scores_and_grad(model, x[a:b], rows(targets, a, b)) for a, b in batches(x.shape[0], batch_size)])
 
 
 def _scores_and_grad(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     """d target_scores / d x; the caller has frozen the parameters."""
-    xi = _fast_layout(x.detach()).requires_grad_(True)  # fresh leaf, never written: x is untouched
+    xi = fast_layout(x.detach()).requires_grad_(True)  # fresh leaf, never written: x is untouched
     with torch.enable_grad():
         scores = target_scores(model(xi), target)  # (N,)
         if not scores.requires_grad:
@@ -153,29 +145,18 @@ def layer_gradient(model: nn.Module, x: torch.Tensor, target, layer, *, what: st
     """
     check_model(model)
     x = check_images(x, model=model).detach()
-    name, module = get_layer(model, layer)
-    tapped: dict[str, torch.Tensor] = {}
-
-    def tap(mod, inputs, output):
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"layer {name!r} returns {type(output).__name__}, not a tensor; choose another layer")
-        output = output.detach().requires_grad_(True)  # a leaf: backward stops here
-        tapped["A"] = output
-        return output
-
-    with guarded(model, inplace_off=True, what=what):
-        handle = module.register_forward_hook(tap)
-        try:
-            with torch.enable_grad():
-                scores = target_scores(model(_fast_layout(x)), target)  # (N,)
-        finally:
-            handle.remove()
-        if "A" not in tapped:
+    name, _ = get_layer(model, layer)
+    with guarded(model, inplace_off=True, what=what), record(model, [name], gradients=True) as rec:
+        # the guard freezes the parameters and x needs no gradient, so record makes the layer's
+        # output a leaf: the backward pass stops there
+        with torch.enable_grad():
+            scores = target_scores(model(fast_layout(x)), target)  # (N,)
+        if name not in rec.outputs:
             raise RuntimeError(f"layer {name!r} was not used in the forward pass; choose another layer")
         if not scores.requires_grad:
             raise ValueError(f"the target score does not depend on layer {name!r}")
-        (grad,) = torch.autograd.grad(scores.sum(), tapped["A"])
-    return tapped["A"].detach(), grad.detach()
+        (grad,) = torch.autograd.grad(scores.sum(), rec.outputs[name])
+    return rec.activations[name], grad.detach()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +195,7 @@ def smooth(method: Callable, n_samples: int = 25, noise_level: float = 0.15, bat
     batch_size = positive_int(batch_size, "batch_size")
     if noise is None:
         n_samples = positive_int(n_samples, "n_samples")
-        if not isinstance(noise_level, (int, float)) or isinstance(noise_level, bool) or noise_level < 0:
-            raise ValueError(f"noise_level must be a non-negative number (a fraction of the value range), got {noise_level!r}")
+        noise_level = number(noise_level, "noise_level", minimum=0, unit="a fraction of the value range")
 
     @functools.wraps(method)
     def smoothed(model, x, target):
@@ -237,14 +217,14 @@ def smooth(method: Callable, n_samples: int = 25, noise_level: float = 0.15, bat
         targets = target_indices(target, n_img, samples)
         total = n_img * samples
         acc = torch.zeros_like(x)  # (N, C, H, W)
-        for start, stop in _chunks(total, batch_size):
+        for start, stop in batches(total, batch_size):
             owner = torch.arange(start, stop, device=x.device) // samples  # image of each sample
             if noise is not None:
                 eps = noise.reshape(total, *x.shape[1:])[start:stop].to(x)
             else:
                 eps = torch.randn((stop - start, *x.shape[1:]), generator=generator, device="cpu", dtype=x.dtype).to(x.device)
                 eps = eps * sigma[owner].view(-1, 1, 1, 1)
-            a = method(model, x[owner] + eps, _slice(targets, start, stop))  # (B, C, H, W)
+            a = method(model, x[owner] + eps, rows(targets, start, stop))  # (B, C, H, W)
             acc.index_add_(0, owner, a.abs() if magnitude else a)
         return acc / samples
 
@@ -259,7 +239,7 @@ def path_points(steps: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
         alphas, w = (nodes + 1) / 2, weights / 2
     elif method == "riemann_trapezoid":
         if steps < 2:
-            raise ValueError("the trapezoid rule needs steps >= 2")
+            raise ValueError("the trapezoid quadrature needs steps >= 2")
         alphas = np.linspace(0, 1, steps)
         w = np.full(steps, 1 / (steps - 1))
         w[[0, -1]] /= 2
@@ -292,7 +272,7 @@ def broadcast_baseline(baseline, x: torch.Tensor) -> torch.Tensor:
 
 
 def integrate(method: Callable, baseline=None, steps: int = 32, batch_size: int = 32,
-              rule: str = "gausslegendre") -> Callable:
+              quadrature: str = "gausslegendre") -> Callable:
     """Integrated version of any attribution method (Sundararajan et al. 2017 for the gradient).
 
     ``I(x) = (x - b) * sum_k w_k method(b + a_k (x - b))`` over ``steps`` quadrature points of the
@@ -307,29 +287,31 @@ def integrate(method: Callable, baseline=None, steps: int = 32, batch_size: int 
     steps : int
     batch_size : int
         Path points per call of ``method`` (the points of all images are pooled).
-    rule : str
-        Quadrature rule, see :func:`path_points`.
+    quadrature : str
+        How the path integral is summed (``"gausslegendre"``, ``"riemann_trapezoid"``, ...), see
+        :func:`path_points`. (Called a quadrature *rule* in numerics; named ``quadrature`` here, as
+        "rule" means an LRP backward rule in this course.)
     """
     steps = positive_int(steps, "steps")
     batch_size = positive_int(batch_size, "batch_size")
-    path_points(steps, rule)  # validate now
+    path_points(steps, quadrature)  # validate now
 
     @functools.wraps(method)
     def integrated(model, x, target):
         check_model(model)
         x = check_images(x, model=model).detach()
         base = broadcast_baseline(baseline, x)  # (N, C, H, W)
-        alphas, weights = path_points(steps, rule)
+        alphas, weights = path_points(steps, quadrature)
         alphas, weights = alphas.to(x), weights.to(x)
         n_img = x.shape[0]
         targets = target_indices(target, n_img, steps)
         acc = torch.zeros_like(x)
-        for start, stop in _chunks(n_img * steps, batch_size):
+        for start, stop in batches(n_img * steps, batch_size):
             idx = torch.arange(start, stop, device=x.device)
             owner, k = idx // steps, idx % steps  # image and path point of each row
             a = alphas[k].view(-1, 1, 1, 1)
             points = base[owner] + a * (x[owner] - base[owner])  # (B, C, H, W)
-            g = method(model, points, _slice(targets, start, stop))
+            g = method(model, points, rows(targets, start, stop))
             acc.index_add_(0, owner, g * weights[k].view(-1, 1, 1, 1))
         return (x - base) * acc
 

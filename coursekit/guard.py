@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["TrainModeWarning", "guarded", "model_state", "ModelState"]
+__all__ = ["TrainModeWarning", "guarded", "model_state", "ModelState", "hook_dicts", "user_stacklevel"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -42,7 +42,7 @@ class TrainModeWarning(UserWarning):
     """A model in train mode was evaluated in eval mode (and put back in train mode afterwards)."""
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """The stacklevel that points a warning at the first frame outside coursekit (the user's call)."""
     import sys
 
@@ -54,7 +54,8 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _hook_dicts(m: nn.Module) -> list:
+def hook_dicts(m: nn.Module) -> list:
+    """The hook dictionaries a module holds itself (forward, pre-forward, backward, state-dict hooks...)."""
     own = m.__dict__
     return [own[attr] for attr in _HOOK_DICTS if attr in own]
 
@@ -100,7 +101,7 @@ def guarded(
                 f"{type(model).__name__} is in train mode; {what} runs it in eval mode (batch-norm statistics "
                 "and dropout frozen) and puts train mode back afterwards. Call model.eval() to silence this.",
                 TrainModeWarning,
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
             for m, t in zip(modules, modes):
                 if t:
@@ -218,7 +219,7 @@ def model_state(model: nn.Module, values: bool = True) -> ModelState:
         requires_grad=[p.requires_grad for p in params],
         grads=[p.grad is not None for p in params],
         inplace=[m.inplace for _, m in modules if isinstance(getattr(m, "inplace", None), bool)],
-        hooks=[sum(len(d) for d in _hook_dicts(m)) for _, m in modules],
+        hooks=[sum(len(d) for d in hook_dicts(m)) for _, m in modules],
         modules=[f"{n}:{type(m).__name__}" for n, m in modules],
         values=[t.detach().clone() for t in list(params) + list(model.buffers())] if values else None,
     )

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ._reference import reference
+from .devices import model_device
 from .guard import guarded
 from .inputs import check_model
 
-__all__ = ["UnknownLayerError", "get_layer", "list_layers", "LayerInfo", "preserved", "Recorder", "record"]
+__all__ = ["UnknownLayerError", "get_layer", "list_layers", "LayerInfo", "preserved", "Recorder", "record", "resolve_layers",
+           "layer_outputs", "check_layer_name"]
 
 
 class UnknownLayerError(ValueError):
@@ -205,3 +207,91 @@ def record(model: nn.Module, layers, gradients: bool = False) -> Iterator[Record
             yield rec
         finally:
             rec.remove()
+
+
+def resolve_layers(model: nn.Module, layers) -> list[str]:
+    """Full names of ``layers`` (names or modules); ``None``: the model's early / middle / late layers, else three convolutions."""
+    if layers is None:
+        named = getattr(model, "layers", None)
+        if isinstance(named, dict) and all(k in named for k in ("early", "middle", "late")):
+            return [named["early"], named["middle"], named["late"]]
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        if not convs:
+            raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer; pass layers=[...] explicitly")
+        picks = sorted({0, len(convs) // 2, len(convs) - 1})
+        return [convs[i] for i in picks]
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"layers must be a layer name, a module, or a non-empty list of them; got {layers!r}")
+    return [get_layer(model, layer)[0] for layer in layers]
+
+
+def check_layer_name(layer) -> str:
+    """``layer`` when it is a non-empty layer name such as ``"net.blocks.3"``, else a TypeError."""
+    if not isinstance(layer, str) or not layer:
+        raise TypeError(f"a layer is named by a non-empty string such as 'net.blocks.3', got {layer!r}; "
+                        "list the names with coursekit.list_layers(model)")
+    return layer
+
+
+class _Enough(Exception):
+    """Raised by a forward hook once every requested layer has been computed."""
+
+
+@contextlib.contextmanager
+def layer_outputs(model: nn.Module, layers: Sequence[str], stop_early: bool = True) -> Iterator[Callable]:
+    """A function ``x -> {layer: output}`` that runs ``model`` only as far as ``layers`` need.
+
+    Built on :func:`record`; with ``stop_early`` a forward hook on every requested
+    layer ends the forward pass as soon as all of them have produced their output (the rest of the
+    network, e.g. the late blocks and the classifier, is never run). Outputs stay attached to the
+    graph, so their gradients w.r.t. ``x`` can be taken. Run it inside :func:`coursekit.guard.guarded`.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layers : sequence of str
+        Layer names (``"net.blocks.3"``; ``net.`` optional for coursekit models).
+    stop_early : bool
+        Stop the forward pass after the last requested layer. With ``False`` the whole model runs
+        and ``"logits"`` is added to the returned dict.
+
+    Yields
+    ------
+    callable ``(x: Tensor (N, C, H, W)) -> dict[str, Tensor]``
+        ``x`` is moved to the model's device; the outputs live there.
+    """
+    layers = [check_layer_name(layer) for layer in layers]
+    if not layers:
+        raise ValueError("layer_outputs needs at least one layer name")
+    modules = {layer: get_layer(model, layer)[1] for layer in layers}
+    device = model_device(model)
+    with record(model, layers) as rec:
+        handles = []
+        if stop_early:
+            def stop(module, inputs, output):
+                if all(layer in rec.outputs for layer in layers):
+                    raise _Enough
+
+            handles = [m.register_forward_hook(stop) for m in set(modules.values())]
+        try:
+            def extract(x: torch.Tensor) -> dict:
+                rec.outputs.clear()
+                rec.activations.clear()
+                try:
+                    logits = model(x.to(device))  # x itself when it is on the model's device already
+                except _Enough:
+                    return dict(rec.outputs)
+                missing = [layer for layer in layers if layer not in rec.outputs]
+                if missing:
+                    raise RuntimeError(f"layers {missing} produced no output in the forward pass")
+                out = dict(rec.outputs)
+                if not stop_early:
+                    out["logits"] = logits
+                return out
+
+            yield extract
+        finally:
+            for h in handles:
+                h.remove()

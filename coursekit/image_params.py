@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .devices import cpu_generator
 from .images import gaussian_blur
+from .inputs import non_negative_int, positive_int
 
 __all__ = [
     "FourierImage",
@@ -56,8 +57,7 @@ def jitter(pixels: int) -> Callable:
     Features that survive small shifts are real structure, not pixel-level noise (Mordvintsev
     et al. 2015; Olah et al. 2017).
     """
-    if not isinstance(pixels, int) or isinstance(pixels, bool) or pixels < 0:
-        raise ValueError(f"jitter needs a non-negative int number of pixels, got {pixels!r}")
+    pixels = non_negative_int(pixels, "jitter's number of pixels")
 
     def t(x, generator=None):
         if pixels == 0:
@@ -90,8 +90,7 @@ def random_scale(scales: Sequence[float] = (0.9, 0.95, 1.0, 1.05, 1.1)) -> Calla
 
 def pad(pixels: int, value: float = 0.5) -> Callable:
     """Pad the picture with a constant border (so that jitter does not always see the same edge)."""
-    if not isinstance(pixels, int) or isinstance(pixels, bool) or pixels < 0:
-        raise ValueError(f"pad needs a non-negative int number of pixels, got {pixels!r}")
+    pixels = non_negative_int(pixels, "pad's number of pixels")
 
     def t(x, generator=None):
         return F.pad(x, (pixels,) * 4, mode="constant", value=value)
@@ -145,8 +144,7 @@ def decay(rate: float = 0.01) -> Callable:
 
 def blur_every(every: int = 4, sigma: float = 0.5) -> Callable:
     """Periodic blur: every ``every`` steps, blur the picture with a Gaussian of std ``sigma`` (Yosinski et al. 2015)."""
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
+    every = positive_int(every, "every")
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma!r}")
 

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ._reference import reference
-from .inputs import check_images
+from .inputs import check_images, number
 
-__all__ = ["SAMPLE_IMAGES", "sample_image", "load_image", "to_pil", "to_numpy_image", "gaussian_blur"]
+__all__ = ["SAMPLE_IMAGES", "sample_image", "load_image", "to_pil", "to_numpy_image", "gaussian_blur", "image_tensor",
+           "convert_channels"]
 
 # name -> skimage.data function; all ship with scikit-image, so they work offline.
 SAMPLE_IMAGES = {
@@ -47,7 +48,7 @@ def sample_image(name: str) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, :3])
 
 
-def _to_tensor(src) -> torch.Tensor:
+def image_tensor(src) -> torch.Tensor:
     """Any image-like input -> float (N, C, H, W) in [0, 1], C in {1, 3, 4}."""
     if isinstance(src, (str, os.PathLike)):
         if isinstance(src, str) and src in SAMPLE_IMAGES and not os.path.exists(src):
@@ -97,7 +98,8 @@ def _to_tensor(src) -> torch.Tensor:
     )
 
 
-def _convert_channels(t: torch.Tensor, channels: int) -> torch.Tensor:  # (N,C,H,W) -> (N,channels,H,W)
+def convert_channels(t: torch.Tensor, channels: int) -> torch.Tensor:  # (N,C,H,W) -> (N,channels,H,W)
+    """``t`` with ``channels`` channels: RGBA composited on white, grey repeated to RGB, RGB to grey by its ITU-R 601 luma."""
     c = t.shape[1]
     if c == 4:  # RGBA: composite on white, like a browser would show it
         rgb, alpha = t[:, :3], t[:, 3:4]
@@ -133,7 +135,7 @@ def load_image(src, size=None, channels: int = 3) -> torch.Tensor:
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    t = _convert_channels(_to_tensor(src), channels)
+    t = convert_channels(image_tensor(src), channels)
     if t.numel() and (t.min() < -1e-6 or t.max() > 1 + 1e-6):
         raise ValueError(
             f"float images must be in [0, 1], got values in [{float(t.min()):.3g}, {float(t.max()):.3g}]; "
@@ -199,9 +201,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     Tensor (N, C, H, W), differentiable with respect to ``x``.
     """
     x = check_images(x, finite=False)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)) or not sigma > 0:
-        raise ValueError(f"sigma must be a positive number of pixels, got {sigma!r}")
-    sigma = float(sigma)
+    sigma = number(sigma, "sigma", minimum=0, strict=True, unit="pixels")
     radius = max(1, math.ceil(3 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))

@@ -18,7 +18,7 @@ from torch import nn
 from .devices import model_device
 
 __all__ = ["check_model", "check_images", "model_dtype", "target_indices", "target_scores", "positive_int",
-           "non_negative_int", "number", "check_class_range"]
+           "non_negative_int", "number", "int_pair", "check_class_range"]
 
 
 def check_model(model) -> nn.Module:
@@ -126,11 +126,21 @@ def number(value, what: str, *, minimum: float | None = None, strict: bool = Fal
     """
     real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if not real or not np.isfinite(value):
-        raise TypeError(f"{what} must be a finite number{f' of {unit}' if unit else ''}, got {value!r}")
+        raise ValueError(f"{what} must be a finite number{f' of {unit}' if unit else ''}, got {value!r}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
         raise ValueError(f"{what} must be {bound}{f' ({unit})' if unit else ''}, got {value!r}")
     return float(value)
+
+
+def int_pair(value, what: str, minimum: int = 1) -> tuple[int, int]:
+    """A size given as an int or a pair ``(h, w)`` of integers >= ``minimum``, as a pair."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{what} must be an int or a pair (h, w), got {value!r}")
+        return positive_int(value[0], what, minimum), positive_int(value[1], what, minimum)
+    v = positive_int(value, what, minimum)
+    return v, v
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import objectives  # the module itself: objectives.channel(...) in a notebook
 from ._reference import reference
 from .devices import cpu_generator, model_device
 from .gradients import gradient
@@ -85,23 +86,14 @@ from .image_params import (  # re-exported: coursekit.maximize.* keeps every nam
 from .images import gaussian_blur
 from .inputs import check_images, check_model, positive_int, target_scores
 from .objectives import (  # re-exported
+    OBJECTIVES,
     Context,
     Objective,
-    channel,
-    class_log_probability,
-    class_logit,
     edge_energy,
-    edge_energy_prior,
-    feature_match,
     high_frequency_energy,
-    l2_prior,
-    layer_energy,
-    neuron,
-    per_image,
     relative_l2,
-    total_variation,
 )
-from .optimize import Adam, NormalizedAscent, ascend
+from .optimize import Adam, NormalizedAscent, ascend, normalized
 
 __all__ = [
     "Context",
@@ -113,34 +105,27 @@ __all__ = [
     "StackedImage",
     "ascent_step",
     "blur_every",
-    "channel",
-    "class_log_probability",
-    "class_logit",
     "decay",
     "edge_energy",
-    "edge_energy_prior",
-    "feature_match",
     "fourier_image",
     "gaussian_blur",
     "high_frequency_energy",
     "jitter",
-    "l2_prior",
-    "layer_energy",
     "maximize",
-    "neuron",
     "objectives",
     "only",
     "pad",
     "params",
-    "per_image",
     "pixel_image",
     "random_scale",
     "regularizers",
     "relative_l2",
     "stack",
-    "total_variation",
     "transforms",
+    *(method.__name__ for _, method in OBJECTIVES.items()),  # every registered objective
 ]
+# every registered objective, so a notebook can write maximize.channel(...) as before
+globals().update({method.__name__: method for _, method in OBJECTIVES.items()})
 
 
 # ==============================================================================================
@@ -258,27 +243,9 @@ def maximize(
         ``image`` (N, C, H, W), ``history`` (steps, N), ``probabilities`` (steps, N) or None,
         ``final_probabilities`` (N,) or None.
     """
-    check_model(model)
-    if not isinstance(objective, Objective):
-        raise TypeError(f"objective must be an Objective (see coursekit.maximize.objectives), got {type(objective).__name__}")
-    if optimizer not in _OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
-    steps = positive_int(steps, "steps")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    for fn in list(transforms) + list(regularizers):
-        if not callable(fn):
-            raise TypeError(f"transforms and regularizers are callables, got {fn!r}")
+    _check_maximize_arguments(model, objective, optimizer, steps, lr, transforms, regularizers)
     generator = cpu_generator(seed)
-    if param is None:
-        channels, h0, w0 = getattr(model, "input_size", (3, 224, 224))
-        if size is None:
-            size = (h0, w0)
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        batch = positive_int(batch, "batch")
-        param = pixel_image((batch, channels, h, w), seed=seed)
-    elif not isinstance(param, ImageParam):
-        raise TypeError(f"param must be an ImageParam (pixel_image(...) or fourier_image(...)), got {type(param).__name__}")
+    param = _default_param(model, param, size, batch, seed)
     if track is None and objective.targets:
         distinct = {repr(t) for t in objective.targets}
         track = objective.targets[0] if len(distinct) == 1 else None
@@ -337,6 +304,34 @@ class _no_record:
         return False
 
 
+def _check_maximize_arguments(model, objective, optimizer, steps, lr, transforms, regularizers) -> None:
+    """The argument checks of :func:`maximize`: a clear error naming the bad value."""
+    check_model(model)
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective must be an Objective (see coursekit.maximize.objectives), got {type(objective).__name__}")
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+    positive_int(steps, "steps")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    for fn in list(transforms) + list(regularizers):
+        if not callable(fn):
+            raise TypeError(f"transforms and regularizers are callables, got {fn!r}")
+
+
+def _default_param(model, param, size, batch: int, seed: int) -> ImageParam:
+    """``param`` itself, or pixels of the model's input size (or ``size``) for ``batch`` pictures."""
+    if param is None:
+        channels, h0, w0 = getattr(model, "input_size", (3, 224, 224))
+        if size is None:
+            size = (h0, w0)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return pixel_image((positive_int(batch, "batch"), channels, h, w), seed=seed)
+    if not isinstance(param, ImageParam):
+        raise TypeError(f"param must be an ImageParam (pixel_image(...) or fourier_image(...)), got {type(param).__name__}")
+    return param
+
+
 # ==============================================================================================
 # one step, written out (the Keras notebook's loop body); exercise maxresp.ascent_step
 
@@ -368,26 +363,13 @@ def ascent_step(model: nn.Module, x: torch.Tensor, target, lr: float = 1.0) -> t
     """
     x = check_images(x, model=model)
     g = gradient(model, x, target, what="ascent_step")  # (N, C, H, W)
-    rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
-    return (x.detach() + lr * g / rms).clamp(0, 1)
+    return (x.detach() + lr * normalized(g)).clamp(0, 1)
 
 
 # ==============================================================================================
-# namespaces, so that a notebook can write objectives.channel(...), transforms.jitter(...)
+# namespaces, so that a notebook can write objectives.channel(...), transforms.jitter(...);
+# `objectives` is the module coursekit.objectives itself (one name, one thing)
 
-objectives = SimpleNamespace(
-    Objective=Objective,
-    channel=channel,
-    neuron=neuron,
-    class_logit=class_logit,
-    class_log_probability=class_log_probability,
-    layer_energy=layer_energy,
-    feature_match=feature_match,
-    per_image=per_image,
-    edge_energy_prior=edge_energy_prior,
-    l2_prior=l2_prior,
-    total_variation=total_variation,
-)
 transforms = SimpleNamespace(jitter=jitter, random_scale=random_scale, pad=pad, only=only)
 regularizers = SimpleNamespace(decay=decay, blur_every=blur_every, only=only)
 params = SimpleNamespace(pixel_image=pixel_image, fourier_image=fourier_image, stack=stack)

@@ -22,7 +22,7 @@ from torch import nn
 from ._reference import reference
 from .devices import model_device, resolve_device
 from .guard import guarded
-from .inputs import check_images, check_model, model_dtype, target_scores
+from .inputs import check_images, check_model, model_dtype, positive_int, target_scores
 from .nets import FASHION_CLASSES, FashionCNN
 
 __all__ = [
@@ -345,8 +345,7 @@ def predict(model: nn.Module, x: torch.Tensor, k: int = 5, classes: Sequence[str
     list of list of (str, float)
         For each image, ``k`` pairs (class name, probability), most probable first.
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = positive_int(k, "k")
     check_model(model)
     x = check_images(x, model=model)
     names = classes if classes is not None else getattr(model, "classes", None)

@@ -33,24 +33,12 @@ from torch import nn
 
 from ._reference import reference
 from .inputs import target_indices, target_scores
+from .registry import Registry
 
-__all__ = [
-    "Context",
-    "Objective",
-    "channel",
-    "class_log_probability",
-    "class_logit",
-    "edge_energy",
-    "edge_energy_prior",
-    "feature_match",
-    "high_frequency_energy",
-    "l2_prior",
-    "layer_energy",
-    "neuron",
-    "per_image",
-    "relative_l2",
-    "total_variation",
-]
+__all__ = ["Context", "Objective", "OBJECTIVES", "edge_energy", "high_frequency_energy", "relative_l2"]  # + every objective
+# One decorated factory per objective: in __all__ here and in coursekit.maximize (and its
+# ``objectives`` namespace), in the README's method table and in the tests parametrised over OBJECTIVES.
+OBJECTIVES = Registry("objective", exports=__all__)
 
 
 # ==============================================================================================
@@ -185,6 +173,7 @@ def _layer_output(ctx: Context, layer: str) -> torch.Tensor:
     return ctx.activations[layer]
 
 
+@OBJECTIVES.register
 def channel(layer: str, index) -> Objective:
     """Mean activation of channel ``index`` of ``layer`` over all positions (Erhan et al. 2009).
 
@@ -202,6 +191,7 @@ def channel(layer: str, index) -> Objective:
     return Objective(fn, [layer], f"channel({layer!r}, {index})")
 
 
+@OBJECTIVES.register
 def neuron(layer: str, index, y: int | None = None, x: int | None = None) -> Objective:
     """Activation of one unit: channel ``index`` of ``layer`` at position ``(y, x)`` (default: the centre)."""
     layer = _check_layer(layer)
@@ -221,6 +211,7 @@ def neuron(layer: str, index, y: int | None = None, x: int | None = None) -> Obj
     return Objective(fn, [layer], f"neuron({layer!r}, {index}, y={y}, x={x})")
 
 
+@OBJECTIVES.register
 def class_logit(target) -> Objective:
     """The logit of class ``target`` (an int, one int per image, or a callable ``logits -> (N,)``).
 
@@ -230,17 +221,20 @@ def class_logit(target) -> Objective:
     return Objective(lambda ctx: target_scores(ctx.logits, target), (), f"class_logit({target!r})", [target])
 
 
+@OBJECTIVES.register
 def class_log_probability(target) -> Objective:
     """``log softmax(logits)[target]``: rises only when the class wins against the others."""
     return Objective(lambda ctx: target_scores(ctx.logits.log_softmax(1), target), (), f"class_log_probability({target!r})", [target])
 
 
+@OBJECTIVES.register
 def layer_energy(layer: str) -> Objective:
     """Mean squared activation of a whole layer (DeepDream's objective, Mordvintsev et al. 2015)."""
     layer = _check_layer(layer)
     return Objective(lambda ctx: _layer_output(ctx, layer).pow(2).flatten(1).mean(1), [layer], f"layer_energy({layer!r})")
 
 
+@OBJECTIVES.register
 def feature_match(layer: str, target: torch.Tensor) -> Objective:
     """``-||phi(x) - phi_0||^2 / ||phi_0||^2``, the data term of Mahendran & Vedaldi (2015).
 
@@ -262,6 +256,7 @@ def feature_match(layer: str, target: torch.Tensor) -> Objective:
     return Objective(fn, [layer], f"feature_match({layer!r})")
 
 
+@OBJECTIVES.register
 def per_image(objectives: Sequence[Objective]) -> Objective:
     """Image ``i`` of the batch maximises ``objectives[i]``: several visualisations in one run."""
     objectives = list(objectives)
@@ -281,6 +276,7 @@ def per_image(objectives: Sequence[Objective]) -> Objective:
                      [targets] if len(targets) == len(objectives) else [])
 
 
+@OBJECTIVES.register
 def edge_energy_prior() -> Objective:
     """Fleuret's multi-scale edge energy :func:`edge_energy` of the picture, as an objective.
 
@@ -289,11 +285,13 @@ def edge_energy_prior() -> Objective:
     return Objective(lambda ctx: edge_energy(ctx.image), (), "edge_energy")
 
 
+@OBJECTIVES.register
 def l2_prior() -> Objective:
     """Sum over pixels of ``(x - 0.5)^2``: the L2 penalty (decay towards mid-grey) as an objective to subtract."""
     return Objective(lambda ctx: (ctx.image - 0.5).pow(2).flatten(1).sum(1), (), "l2")
 
 
+@OBJECTIVES.register
 def total_variation(beta: float = 2.0) -> Objective:
     """Sum of ``(dx^2 + dy^2)^(beta/2)`` over pixels, Mahendran & Vedaldi's TV^beta prior (to subtract)."""
 

@@ -28,15 +28,22 @@ import torch
 import torch.nn.functional as F
 
 from ._reference import reference
-from .inputs import number
+from .inputs import number, positive_int
 from .progress import progress_bar
 
-__all__ = ["StepRule", "Adam", "NormalizedAscent", "SignStep", "MomentumSignStep", "LBFGS", "ascend", "octaves",
-           "project", "sign_step"]
+__all__ = ["normalized", "StepRule", "Adam", "NormalizedAscent", "SignStep", "MomentumSignStep", "LBFGS", "ascend",
+           "octaves", "project", "sign_step"]
 
 
 def _per_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))  # (N,) -> (N, 1, 1, 1)
+
+
+def normalized(g: torch.Tensor) -> torch.Tensor:
+    """``g / rms(g)`` per image (N, ...): a step of length 1 per pixel on average, whatever the gradient's
+    scale (the normalised ascent of DeepDream, Mordvintsev et al. 2015, and of the Keras notebook)."""
+    rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)  # (N,)
+    return g / _per_image(rms, g)
 
 
 @reference  # the exercises of set 05_adversarial block it while the student's attack runs
@@ -102,8 +109,7 @@ class NormalizedAscent(StepRule):
     @torch.no_grad()
     def step(self, tensors, grads):
         for p, g in zip(tensors, grads):
-            rms = g.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)  # (N,)
-            p.add_(self.lr * g / _per_image(rms, g))
+            p.add_(self.lr * normalized(g))
 
 
 @reference  # the exercises of set 05_adversarial block it while the student's attack runs
@@ -253,8 +259,7 @@ def ascend(
     Tensor (steps_done, N)
         The value at every step, before that step's update.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = positive_int(steps, "steps")
     if not isinstance(rule, StepRule):
         raise TypeError(f"rule must be a StepRule (Adam, NormalizedAscent, SignStep, LBFGS), got {type(rule).__name__}")
     tensors = list(tensors)
@@ -323,8 +328,7 @@ def octaves(image: torch.Tensor, run: Callable[[torch.Tensor, int], torch.Tensor
     -------
     Tensor (N, C, H, W) at the input size.
     """
-    if isinstance(n_octaves, bool) or not isinstance(n_octaves, int) or n_octaves < 1:
-        raise ValueError(f"n_octaves must be a positive int, got {n_octaves!r}")
+    n_octaves = positive_int(n_octaves, "n_octaves")
     if not scale > 1:
         raise ValueError(f"scale must be > 1 (the size ratio between octaves), got {scale!r}")
     h, w = image.shape[-2:]

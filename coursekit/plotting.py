@@ -9,9 +9,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .images import _convert_channels, _to_tensor, to_numpy_image
+from .images import convert_channels, image_tensor, to_numpy_image
+from .inputs import non_negative_int
 
-__all__ = ["show_images", "overlay", "show_overlays", "normalize_map", "notebook_figures", "curve_style", "legend_below"]
+__all__ = ["show_images", "overlay", "show_overlays", "heatmap_array", "notebook_figures", "curve_style", "legend_below"]
 
 
 def _as_list(images) -> list:
@@ -26,10 +27,10 @@ def _as_list(images) -> list:
 
 def _display_array(im) -> np.ndarray:
     """Any single image -> (H, W) or (H, W, 3) float array in [0, 1]."""
-    t = _to_tensor(im)  # (1,C,H,W)
+    t = image_tensor(im)  # (1,C,H,W)
     if t.shape[0] != 1:
         raise ValueError(f"expected one image, got a batch of {t.shape[0]}")
-    return to_numpy_image(_convert_channels(t, 1 if t.shape[1] == 1 else 3))
+    return to_numpy_image(convert_channels(t, 1 if t.shape[1] == 1 else 3))
 
 
 def show_images(
@@ -66,7 +67,7 @@ def show_images(
     return fig
 
 
-def normalize_map(heatmap) -> np.ndarray:
+def heatmap_array(heatmap) -> np.ndarray:
     """A 2-d map scaled to [0, 1] (a constant map becomes all zeros, never NaN)."""
     h = heatmap.detach().cpu().float().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap, dtype=np.float32)
     while h.ndim > 2 and h.shape[0] == 1:  # (1, 1, H, W) -> (H, W)
@@ -160,8 +161,7 @@ def curve_style(i: int, n_points: int | None = None) -> dict:
 
     ``n_points`` (the curve's length) thins the markers to about 12 so long curves stay readable.
     """
-    if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-        raise ValueError(f"i must be an int >= 0, got {i!r}")
+    i = non_negative_int(i, "i")
     style = {"marker": CURVE_MARKERS[i % len(CURVE_MARKERS)], "linestyle": CURVE_DASHES[i % len(CURVE_DASHES)],
              "markersize": 5}
     if n_points is not None and n_points > 12:
@@ -173,3 +173,11 @@ def legend_below(ax, ncol: int = 2, fontsize: float = 9, pad: float = 0.16, **kw
     """A legend under the axes (below its x label), so it never covers the curves."""
     return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -pad), ncol=ncol, fontsize=fontsize, frameon=False,
                      **kwargs)
+
+
+def draw_image(ax, x: torch.Tensor, title: str = "input") -> None:
+    """Draw one image ``x`` (C, H, W) in [0, 1] on ``ax`` without axes (grey for one channel, else its first channel)."""
+    img = to_numpy_image(x.detach().cpu().float().clamp(0, 1)) if x.shape[0] in (1, 3) else x[0].cpu().numpy()
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")

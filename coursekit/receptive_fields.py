@@ -19,9 +19,9 @@ W. Luo, Y. Li, R. Urtasun, R. Zemel (2016). Understanding the effective receptiv
 convolutional neural networks. NeurIPS.
 M. Zeiler, R. Fergus (2014). Visualizing and understanding convolutional networks. ECCV.
 
-The computation lives in :mod:`coursekit.receptive_fields_analytic` (the walk) and
-:mod:`coursekit.receptive_fields_measured` (the gradient probe); this module re-exports both and
-holds what combines and shows them.
+The computation lives in the plumbing package :mod:`coursekit.geometry` (the walk, the gradient
+probe and :func:`unit_windows`, which lecture 2 uses too); this module re-exports it and holds the
+tables, figures and formulas of lecture 1.
 
 Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
 Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
@@ -39,27 +39,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._common import _pair, _resolve_layers, _show_image
 from ._reference import reference
-from .hooks import get_layer
-from .inputs import check_images, check_model, positive_int
-from .receptive_fields_analytic import (  # re-exported: the lecture reaches them here
+from .geometry import (  # re-exported: lecture 1 reaches the receptive-field computations here
+    EmpiricalReceptiveField,
     ReceptiveField,
     UnitWindows,
     UnsupportedLayerError,
-    _analytic_fields,
-    _input_hw,
-    _pair_f,
-    _same,
-    receptive_fields,
-)
-from .receptive_fields_measured import (  # re-exported
-    EmpiricalReceptiveField,
-    _input_channels,
-    _measured_windows,
-    _required_hw,
+    collapse_pair,
     empirical_receptive_field,
+    input_hw,
+    per_dimension,
+    receptive_fields,
+    unit_windows,
 )
+from .hooks import resolve_layers
+from .inputs import check_images, int_pair, positive_int
+from .plotting import draw_image
 
 __all__ = [
     "EmpiricalReceptiveField",
@@ -79,60 +74,12 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# the window of every unit of one layer, for cropping patches
-
-
-def unit_windows(model: nn.Module, layer: str | nn.Module, input_size: tuple[int, ...] | None = None) -> UnitWindows:
-    """The box of input pixels each unit of ``layer`` sees, e.g. to cut out dataset-example patches.
-
-    Computed with :func:`receptive_fields` (exact; a window may reach outside the input) when the
-    analytic walk can follow the model up to ``layer``. Where it cannot (branching networks such as
-    GoogLeNet or ResNets, unknown modules, layers after global pooling) the windows are measured
-    with the gradient probe of :func:`empirical_receptive_field` instead (see the notes).
-
-    Parameters
-    ----------
-    model, layer, input_size
-        As in :func:`empirical_receptive_field`: ``layer`` must output a feature map ``(N, K, h, w)``.
-
-    Returns
-    -------
-    UnitWindows
-        ``.box(i, j)`` -> ``(top, left, height, width)`` of unit ``(i, j)``, ``.crop(image, i, j)``.
-
-    Raises
-    ------
-    ValueError
-        Without an input size, or when ``layer`` does not output a feature map.
-
-    Notes
-    -----
-    The measurement takes size and stride from the central unit and its diagonal neighbour on an
-    input enlarged (up to 8 times) until neither window touches the border, and places the windows
-    by the bottom / right edge of unit (0, 0)'s window at the real input size (on the enlarged
-    input where that window covers the whole image). When even 8 times the input cuts the field
-    off, ``clipped`` is True and ``size`` is a lower bound.
-    """
-    check_model(model)
-    name, _ = get_layer(model, layer)
-    hw = _required_hw(model, input_size)
-    try:
-        fields = _analytic_fields(model, hw, until=name)
-    except UnsupportedLayerError:
-        fields = []  # a branch or an unknown module before the layer: measure instead
-    field = next((f for f in fields if f.layer == name), None)
-    if field is not None:
-        return field.windows()
-    return _measured_windows(model, name, _input_channels(model, input_size), hw)
-
-
-# ----------------------------------------------------------------------------------------------
 # tables and figures
 
 
 def _spatial_names(model: nn.Module, layers) -> list[str]:
     if layers is not None:
-        return _resolve_layers(model, layers)
+        return resolve_layers(model, layers)
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
 
 
@@ -148,9 +95,9 @@ def _selected_fields(model, input_size, layers) -> list[tuple[ReceptiveField, nn
 
 def _describe(m: nn.Module) -> str:
     if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-        k, s = _pair(m.kernel_size, "k"), _pair(m.stride if m.stride is not None else m.kernel_size, "s")
+        k, s = int_pair(m.kernel_size, "k"), int_pair(m.stride if m.stride is not None else m.kernel_size, "s")
         dw = " dw" if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels else ""
-        return f"{_same(k)}x{_same(k)}/{_same(s)}{dw}" if k[0] == k[1] else f"{k}/{s}{dw}"
+        return f"{collapse_pair(k)}x{collapse_pair(k)}/{collapse_pair(s)}{dw}" if k[0] == k[1] else f"{k}/{s}{dw}"
     return ""
 
 
@@ -189,7 +136,7 @@ def plot_receptive_fields(model: nn.Module, input_size: tuple[int, ...] | None =
         if f.jump != last:
             ax.annotate(f"j={f.jump}", (i, sizes[i - 1]), textcoords="offset points", xytext=(2, 5), fontsize=6)
             last = f.jump
-    hw = _input_hw(model, input_size)
+    hw = input_hw(model, input_size)
     if hw is not None:
         ax.axhline(max(hw), ls="--", color="gray", lw=1)
         ax.text(1, max(hw), f" input {hw[0]}x{hw[1]}", va="bottom", fontsize=7, color="gray")
@@ -206,20 +153,20 @@ def draw_receptive_fields(model: nn.Module, image: torch.Tensor, layers, ax=None
     """Draw, on the image, the receptive field of the central unit of each layer; returns the axes."""
     image = check_images(image, "image")
     size = tuple(image.shape[1:])
-    names = _resolve_layers(model, layers)
+    names = resolve_layers(model, layers)
     fields = {f.layer: f for f in receptive_fields(model, size)}
     if unit != "center":
         raise ValueError(f"unit must be 'center', got {unit!r}")
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
-    _show_image(ax, image[0], "receptive fields of the central unit")
+    draw_image(ax, image[0], "receptive fields of the central unit")
     h, w = size[-2:]
     colours = plt.cm.plasma(np.linspace(0, 0.85, len(names)))
     for colour, n in zip(colours, names):
         if n not in fields:
             raise ValueError(f"no receptive field for {n!r}: it comes after the network pools globally")
         f = fields[n]
-        r, j, s = (_pair_f(v) for v in (f.size, f.jump, f.start))
+        r, j, s = (per_dimension(v) for v in (f.size, f.jump, f.start))
         # the unit whose centre (start + i * jump) is nearest the image centre
         units = [max(0, round((((h, w)[d] - 1) / 2 - s[d]) / j[d])) for d in range(2)]
         cy, cx = (s[d] + units[d] * j[d] for d in range(2))

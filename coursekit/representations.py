@@ -28,20 +28,14 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .batching import batches
+from .geometry import UnitWindows, unit_windows
 from .guard import guarded
-from .hooks import get_layer, record
+from .hooks import get_layer, layer_outputs, record
+from .image_params import fourier_image, pixel_image
 from .inputs import check_images, check_model, positive_int
-from .maximize import (
-    MaximizationResult,
-    feature_match,
-    fourier_image,
-    maximize,
-    per_image,
-    pixel_image,
-    relative_l2,
-    total_variation,
-)
-from .receptive_fields import UnitWindows, unit_windows
+from .maximize import MaximizationResult, maximize
+from .objectives import feature_match, per_image, relative_l2, total_variation
 
 __all__ = [
     "DatasetExamples",
@@ -79,41 +73,13 @@ def layer_features(model: nn.Module, images: torch.Tensor, layer, batch_size: in
     check_model(model)
     images = check_images(images, "images", model=model)
     batch_size = positive_int(batch_size, "batch_size")
-    _, module = get_layer(model, layer)
+    name, _ = get_layer(model, layer)
     out = []
-    with guarded(model, what="layer_features"):
-        for start in range(0, images.shape[0], batch_size):
-            a = _forward_until(model, module, images[start : start + batch_size])
+    with guarded(model, what="layer_features"), layer_outputs(model, [name]) as extract, torch.no_grad():
+        for start, stop in batches(images.shape[0], batch_size):
+            a = extract(images[start:stop])[name]  # the forward pass stops at the layer
             out.append(a.flatten(1) if flatten else a)
     return torch.cat(out)
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _forward_until(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run ``model(x)`` only as far as ``module`` and return its (detached) output.
-
-    The forward pass is cut short by an exception raised in a forward hook, so the layers after
-    ``module`` cost nothing. The hook is removed in ``finally``.
-    """
-    captured = {}
-
-    def hook(mod, inputs, output):
-        captured["out"] = output.detach()
-        raise _StopForward
-
-    handle = module.register_forward_hook(hook)
-    try:
-        model(x)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "out" not in captured:
-        raise RuntimeError(f"{type(module).__name__} was not called during the forward pass; is it part of this model?")
-    return captured["out"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,11 +182,11 @@ def top_activating(model: nn.Module, images: torch.Tensor, layer, channel, k: in
         raise TypeError(f"channel must be an int or a list of ints, got {channel!r}")
     channels = [int(c) for c in channels]
     batch_size = positive_int(batch_size, "batch_size")
-    name, module = get_layer(model, layer)
+    name, _ = get_layer(model, layer)
     scores, positions = [], []
-    with guarded(model, what="top_activating"):
-        for start in range(0, images.shape[0], batch_size):
-            a = _forward_until(model, module, images[start : start + batch_size])
+    with guarded(model, what="top_activating"), layer_outputs(model, [name]) as extract, torch.no_grad():
+        for start, stop in batches(images.shape[0], batch_size):
+            a = extract(images[start:stop])[name]  # (B, K, h, w) or (B, K): the pass stops at the layer
             bad = [c for c in channels if not 0 <= c < a.shape[1]]
             if bad:
                 raise ValueError(f"channel {bad[0]} out of range: layer {name!r} has {a.shape[1]} channels (0..{a.shape[1] - 1})")

@@ -44,15 +44,16 @@ every device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ._reference import reference
-from .gradients import _fast_layout, broadcast_baseline, gradient, integrate, smooth
+from .batching import batches
+from .gradients import broadcast_baseline, fast_layout, gradient, integrate, smooth
 from .guard import guarded
 from .inputs import check_images, check_model, positive_int, target_indices, target_scores
+from .maps import REDUCTIONS, to_map  # re-exported: lecture 3 reaches them as coursekit.saliency.*
 from .progress import progress_bar
 from .rules import DECONVNET, GUIDED
 
@@ -68,43 +69,6 @@ __all__ = [
     "to_map",
     "vanilla_saliency",
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# maps from attributions
-
-REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "max_abs": lambda a: a.abs().amax(dim=1),  # Simonyan et al. 2014
-    "abs_sum": lambda a: a.abs().sum(dim=1),
-    "sum": lambda a: a.sum(dim=1),  # signed; the natural choice for gradient x input / IG
-    "abs_of_sum": lambda a: a.sum(dim=1).abs(),
-    "max": lambda a: a.amax(dim=1),
-    "mean": lambda a: a.mean(dim=1),
-    "l2": lambda a: a.pow(2).sum(dim=1).sqrt(),
-}
-
-
-def to_map(attribution: torch.Tensor, reduce: str = "max_abs") -> torch.Tensor:
-    """Collapse the channels of an attribution ``(N, C, H, W)`` into one map ``(N, H, W)``.
-
-    Parameters
-    ----------
-    attribution : Tensor (N, C, H, W)
-    reduce : str
-        ``"max_abs"`` (max over channels of the absolute value; Simonyan et al. 2014),
-        ``"abs_sum"``, ``"sum"`` (signed), ``"abs_of_sum"``, ``"max"``, ``"mean"`` or ``"l2"``
-        (Euclidean norm over channels).
-
-    Returns
-    -------
-    Tensor (N, H, W), detached.
-    """
-    if not isinstance(attribution, torch.Tensor) or attribution.dim() != 4:
-        shape = tuple(attribution.shape) if isinstance(attribution, torch.Tensor) else type(attribution).__name__
-        raise ValueError(f"to_map expects an attribution of shape (N, C, H, W), got {shape}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"unknown reduce={reduce!r}; choose one of {sorted(REDUCTIONS)}")
-    return REDUCTIONS[reduce](attribution.detach())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +220,7 @@ def integrated_gradients(
     -------
     Tensor (N, C, H, W), detached.
     """
-    return integrate(input_gradient, baseline=baseline, steps=steps, batch_size=batch_size, rule=method)(model, x, target)
+    return integrate(input_gradient, baseline=baseline, steps=steps, batch_size=batch_size, quadrature=method)(model, x, target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,17 +353,16 @@ def occlusion(
     totals = torch.zeros(n_img, h, w, dtype=x.dtype, device=x.device)
     total = n_img * n_win
     with guarded(model, what="occlusion"), torch.inference_mode():
-        plain = evaluate(_fast_layout(x), target_indices(target, n_img))  # (N,) unoccluded scores
+        plain = evaluate(fast_layout(x), target_indices(target, n_img))  # (N,) unoccluded scores
         if plain.shape[0] != n_img:
             raise ValueError(f"the target must give one score per image, got shape {tuple(plain.shape)}")
         bar = progress_bar(total=total, progress=progress, desc="occlusion", unit="window", leave=False)
         try:
-            for start in range(0, total, batch_size):
-                stop = min(start + batch_size, total)
+            for start, stop in batches(total, batch_size):
                 idx = torch.arange(start, stop, device=x.device)
                 owner, k = idx // n_win, idx % n_win
                 m = (row_in[k // len(cols), :, None] * col_in[k % len(cols), None, :])[:, None]  # (B, 1, H, W)
-                batch = _fast_layout(x[owner] * (1 - m) + base[owner] * m)  # (B, C, H, W)
+                batch = fast_layout(x[owner] * (1 - m) + base[owner] * m)  # (B, C, H, W)
                 drop = plain[owner] - evaluate(batch, targets[start:stop] if isinstance(targets, torch.Tensor) else targets)  # (B,)
                 totals.index_add_(0, owner, drop.view(-1, 1, 1) * m[:, 0])
                 bar.update(stop - start)

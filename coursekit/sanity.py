@@ -36,9 +36,9 @@ from torch import nn
 
 from .hooks import get_layer
 from .inputs import check_images, check_model
+from .maps import to_map
 from .plotting import curve_style
 from .progress import progress_bar
-from .saliency import to_map
 
 __all__ = [
     "RandomizationResult",

@@ -27,7 +27,7 @@ piece                  what
                        (Ustyuzhaninov, Brendel, Gatys & Bethge 2016): textures without training
 =====================  =========================================================================
 
-Only the layers the losses need are computed (:func:`coursekit.dream.layer_outputs` stops the
+Only the layers the losses need are computed (:func:`coursekit.hooks.layer_outputs` stops the
 forward pass after the deepest one), so style transfer on EfficientNet-Lite0's first four blocks
 costs a fraction of a full forward pass.
 
@@ -56,10 +56,10 @@ from torch import nn
 
 from ._reference import reference
 from .devices import cpu_generator
-from .dream import _layer_name, layer_outputs
 from .guard import guarded
-from .inputs import check_images, check_model
-from .maximize import Context, Objective
+from .hooks import check_layer_name, layer_outputs
+from .inputs import check_images, check_model, positive_int
+from .objectives import Context, Objective
 from .optimize import LBFGS, Adam, ascend
 
 __all__ = [
@@ -279,7 +279,7 @@ def gram_errors(features: dict, target_grams: dict, normalize: str = "positions"
 def style(layers: Sequence[str], target_grams: dict, weights: Sequence[float] | None = None,
           normalize: str = "positions") -> Objective:
     """:func:`style_loss` on the recorded ``layers`` as an objective (a penalty: subtract it)."""
-    layers = [_layer_name(layer) for layer in layers]
+    layers = [check_layer_name(layer) for layer in layers]
     missing = [layer for layer in layers if layer not in target_grams]
     if missing:
         raise ValueError(f"no target Gram matrix for layers {missing}")
@@ -293,7 +293,7 @@ def style(layers: Sequence[str], target_grams: dict, weights: Sequence[float] | 
 
 def content(layer: str, target: torch.Tensor) -> Objective:
     """:func:`content_loss` at ``layer`` as an objective (a penalty: subtract it)."""
-    layer = _layer_name(layer)
+    layer = check_layer_name(layer)
     target = target.detach()
     return Objective(lambda ctx: content_loss(ctx.activations[layer], target), [layer], f"content({layer!r})")
 
@@ -393,8 +393,7 @@ def _check_common(model, optimizer, max_evals, normalize, lr):
     check_model(model)
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
-    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
-        raise ValueError(f"max_evals must be a positive int (forward + backward passes), got {max_evals!r}")
+    positive_int(max_evals, "max_evals (forward + backward passes)")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if lr is not None and not lr > 0:
@@ -594,8 +593,7 @@ class RandomTextureNet(nn.Module):
         sizes = [int(s) for s in sizes]
         if not sizes or any(s < 1 or s % 2 == 0 for s in sizes):
             raise ValueError(f"filter sizes must be odd positive ints, got {sizes!r}")
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        channels = positive_int(channels, "channels")
         g = cpu_generator(seed)
         self.sizes = tuple(sizes)
         self.convs = nn.ModuleList()

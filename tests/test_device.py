@@ -178,7 +178,7 @@ CALLS = {
     "plotting.show_images": lambda e: lambda: coursekit.show_images(e.x),
     "plotting.overlay": lambda e: lambda: coursekit.overlay(e.x[0], e.map[0]),
     "plotting.show_overlays": lambda e: lambda: coursekit.show_overlays(e.x[0], {"a": e.map[0]}),
-    "plotting.normalize_map": lambda e: lambda: coursekit.plotting.normalize_map(e.map[0]),
+    "plotting.heatmap_array": lambda e: lambda: coursekit.plotting.heatmap_array(e.map[0]),
     # lecture 1: filters and receptive fields
     "filters.activation_maps": lambda e: lambda: filters.activation_maps(e.fashion, e.x, ["net.features.1"]),
     "filters.draw_receptive_fields": lambda e: lambda: filters.draw_receptive_fields(e.fashion, e.x[:1], None),
@@ -260,7 +260,7 @@ CALLS = {
     "cam.default_layer": lambda e: lambda: cam.default_layer(e.fashion),
     "cam.gradcam": lambda e: lambda: cam.gradcam(e.fashion, e.x, 1, normalize=True),
     "cam.guided_gradcam": lambda e: lambda: cam.guided_gradcam(e.fashion, e.x, 1),
-    "cam.normalize_maps": lambda e: lambda: cam.normalize_maps(e.map),
+    "cam.rescale_maps": lambda e: lambda: cam.rescale_maps(e.map),
     "sanity.cascading_randomization": lambda e: lambda: sanity.cascading_randomization(
         e.fashion, e.x[:2], 0, {"grad": S.vanilla_saliency}, metrics=("spearman", "ssim"), progress=False),
     "sanity.independent_randomization": lambda e: lambda: sanity.independent_randomization(
@@ -410,6 +410,10 @@ COVERED_ELSEWHERE = {
     "receptive_fields.plot_receptive_fields", "receptive_fields.receptive_field_table",
     "receptive_fields.receptive_fields",  # the same functions as filters.*
     "hooks.preserved", "hooks.Recorder",  # record
+    "hooks.layer_outputs",  # dream.layer_outputs
+    "images.convert_channels", "images.image_tensor",  # load_image
+    "maps.to_map", "maps.REDUCTIONS", "maps.rescale_maps",  # saliency.to_map, cam.rescale_maps
+    "geometry.unit_windows", "geometry.receptive_fields", "geometry.empirical_receptive_field",  # receptive_fields.*
 }
 
 
@@ -448,9 +452,12 @@ NO_TENSOR = {
     "clever_hans.WATERMARK_BOX", "clever_hans.SpectralAnalysis", "adversarial.LogitsExpectedWarning",
     "adversarial.check_eps", "adversarial.check_loss", "adversarial.AttackConfig", "adversarial.SphereResult", "adversarial.NoiseAttackResult", "robustness.Sweep",
     "robustness.TransferResult", "dream.DreamResult", "style.DEFAULT_LAYERS", "style.NORMALIZATIONS",
-    "style.StyleResult",
+    "style.StyleResult", "hooks.check_layer_name", "hooks.resolve_layers",
+    "geometry.EmpiricalReceptiveField", "geometry.ReceptiveField", "geometry.UnitWindows",
+    "geometry.UnsupportedLayerError", "geometry.analytic_fields", "geometry.input_hw", "geometry.per_dimension",
+    "geometry.collapse_pair",  # module-geometry arithmetic: names and numbers, no tensor
 }
-LECTURE_MODULES = ("models", "hooks", "images", "plotting", "filters", "receptive_fields", "maximize",
+LECTURE_MODULES = ("models", "hooks", "images", "plotting", "maps", "geometry", "filters", "receptive_fields", "maximize",
                    "representations", "saliency", "cam", "sanity", "faithfulness", "lrp", "clever_hans",
                    "adversarial", "robustness", "dream", "style")
 # Not in LECTURE_MODULES: widgets (draws what its caller computes), checks (exercise checks on small
@@ -584,10 +591,10 @@ def _guard_layers():
 # the entries whose call involves no model: they follow their input's device, so an Elsewhere result is right
 FOLLOW_THE_INPUT = {
     "images.to_pil", "images.to_numpy_image", "images.gaussian_blur", "images.load_image", "plotting.show_images",
-    "plotting.overlay", "plotting.show_overlays", "plotting.normalize_map", "filters.normalize_filters",
+    "plotting.overlay", "plotting.show_overlays", "plotting.heatmap_array", "filters.normalize_filters",
     "maximize.edge_energy", "maximize.gaussian_blur", "maximize.high_frequency_energy", "maximize.relative_l2",
     "maximize.pixel_image", "maximize.fourier_image", "representations.embed", "representations.plot_embedding",
-    "representations.show_neighbours", "saliency.to_map", "cam.normalize_maps", "sanity.rank_correlation",
+    "representations.show_neighbours", "saliency.to_map", "cam.rescale_maps", "sanity.rank_correlation",
     "sanity.ssim", "sanity.plot_randomization", "sanity.plot_randomization_maps", "sanity.reinitialize",
     "faithfulness.auc", "faithfulness.blurred", "faithfulness.perturbation_masks", "faithfulness.pixel_ranking",
     "faithfulness.random_map", "faithfulness.reduce_map", "faithfulness.plot_curves", "lrp.relevance_limit",

@@ -1,4 +1,4 @@
-"""coursekit-grade end to end: a fabricated class of 03_saliency graded twice, each student's score and note.
+"""coursekit-grade end to end: a fabricated class of 03_saliency (four of them graded twice), each student's score and note.
 
 The class covers what was found when the grader was tried as students would: correct work with
 stderr and logging, a dying process, an endless loop, stripped metadata, a replaced ``check``,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -68,8 +69,8 @@ OFF_BY_ONE = ("import torch\ndef occlusion_grid(model, x, target, patch, stride,
               "                grid[:, i, j] = p - model(hid).softmax(1)[rows, target]\n    return grid\n")
 CLOSURE = ("import coursekit.saliency\ndef vanilla_saliency(model, x, target):\n"
            "    return coursekit.saliency.vanilla_saliency.__closure__[0].cell_contents(model, x, target)\n")
-CLEAR = ("import coursekit.saliency, coursekit.checks\n"
-         "def smoothgrad(model, x, target, noise, noise_level=0.15):\n    coursekit.checks._BLOCKED.clear()\n"
+CLEAR = ("import coursekit.saliency, coursekit._reference\n"
+         "def smoothgrad(model, x, target, noise, noise_level=0.15):\n    coursekit._reference._BLOCKED.clear()\n"
            "    sigma = noise_level * (x.amax((1, 2, 3)) - x.amin((1, 2, 3)))\n"
            "    return coursekit.saliency.smoothgrad(model, x, target, noise=noise * sigma.view(-1, 1, 1, 1, 1))\n")
 CAPTUM = ("from captum.attr import Saliency\n"
@@ -95,6 +96,9 @@ def _vandal(subs: Path, out: Path, outside: Path) -> str:
             f"            lambda: open({str(out / 'grades.csv')!r}, 'w').write('hacked'),\n"
             f"            lambda: open({str(outside / 'owned.txt')!r}, 'w').write('owned')):\n"
             "    try:\n        act()\n    except OSError as err:\n        print('refused:', err)\n")
+
+
+AGAIN = ("alice", "dave", "erin", "jack")  # graded a second time: honest, a dying process, an endless loop, a cheat
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +128,24 @@ def graded(tmp_path_factory):
     (subs / "quinn").mkdir()
     write(_submission({"check_guided": 'print("ok")'}), f"quinn/{SET}.ipynb")
     write(_submission(extra=[(2, KILL_GROUP)]), "rose.ipynb")
+    again_subs, again_out = base / "again" / "submissions", base / "again" / "results"
+    again_subs.mkdir(parents=True)
+    for student in AGAIN:
+        (again_subs / f"{student}.ipynb").write_bytes((subs / f"{student}.ipynb").read_bytes())
     before = _tree(subs), _tree(outside), _tree(ROOT / "solutions"), _tree(ROOT / "exercises")
-    runs = []
-    for _ in range(2):
-        code = cli.main([SET, str(subs), "--out", str(out), "--timeout", str(TIMEOUT), "--root", str(ROOT), "--jobs", "2"])
-        runs.append((code, (out / "grades.csv").read_bytes()))
-    with open(out / "grades.csv", newline="") as fh:
-        rows = {r["student_id"]: r for r in csv.DictReader(fh)}
+    codes = [cli.main([SET, str(subs), "--out", str(out), "--timeout", str(TIMEOUT), "--root", str(ROOT), "--jobs", "2"])]
+    # repeatability: part of the class again, into a folder that holds the first run's results
+    shutil.copytree(out, again_out)
+    codes.append(cli.main([SET, str(again_subs), "--out", str(again_out), "--timeout", str(TIMEOUT), "--root", str(ROOT),
+                           "--jobs", "2"]))
     after = _tree(subs), _tree(outside), _tree(ROOT / "solutions"), _tree(ROOT / "exercises")
-    return {"runs": runs, "rows": rows, "before": before, "after": after, "out": out, "outside": outside}
+    return {"codes": codes, "rows": _rows(out / "grades.csv"), "again": _rows(again_out / "grades.csv"),
+            "again_out": again_out, "before": before, "after": after, "out": out, "outside": outside}
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as fh:
+        return {r["student_id"]: r for r in csv.DictReader(fh)}
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -185,9 +198,11 @@ def test_every_student_gets_the_expected_score_and_note(graded):
 
 @pytest.mark.slow
 def test_nothing_outside_the_output_changed_and_grading_is_repeatable(graded):
-    assert [code for code, _ in graded["runs"]] == [0, 0]
-    first, second = (run[1].decode().splitlines() for run in graded["runs"])
-    assert first == second, [(a, b) for a, b in zip(first, second) if a != b]  # graded twice: the same CSV
+    assert graded["codes"] == [0, 0]
+    first = {s: graded["rows"][s] for s in AGAIN}
+    assert graded["again"] == first, [(a, b) for a, b in zip(first.values(), graded["again"].values()) if a != b]
+    again_feedback = sorted(p.name for p in (graded["again_out"] / "feedback").iterdir())
+    assert again_feedback == [f"{s}.html" for s in AGAIN]  # the first run's other results were cleared
     assert graded["after"] == graded["before"]
     assert not (graded["outside"] / "owned.txt").exists()
 

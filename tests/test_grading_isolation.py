@@ -51,24 +51,37 @@ def _printed(out: Path, student: str) -> str:
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
+# graded a second time (their rows must not change): three limits met and an honest one; not "alarm", whose
+# cell alone takes TIMEOUT + GRACE s (the time limit's repeatability is in test_grading_e2e.py: "erin")
+AGAIN = ("flood", "forks", "honest", "memory")
+
+
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile")
     subs, out = base / "submissions", base / "results"
+    again_subs, again_out = base / "again" / "submissions", base / "again" / "results"
     subs.mkdir()
+    again_subs.mkdir(parents=True)
     class_ = {"honest": "x = 1\n", "fds": FDS, "alarm": IGNORE_ALARM, "memory": MEMORY,
               "forks": FORK_BOMB, "flood": FLOOD, "peek": PEEK}
     for student, extra in class_.items():
         nbformat.write(_with(extra), subs / f"{student}.ipynb")
+    for student in AGAIN:
+        shutil.copyfile(subs / f"{student}.ipynb", again_subs / f"{student}.ipynb")
     start = time.monotonic()
     lines = []
-    runs = []
-    for _ in range(2):
-        result = cli.grade(SET, subs, out, timeout=TIMEOUT, root=ROOT, jobs=2, echo=lines.append)
-        runs.append(result.csv.read_bytes())
-    with open(out / "grades.csv", newline="") as fh:
-        rows = {r["student_id"]: r for r in csv.DictReader(fh)}
-    return {"rows": rows, "out": out, "seconds": time.monotonic() - start, "runs": runs, "lines": lines}
+    cli.grade(SET, subs, out, timeout=TIMEOUT, root=ROOT, jobs=2, echo=lines.append)
+    # repeatability: part of the class again, into a folder that holds the first run's results
+    shutil.copytree(out, again_out)
+    cli.grade(SET, again_subs, again_out, timeout=TIMEOUT, root=ROOT, jobs=2, echo=lines.append)
+    return {"rows": _rows(out / "grades.csv"), "again": _rows(again_out / "grades.csv"), "again_out": again_out,
+            "out": out, "seconds": time.monotonic() - start, "lines": lines}
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as fh:
+        return {r["student_id"]: r for r in csv.DictReader(fh)}
 
 
 def _full(row) -> bool:
@@ -85,7 +98,9 @@ def test_every_hostile_cell_costs_only_itself_and_is_named(graded):
     assert "memory limit reached" in rows["memory"]["notes"], rows["memory"]
     assert "output limit reached" in rows["flood"]["notes"], rows["flood"]
     assert rows["honest"]["notes"] == "" and rows["honest"]["flags"] == ""
-    assert graded["runs"][0] == graded["runs"][1]  # graded twice: the same CSV
+    assert graded["again"] == {s: rows[s] for s in AGAIN}  # graded twice: the same rows
+    again_feedback = sorted(p.name for p in (graded["again_out"] / "feedback").iterdir())
+    assert again_feedback == [f"{s}.html" for s in AGAIN]  # the first run's other results were cleared
     assert graded["seconds"] < 2 * 6 * (TIMEOUT + pool.GRACE + 30)  # nothing hangs the run
 
 

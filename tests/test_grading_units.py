@@ -46,7 +46,7 @@ def test_scan_flags_tampering_and_leaves_plain_code_alone():
     plain = "import torch\nimport torch.nn.functional as F\ndef f(x):\n    return F.relu(x).amax(1)\n%matplotlib inline\n"
     assert scan([(0, plain)]) == []
     flags = scan([(1, "import torch.nn.functional as F\nF.relu = abs\n"),
-                  (2, "from coursekit import checks as C\nC._BLOCKED.clear()\ndef check(*a):\n    return 4\n"),
+                  (2, "from coursekit import _reference as R\nR._BLOCKED.clear()\ndef check(*a):\n    return 4\n"),
                   (3, "import captum.attr\nimport sys\nsys._current_frames()\n"),
                   (4, "import inspect, coursekit\nsrc = inspect.getsource(coursekit.saliency)\n")])
     text = "\n".join(flags)

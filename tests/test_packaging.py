@@ -89,7 +89,7 @@ def test_lecture_modules_load_on_first_use():
 
     import coursekit
 
-    for name in coursekit._LECTURE_MODULES:
+    for name in coursekit._LAZY_MODULES:
         assert getattr(coursekit, name) is importlib.import_module(f"coursekit.{name}")
     with pytest.raises(AttributeError):
         coursekit.no_such_module

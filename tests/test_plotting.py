@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import coursekit
-from coursekit.plotting import normalize_map, overlay, show_images, show_overlays
+from coursekit.plotting import heatmap_array, overlay, show_images, show_overlays
 
 
 def test_show_images_grid_and_titles():
@@ -36,9 +36,9 @@ def test_overlay_data_and_colorbar():
         overlay(img, torch.rand(2, 3, 4))
 
 
-def test_normalize_map_never_nan():
-    assert np.all(normalize_map(torch.full((3, 3), -2.0)) == 0)
-    m = normalize_map(np.array([[1.0, 3.0]]))
+def test_heatmap_array_never_nan():
+    assert np.all(heatmap_array(torch.full((3, 3), -2.0)) == 0)
+    m = heatmap_array(np.array([[1.0, 3.0]]))
     assert m.min() == 0 and m.max() == 1
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 import coursekit
 from coursekit import filters as fl
+from coursekit import geometry
 from coursekit import receptive_fields as rf
 from coursekit.guard import model_state
 from coursekit.receptive_fields import UnitWindows, unit_windows
@@ -286,7 +287,7 @@ def test_every_unit_window_matches_its_gradient(request, model_name, input_size,
 )
 def test_measured_windows_agree_with_the_analytic_ones(request, model_name, input_size, layer):
     model = request.getfixturevalue(model_name)
-    measured = rf._measured_windows(model, layer, input_size[0], input_size[1:])  # the fallback, forced
+    measured = geometry.measured_windows(model, layer, input_size[0], input_size[1:])  # the fallback, forced
     assert measured == unit_windows(model, layer, input_size)
 
 
@@ -311,7 +312,7 @@ def test_unit_windows_measure_branching_models():
 
 def test_unit_windows_walk_stops_at_the_layer(monkeypatch):
     net = nn.Sequential(nn.Conv2d(1, 4, 5, padding=2), Branches())  # the walk could not pass Branches
-    monkeypatch.setattr(rf, "_measured_windows", lambda *a: pytest.fail("measured although the walk reaches the layer"))
+    monkeypatch.setattr(geometry, "measured_windows", lambda *a: pytest.fail("measured although the walk reaches the layer"))
     assert unit_windows(net, "0", (1, 16, 16)) == UnitWindows("0", (5, 5), (1, 1), (-2, -2))
 
 

@@ -24,10 +24,10 @@ Cases are drawn from a fresh, unseeded generator on every call (a grader passes 
 own), so knowing the test code does not help. Each check starts with the cases that expose the
 mistakes it diagnoses, then draws random ones, so a known mistake never passes by luck.
 
-The student's function runs in a thread of its own under a guard (:mod:`._student`): running a
+The student's function runs in a thread of its own under a guard (:mod:`.student_call`): running a
 blocked reference (however it was reached), an attribution library, or reading the check's frames
 fails the part and is recorded in :attr:`Report.tampering`; anything the function patches in
-torch or coursekit is put back and named (:mod:`._integrity`). A function that does nothing
+torch or coursekit is put back and named (:mod:`.integrity`). A function that does nothing
 (returns ``None``, a constant, or its own input, in every call) earns no points at all, whatever
 the parts about shapes or side effects said.
 """
@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .._reference import _BLOCKED, ReferenceBlocked, blocked, reference  # noqa: F401  (re-exported)
+from .._reference import ReferenceBlocked, blocked, blocked_keys, reference  # noqa: F401  (re-exported)
 from .._reference import reference_key as _key
-from . import _integrity, _student
+from . import integrity, student_call
 
 __all__ = ["check", "exercise", "Points", "CallOutcome", "local_call", "reference", "Report", "Mistake", "CheckFailed", "ReferenceBlocked", "EXERCISES"]
 
@@ -221,25 +221,25 @@ class CallOutcome:
 
 
 def local_call(fn: Callable, args: tuple, kwargs: dict, forbid: tuple[str, ...]) -> CallOutcome:
-    """Run the student's function in this process (a notebook's check cell) under :mod:`._student`'s guard."""
+    """Run the student's function in this process (a notebook's check cell) under :mod:`.student_call`'s guard."""
     if not callable(fn):
         return CallOutcome(error="not_callable", message=f"expected a function, got {type(fn).__name__}: {fn!r}")
     try:
-        value = _student.call(fn, args, kwargs, forbid)
+        value = student_call.call(fn, args, kwargs, forbid)
     except NotImplementedError:
-        _integrity.restore()
+        integrity.restore()
         return CallOutcome(error="not_implemented",
                            message="not implemented yet: replace `raise NotImplementedError()` with your code")
     except ReferenceBlocked as e:
-        _integrity.restore()
+        integrity.restore()
         return CallOutcome(error="blocked", message=str(e))
-    except _student.Violation as e:
-        _integrity.restore()
+    except student_call.Violation as e:
+        integrity.restore()
         return CallOutcome(error="violation", message=str(e))
     except Exception as e:  # the student's bug, reported as a verdict, not a crash of the check
-        _integrity.restore()
+        integrity.restore()
         return CallOutcome(error="raised", message=raised_message(e))
-    return CallOutcome(value=value, patched=_integrity.restore())
+    return CallOutcome(value=value, patched=integrity.restore())
 
 
 def raised_message(e: BaseException) -> str:
@@ -332,7 +332,7 @@ def run_check(name: str, student: Callable, seed: int | None = None, caller: Cal
     """
     ex = _lookup(name)
     report = Report(name, ex.forbid, rng=np.random.default_rng(seed), caller=caller)
-    patched = _integrity.restore()  # a cell that patched torch or coursekit does not change the verdict
+    patched = integrity.restore()  # a cell that patched torch or coursekit does not change the verdict
     if patched:
         report.tampering.append(f"{', '.join(patched)} had been replaced before the check (put back)")
     with warnings.catch_warnings(record=True) as caught:
@@ -399,4 +399,4 @@ def check(name: str, student: Callable) -> float:
     return Points(report.earned, report.points, name)
 
 
-_integrity.restore()  # records this module's own names, now that they exist
+integrity.restore()  # records this module's own names, now that they exist

@@ -276,7 +276,40 @@ def check_class_visualization(student, report: Report) -> None:
     model = _imagenet_model()
     target = int(report.rng.integers(0, 1000))
     name = model.classes[target]
-    size = 128
+    image, error = _call_on_frozen_model(student, report, model, target, size=128)
+
+    with report.part("the picture is classified as the target class with probability >= 0.9", points=2):
+        if error is not None:
+            raise error
+        image = image.detach().float().clamp(0, 1)
+        with torch.no_grad():
+            logits = model(image)[0]  # (1000,)
+        probs = logits.softmax(0)
+        p = float(probs[target])
+        if p >= 0.9:
+            return
+        top = int(probs.argmax())
+        if abs(top - target) == 1 and float(probs[top]) >= 0.9:
+            raise Mistake(
+                f"the picture shows class {top} ({model.classes[top]!r}) with p = {float(probs[top]):.2f}, the class next to "
+                f"{target} ({name!r}): an off-by-one index? Maximise model(x)[0, target]"
+            )
+        _expect_no_descent(model, image, logits, target, p)
+        raise Mistake(
+            f"p({name}) = {p:.3g} < 0.9 after your loop (the model sees {model.classes[top]!r}, p = {float(probs[top]):.2f}): "
+            "climb the class *logit* (not the probability) with Adam (lr about 0.05) or normalised steps, for all the "
+            "given steps, keep the picture in [0, 1], and check the class index"
+        )
+
+
+def _call_on_frozen_model(student, report: Report, model, target: int, size: int):
+    """Run the student's visualisation (30 steps) and score its picture and the model it was given.
+
+    Two parts: the picture's shape, range and detachment, and the model left frozen in eval mode
+    (the model is restored afterwards in any case, it is shared by the class). Returns
+    ``(image, error)``: the picture, or the :class:`StudentError` the call raised (``image`` None),
+    which the caller's part raises too.
+    """
     before = _snapshot(model)
     try:
         try:
@@ -300,41 +333,28 @@ def check_class_visualization(student, report: Report) -> None:
                 _expect_model_unchanged(before, model)
     finally:
         _restore(model, before)
+    return image, error
 
-    with report.part("the picture is classified as the target class with probability >= 0.9", points=2):
-        if error is not None:
-            raise error
-        image = image.detach().float().clamp(0, 1)
-        with torch.no_grad():
-            logits = model(image)[0]  # (1000,)
-        probs = logits.softmax(0)
-        p = float(probs[target])
-        if p >= 0.9:
-            return
-        top = int(probs.argmax())
-        if abs(top - target) == 1 and float(probs[top]) >= 0.9:
-            raise Mistake(
-                f"the picture shows class {top} ({model.classes[top]!r}) with p = {float(probs[top]):.2f}, the class next to "
-                f"{target} ({name!r}): an off-by-one index? Maximise model(x)[0, target]"
-            )
-        # descent pushes the class's logit to the bottom of all 1000 (an ascent loop, even a far too short
-        # one, leaves it in the middle or higher)
-        # and well below where a loop usually starts (plain grey, or grey plus a little noise)
-        rank = int((logits > logits[target]).sum())  # 0 = the largest logit
-        starts = torch.cat([torch.full_like(image, 0.5),
-                            (0.5 + 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)])
-        with torch.no_grad():
-            start_logit = float(model(starts)[:, target].min())
-        if rank >= 0.98 * logits.numel() or float(logits[target]) < start_logit - 3.0:
-            raise Mistake(
-                f"p({name}) = {p:.3g}; its logit fell to {float(logits[target]):.2f} (from {start_logit:.2f} or more for a grey "
-                f"start), rank {rank + 1} of {logits.numel()} classes: the loop made the class *less* likely. Did you descend "
-                "instead of ascend? With an optimiser, minimise minus the logit: loss = -model(x)[0, target]"
-            )
+
+def _expect_no_descent(model, image: torch.Tensor, logits: torch.Tensor, target: int, p: float) -> None:
+    """Raise the descent Mistake when the picture made the class *less* likely than a grey start.
+
+    ``logits`` (1000,) are the model's for the picture and ``p`` the target's probability.
+    Descent pushes the class's logit to the bottom of all 1000 (an ascent loop, even a far too
+    short one, leaves it in the middle or higher) and well below where a loop usually starts
+    (plain grey, or grey plus a little noise).
+    """
+    rank = int((logits > logits[target]).sum())  # 0 = the largest logit
+    starts = torch.cat([torch.full_like(image, 0.5),
+                        (0.5 + 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)])
+    with torch.no_grad():
+        start_logit = float(model(starts)[:, target].min())  # starts: (2, 3, H, W)
+    if rank >= 0.98 * logits.numel() or float(logits[target]) < start_logit - 3.0:
+        name = model.classes[target]
         raise Mistake(
-            f"p({name}) = {p:.3g} < 0.9 after your loop (the model sees {model.classes[top]!r}, p = {float(probs[top]):.2f}): "
-            "climb the class *logit* (not the probability) with Adam (lr about 0.05) or normalised steps, for all the "
-            "given steps, keep the picture in [0, 1], and check the class index"
+            f"p({name}) = {p:.3g}; its logit fell to {float(logits[target]):.2f} (from {start_logit:.2f} or more for a grey "
+            f"start), rank {rank + 1} of {logits.numel()} classes: the loop made the class *less* likely. Did you descend "
+            "instead of ascend? With an optimiser, minimise minus the logit: loss = -model(x)[0, target]"
         )
 
 

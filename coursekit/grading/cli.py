@@ -31,6 +31,7 @@ from the submission's content (and ``--seed``): grading the same class twice giv
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import re
@@ -191,6 +192,11 @@ def grade(
 ) -> GradingResult:
     """Grade every submission of ``assignment`` in ``submissions``; results under ``out``.
 
+    The steps are those of the module's docstring: check the settings, read the source notebook
+    (:func:`_read_source`), prepare every submission (:func:`_plan_students`), run the workers
+    (:func:`_run_workers`), then write the CSV, the analytics and the summary
+    (:func:`_write_summary`).
+
     Parameters
     ----------
     assignment : str
@@ -223,84 +229,29 @@ def grade(
     GradingResult
     """
     start = time.monotonic()
-    root = find_root(root) if root is None else Path(root).resolve()
-    if assignment not in list_sets(root):
-        raise ValueError(f"unknown exercise set {assignment!r}: {root / 'solutions'} has {list_sets(root)}")
-    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    jobs = len(os.sched_getaffinity(0)) if jobs is None else jobs
-    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-        raise ValueError(f"jobs must be a positive number of processes, got {jobs!r}")
-    for name, value, least in (("memory_mb", memory_mb, 256), ("processes", processes, 8)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    root, jobs = _checked_settings(assignment, root, timeout, jobs, memory_mb, processes)
     submissions, out = Path(submissions).resolve(), Path(out).resolve()
     if out == submissions or submissions in out.parents:
         raise ValueError(f"--out {out} is inside the submissions folder {submissions}; choose a folder outside it")
     found = collect_submissions(submissions, assignment)
     before = _contents(submissions)
-
-    source_dir = root / "solutions" / assignment
-    checks = source_checks(nbformat.read(source_dir / f"{assignment}.ipynb", as_version=4))
-    files = {str(p.relative_to(source_dir)): p.read_bytes() for p in sorted(source_dir.rglob("*"))
-             if p.is_file() and p.name != f"{assignment}.ipynb" and ".ipynb_checkpoints" not in p.parts
-             and not p.name.startswith(".")}
-    available = pool.probe_sandbox()
-    if isolate and not available:
-        raise RuntimeError("the namespace sandbox is not available on this machine (unprivileged user namespaces "
-                           "are off); run without --isolate to grade with separate processes and the audit hook only")
-    sandboxed = available if isolate is None else isolate
-    sandbox_text = ("namespaces (read-only file system, private /tmp, no network, own PID space) + audit hook"
-                    if sandboxed else "separate processes + audit hook (no user namespaces on this machine)")
-
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("feedback", "autograded", "logs"):  # results of an earlier run in the same folder
-        if (out / stale).is_dir():
-            shutil.rmtree(out / stale)
-    for stale in ("grades.csv", "summary.txt"):
-        (out / stale).unlink(missing_ok=True)
+    checks, files = _read_source(root, assignment)
+    sandboxed, sandbox_text = _choose_sandbox(isolate)
+    _clear_earlier_results(out)
     _warm_up([c.exercise for c in checks])
     work = Path(tempfile.mkdtemp(prefix="coursekit-grade-"))
     hide = [submissions, out, root / "solutions", work]
     keep = sandbox.needed_paths([root]) if sandboxed else []
     _refuse_hidden_environment(keep, hide)
-    students: dict[str, StudentResult] = {}
-    plans, job_list = {}, []
-    interrupted: BaseException | None = None
+    new_job = functools.partial(Job, assignment=assignment, timeout=timeout, files=files, hide=hide,
+                                private_tmp=work / "fallback", clean=_cleaner(root, submissions, out, work),
+                                keep=keep, memory_mb=memory_mb, processes=processes)
     try:
-        for sid, (path, notes) in found.items():
-            students[sid] = StudentResult(sid, path, notes=list(notes), max_score=sum(c.points for c in checks))
-            if path is None:
-                continue
-            problem = _read_problem(path)
-            if problem:
-                students[sid].notes.append(problem)
-                continue
-            data = before[str(path.relative_to(submissions))]
-            nb = nbformat.reads(data.decode("utf-8"), as_version=4)
-            plan = prepare(nb, checks)
-            students[sid].notes += plan.notes
-            students[sid].flags += scan([(i, src) for i, (gid, src) in enumerate(plan.cells) if gid is None])
-            last = max(i for i, (gid, _) in enumerate(plan.cells) if gid is not None)
-            plans[sid] = (plan, nb)
-            job_list.append(Job(sid, assignment, plan.cells[: last + 1], {c.grade_id: c for c in checks},
-                                seed=hashlib.sha256(data).hexdigest() + f":{sid}:{seed}", timeout=timeout, files=files,
-                                hide=hide, private_tmp=work / "fallback", clean=_cleaner(root, submissions, out, work),
-                                keep=keep, memory_mb=memory_mb, processes=processes))
+        students, plans, job_list = _plan_students(found, before, submissions, checks, seed, new_job)
         if job_list:
             echo(f"grading {len(job_list)} submission(s) of {assignment} with {jobs} process(es), "
                  f"cell time limit {timeout} s; sandbox: {sandbox_text}")
-        outcomes: dict = {}
-        try:
-            pool.run_all(job_list, jobs, sandboxed, echo=_progress(echo, start), outcomes=outcomes)
-        except BaseException as err:  # noqa: BLE001 -- Ctrl-C or a grader bug: keep what was graded, then re-raise
-            interrupted = err
-            finished = {sid for sid, o in outcomes.items() if o.finished}
-            for sid in plans:
-                if sid not in finished:
-                    students[sid].notes.append("not graded: the run was interrupted while this submission was "
-                                               "waiting or being graded; grade it again")
-            plans = {sid: p for sid, p in plans.items() if sid in finished}
+        outcomes, plans, interrupted = _run_workers(job_list, jobs, sandboxed, plans, students, _progress(echo, start))
         for sid, (plan, nb) in plans.items():
             _record(students[sid], plan, nb, outcomes[sid], checks, out, assignment, timeout, echo)
     finally:
@@ -312,10 +263,117 @@ def grade(
     results.write_csv(csv_path, assignment, ordered, checks)
     result = GradingResult(assignment, out, csv_path, ordered, {c.grade_id: c.points for c in checks},
                            time.monotonic() - start, sandbox_text)
+    _write_summary(result, checks, jobs, timeout, interrupted, echo)
+    if interrupted is not None:
+        raise interrupted
+    return result
+
+
+def _checked_settings(assignment: str, root, timeout, jobs, memory_mb, processes) -> tuple[Path, int]:
+    """The course root and the number of workers, after refusing a bad set name or limit (ValueError)."""
+    root = find_root(root) if root is None else Path(root).resolve()
+    if assignment not in list_sets(root):
+        raise ValueError(f"unknown exercise set {assignment!r}: {root / 'solutions'} has {list_sets(root)}")
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    jobs = len(os.sched_getaffinity(0)) if jobs is None else jobs
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs must be a positive number of processes, got {jobs!r}")
+    for name, value, least in (("memory_mb", memory_mb, 256), ("processes", processes, 8)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    return root, jobs
+
+
+def _read_source(root: Path, assignment: str) -> tuple[list, dict[str, bytes]]:
+    """The source notebook's check cells, and the set's other files (copied into every worker's folder)."""
+    source_dir = root / "solutions" / assignment
+    checks = source_checks(nbformat.read(source_dir / f"{assignment}.ipynb", as_version=4))
+    files = {str(p.relative_to(source_dir)): p.read_bytes() for p in sorted(source_dir.rglob("*"))
+             if p.is_file() and p.name != f"{assignment}.ipynb" and ".ipynb_checkpoints" not in p.parts
+             and not p.name.startswith(".")}
+    return checks, files
+
+
+def _choose_sandbox(isolate: bool | None) -> tuple[bool, str]:
+    """Whether the workers get the namespace sandbox, and the words that say which protection they get."""
+    available = pool.probe_sandbox()
+    if isolate and not available:
+        raise RuntimeError("the namespace sandbox is not available on this machine (unprivileged user namespaces "
+                           "are off); run without --isolate to grade with separate processes and the audit hook only")
+    sandboxed = available if isolate is None else isolate
+    sandbox_text = ("namespaces (read-only file system, private /tmp, no network, own PID space) + audit hook"
+                    if sandboxed else "separate processes + audit hook (no user namespaces on this machine)")
+    return sandboxed, sandbox_text
+
+
+def _clear_earlier_results(out: Path) -> None:
+    """Create ``out`` and remove the results of an earlier run in it (feedback, notebooks, logs, CSV, summary)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("feedback", "autograded", "logs"):
+        if (out / stale).is_dir():
+            shutil.rmtree(out / stale)
+    for stale in ("grades.csv", "summary.txt"):
+        (out / stale).unlink(missing_ok=True)
+
+
+def _plan_students(found: dict, before: dict[str, bytes], submissions: Path, checks: list, seed: str, new_job):
+    """A result row for every student and, for each readable notebook, its matched cells and worker job.
+
+    Returns ``(students, plans, jobs)``: ``{student: StudentResult}`` (notes and tampering flags
+    filled in), ``{student: (plan, notebook)}`` and the list of :class:`~.runner.Job` made by
+    ``new_job`` (the cells up to the last check cell, a seed drawn from the notebook's bytes).
+    """
+    students: dict[str, StudentResult] = {}
+    plans, job_list = {}, []
+    for sid, (path, notes) in found.items():
+        students[sid] = StudentResult(sid, path, notes=list(notes), max_score=sum(c.points for c in checks))
+        if path is None:
+            continue
+        problem = _read_problem(path)
+        if problem:
+            students[sid].notes.append(problem)
+            continue
+        data = before[str(path.relative_to(submissions))]
+        nb = nbformat.reads(data.decode("utf-8"), as_version=4)
+        plan = prepare(nb, checks)
+        students[sid].notes += plan.notes
+        students[sid].flags += scan([(i, src) for i, (gid, src) in enumerate(plan.cells) if gid is None])
+        last = max(i for i, (gid, _) in enumerate(plan.cells) if gid is not None)
+        plans[sid] = (plan, nb)
+        job_list.append(new_job(sid, cells=plan.cells[: last + 1], checks={c.grade_id: c for c in checks},
+                                seed=hashlib.sha256(data).hexdigest() + f":{sid}:{seed}"))
+    return students, plans, job_list
+
+
+def _run_workers(job_list: list[Job], jobs: int, sandboxed: bool, plans: dict, students: dict, progress):
+    """Run every job in the pool; ``(outcomes, plans of the finished students, interruption or None)``.
+
+    A Ctrl-C or a grader bug does not lose the students already graded: the others get a note
+    that they were not graded, and the exception is returned for :func:`grade` to re-raise once
+    the results are written.
+    """
+    outcomes: dict = {}
+    try:
+        pool.run_all(job_list, jobs, sandboxed, echo=progress, outcomes=outcomes)
+    except BaseException as err:  # noqa: BLE001 -- Ctrl-C or a grader bug: keep what was graded, then re-raise
+        finished = {sid for sid, o in outcomes.items() if o.finished}
+        for sid in plans:
+            if sid not in finished:
+                students[sid].notes.append("not graded: the run was interrupted while this submission was "
+                                           "waiting or being graded; grade it again")
+        return outcomes, {sid: p for sid, p in plans.items() if sid in finished}, err
+    return outcomes, plans, None
+
+
+def _write_summary(result: GradingResult, checks: list, jobs: int, timeout: int,
+                   interrupted: BaseException | None, echo) -> None:
+    """Write ``analytics.html`` and ``summary.txt`` (headed INTERRUPTED for partial results) and echo the summary."""
+    out, assignment, ordered = result.out, result.assignment, result.students
     summary = (
         f"{assignment}: {len(ordered)} student(s) graded in {result.seconds:.0f} s with {jobs} process(es) "
-        f"(cell time limit {timeout} s; sandbox: {sandbox_text})\n{result.table()}\n\n"
-        f"grades:   {csv_path}\nfeedback: {out / 'feedback'}/<student>.html\n"
+        f"(cell time limit {timeout} s; sandbox: {result.sandbox})\n{result.table()}\n\n"
+        f"grades:   {result.csv}\nfeedback: {out / 'feedback'}/<student>.html\n"
     )
     if interrupted is not None:
         summary = f"INTERRUPTED ({type(interrupted).__name__}): partial results\n" + summary
@@ -323,9 +381,6 @@ def grade(
     summary += f"analytics: {out / 'analytics.html'}\n"
     (out / "summary.txt").write_text(summary)
     echo(summary)
-    if interrupted is not None:
-        raise interrupted
-    return result
 
 
 def _progress(echo, start: float):

@@ -80,10 +80,10 @@ def _apply_module(m: nn.Module, state: dict, reader) -> None:
             mod.inplace = bool(flag)
     hooks = state.get("hooks")
     if isinstance(hooks, list) and len(hooks) == len(modules):
-        from ..guard import _hook_dicts
+        from ..guard import hook_dicts
 
         for mod, count in zip(modules, hooks):
-            have = sum(len(d) for d in _hook_dicts(mod))
+            have = sum(len(d) for d in hook_dicts(mod))
             while isinstance(count, int) and have < count <= have + 100:
                 mod._forward_hooks[-(have + 1)] = _noop_hook  # stands for a hook the student left registered
                 have += 1

@@ -230,24 +230,8 @@ def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None,
         while pending or running:
             while pending and len(running) < workers:
                 job = pending.pop(0)
-                st = state[job.student]
-                job.cgroup = limits.make(job.student)
-                w = _Worker(job, st["start"], st["skip"], sandboxed, outcomes[job.student])
-                running[w.fd] = w
-                sel.register(w.fd, selectors.EVENT_READ, (w, "sandbox"))
-                sel.register(w.vfd, selectors.EVENT_READ, (w, "judge"))
-            wait = max(0.0, min(w.deadline for w in running.values()) - time.monotonic()) if running else 0.0
-            for key, _ in sel.select(timeout=min(wait, 1.0)):
-                w, side = key.data
-                data = os.read(key.fd, 1 << 16)
-                if data:
-                    (w.feed_verdict if side == "judge" else w.feed)(data)
-                    continue
-                sel.unregister(key.fd)
-                if side == "judge":
-                    w.veof = True
-                else:
-                    w.eof = True
+                _start_worker(job, state[job.student], limits, sandboxed, outcomes[job.student], running, sel)
+            _read_ready(sel, running)
             now = time.monotonic()
             for w in list(running.values()):
                 overdue = now > w.deadline
@@ -255,15 +239,7 @@ def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None,
                     w.kill()
                 if not (overdue or w.overflow or (w.eof and w.veof)):
                     continue
-                for fd, ended in ((w.fd, w.eof), (w.vfd, w.veof)):
-                    if not ended:
-                        sel.unregister(fd)
-                    os.close(fd)
-                del running[w.fd]
-                w.kill()  # whatever the worker left behind in its process group
-                _, status = os.waitpid(w.pid, 0)
-                os.waitpid(w.judge_pid, 0)
-                limits.release(w.job.cgroup)
+                status = _reap(w, running, sel, limits)
                 outcome = outcomes[w.job.student]
                 if _finish(w, overdue, status, state[w.job.student], outcome):
                     pending.insert(0, w.job)
@@ -281,6 +257,46 @@ def run_all(jobs: list[Job], workers: int, sandboxed: bool, echo=None,
         sel.close()
         limits.close()
     return outcomes
+
+
+def _start_worker(job: Job, st: dict, limits: ProcessLimit, sandboxed: bool, outcome: Outcome,
+                  running: dict[int, _Worker], sel: selectors.BaseSelector) -> None:
+    """Fork a worker (judge and sandbox) for ``job`` from where its last attempt stopped, and watch its two pipes."""
+    job.cgroup = limits.make(job.student)
+    w = _Worker(job, st["start"], st["skip"], sandboxed, outcome)
+    running[w.fd] = w
+    sel.register(w.fd, selectors.EVENT_READ, (w, "sandbox"))
+    sel.register(w.vfd, selectors.EVENT_READ, (w, "judge"))
+
+
+def _read_ready(sel: selectors.BaseSelector, running: dict[int, _Worker]) -> None:
+    """Feed what the pipes hold to their workers, waiting at most a second (or until the next deadline)."""
+    wait = max(0.0, min(w.deadline for w in running.values()) - time.monotonic()) if running else 0.0
+    for key, _ in sel.select(timeout=min(wait, 1.0)):
+        w, side = key.data
+        data = os.read(key.fd, 1 << 16)
+        if data:
+            (w.feed_verdict if side == "judge" else w.feed)(data)
+            continue
+        sel.unregister(key.fd)
+        if side == "judge":
+            w.veof = True
+        else:
+            w.eof = True
+
+
+def _reap(w: _Worker, running: dict[int, _Worker], sel: selectors.BaseSelector, limits: ProcessLimit) -> int:
+    """Close an ended worker's pipes, kill what it left behind, wait for its processes; its wait status."""
+    for fd, ended in ((w.fd, w.eof), (w.vfd, w.veof)):
+        if not ended:
+            sel.unregister(fd)
+        os.close(fd)
+    del running[w.fd]
+    w.kill()  # whatever the worker left behind in its process group
+    _, status = os.waitpid(w.pid, 0)
+    os.waitpid(w.judge_pid, 0)
+    limits.release(w.job.cgroup)
+    return status
 
 
 def _attach_verdicts(outcome: Outcome) -> None:

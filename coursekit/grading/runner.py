@@ -197,10 +197,10 @@ class _Server:
     """
 
     def __init__(self, to_judge: int, from_judge: int):
-        from coursekit.checks import _integrity, local_call
+        from coursekit.checks import integrity, local_call
 
         self.out, self.inp = to_judge, from_judge
-        self.restore, self.local_call = _integrity.restore, local_call
+        self.restore, self.local_call = integrity.restore, local_call
 
     def send(self, header: dict, value=None) -> None:
         wire.write_frame(self.out, wire.encode(header, value))
@@ -252,7 +252,7 @@ def _state_after(obj, before) -> dict:
     """What a call left of one argument: values that changed, requires_grad, grads, modes, hooks."""
     import torch
 
-    from coursekit.guard import _hook_dicts
+    from coursekit.guard import hook_dicts
 
     if isinstance(obj, torch.Tensor):
         state = {"kind": "tensor", "requires_grad": bool(obj.requires_grad),
@@ -268,7 +268,7 @@ def _state_after(obj, before) -> dict:
             "changed": {str(k): t.detach() for k, (t, b) in enumerate(zip(tensors, before))
                         if t.shape != b.shape or not torch.equal(t.detach(), b)},
             "inplace": [m.inplace for m in modules if isinstance(getattr(m, "inplace", None), bool)],
-            "hooks": [sum(len(d) for d in _hook_dicts(m)) for m in modules]}
+            "hooks": [sum(len(d) for d in hook_dicts(m)) for m in modules]}
 
 
 def _alarm(signum, frame):

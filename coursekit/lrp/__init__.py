@@ -44,46 +44,20 @@ from .canonizers import (
     merge_batchnorm,
     unexplained,
 )
-from .composites import (
-    BASE_RULES,
-    COMPOSITES,
-    LRPComposite,
-    epsilon_alpha2_beta1,
-    epsilon_alpha2_beta1_flat,
-    epsilon_gamma_box,
-    epsilon_plus,
-    epsilon_plus_flat,
-    lrp_epsilon,
-    lrp_zero,
-    make_composite,
-    montavon2019,
-)
-from .rules import (
-    WINNER_TAKE_ALL,
-    AlphaBeta,
-    Epsilon,
-    Flat,
-    Gamma,
-    GradientRule,
-    Group,
-    LRPRule,
-    Norm,
-    ProportionalPool,
-    Relay,
-    Term,
-    WSquare,
-    ZBox,
-    ZPlus,
-    stabilize,
-)
+from .composites import BASE_RULES, COMPOSITES, LRPComposite, make_composite
+from .rules import RULES, WINNER_TAKE_ALL, Group, LRPRule, Term, stabilize
+
+# Every registered LRP rule (``@RULES.register``) and composite (``@COMPOSITES.register``) under its
+# Python name, so that a new one is declared in one place and still reads ``coursekit.lrp.Gamma``.
+_REGISTERED = {method.__name__: method for registry in (RULES, COMPOSITES) for _, method in registry.items()}
+globals().update(_REGISTERED)
 
 __all__ = [
     "lrp", "conservation", "Conservation", "plot_conservation", "plot_relevance", "relevance_limit", "default_canonizers",
     "ConservationWarning", "UncanonizedWarning", "check_explainable",
     "EfficientNetCanonizer", "ResNetCanonizer", "VGGCanonizer", "MobileNetV2Canonizer", "MergeBatchNorm", "Residual",
     "Sum", "merge_batchnorm", "unexplained", "RESIDUAL_BLOCKS",
-    "BASE_RULES", "COMPOSITES", "LRPComposite", "make_composite", "lrp_zero", "lrp_epsilon", "epsilon_plus",
-    "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "epsilon_gamma_box", "montavon2019",
-    "LRPRule", "Term", "Group", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "Norm",
-    "ProportionalPool", "Relay", "GradientRule", "WINNER_TAKE_ALL", "stabilize",
+    "BASE_RULES", "COMPOSITES", "RULES", "LRPComposite", "make_composite",
+    "LRPRule", "Term", "Group", "WINNER_TAKE_ALL", "stabilize",
+    *_REGISTERED,
 ]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..gradients import gradient
-from ..guard import _user_stacklevel
+from ..guard import user_stacklevel
 from ..inputs import check_images, check_model, target_indices, target_scores
 from ..rules import Canonizer
 from .canonizers import (
@@ -104,7 +104,7 @@ def check_explainable(model: nn.Module, refuse: bool = True) -> None:
             "canonizers=[...], or pass canonizers=None to get the uncanonized map anyway, with a warning.")
     warnings.warn(f"this LRP map of {type(model).__name__} is not a correct explanation: the canonizers given left "
                   f"{why} Use canonizers='auto' or a canonizer for these blocks.", UncanonizedWarning,
-                  stacklevel=_user_stacklevel())
+                  stacklevel=user_stacklevel())
 
 
 def _canonizers(model, canonizers, warn: bool = True):
@@ -189,7 +189,7 @@ def _check_accounting(model: nn.Module, relevance: torch.Tensor, top: torch.Tens
             f"this LRP map of {type(model).__name__} is not a correct explanation ({shown}): relevance was created or "
             "lost where no LRP rule sees it, typically a residual addition (x + f(x)) or a normalisation computed inside "
             "forward(). Rewrite those blocks with a canonizer (see coursekit.lrp.canonizers); lrp.conservation shows "
-            "the sums layer by layer.", ConservationWarning, stacklevel=_user_stacklevel())
+            "the sums layer by layer.", ConservationWarning, stacklevel=user_stacklevel())
 
 
 def lrp(model: nn.Module, x: torch.Tensor, target, composite="EpsilonGammaBox", canonizers="auto",

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from ..registry import Registry
 from ..rules import Composite, Pass, Rule
 from .canonizers import Sum
 from .rules import (
@@ -36,10 +37,10 @@ from .rules import (
     ZPlus,
 )
 
-__all__ = [
-    "LRPComposite", "COMPOSITES", "lrp_zero", "lrp_epsilon", "epsilon_plus", "epsilon_plus_flat",
-    "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat", "epsilon_gamma_box", "montavon2019", "make_composite",
-]
+__all__ = ["LRPComposite", "COMPOSITES", "make_composite"]  # + every registered composite
+# One decorated factory per composite: its name works in lrp(..., composite="EpsilonPlus"), it is in
+# __all__, in the README's method table and in the tests parametrised over COMPOSITES.
+COMPOSITES = Registry("LRP composite", exports=__all__)
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYERS = _CONVS + (nn.Linear,)
@@ -200,37 +201,44 @@ class _Recorded(BackwardRule):
 # the composites
 
 
+@COMPOSITES.register(name="LRP-0")
 def lrp_zero(bias: bool = True) -> LRPComposite:
     """LRP-0 everywhere (Bach et al. 2015): the gradient x input of a ReLU network, when biases are kept."""
     return LRPComposite({_LAYERS: Epsilon(0.0, bias=bias)}, name="LRP-0")
 
 
+@COMPOSITES.register(name="LRP-epsilon")
 def lrp_epsilon(epsilon: float = 0.25, bias: bool = True, relative: bool = True) -> LRPComposite:
     """LRP-epsilon everywhere; ``relative=True`` scales epsilon by each layer's RMS output."""
     return LRPComposite({_LAYERS: Epsilon(epsilon, bias=bias, relative=relative)}, name=f"LRP-eps({epsilon:g})")
 
 
+@COMPOSITES.register(name="EpsilonPlus")
 def epsilon_plus(epsilon: float = 1e-6, bias: bool = True) -> LRPComposite:
     """z+ (alpha=1, beta=0) for convolutions, epsilon for dense layers (zennit's EpsilonPlus)."""
     return LRPComposite({_CONVS: ZPlus(bias=bias), nn.Linear: Epsilon(epsilon, bias=bias)}, name="EpsilonPlus")
 
 
+@COMPOSITES.register(name="EpsilonPlusFlat")
 def epsilon_plus_flat(epsilon: float = 1e-6, bias: bool = True) -> LRPComposite:
     """EpsilonPlus with the flat rule at the pixel layer (zennit's EpsilonPlusFlat)."""
     return epsilon_plus(epsilon, bias).with_first(Flat())._copy(name="EpsilonPlusFlat")
 
 
+@COMPOSITES.register(name="EpsilonAlpha2Beta1")
 def epsilon_alpha2_beta1(epsilon: float = 1e-6, bias: bool = True) -> LRPComposite:
     """alpha=2, beta=1 for convolutions, epsilon for dense layers (zennit's EpsilonAlpha2Beta1)."""
     return LRPComposite({_CONVS: AlphaBeta(2, 1, bias=bias), nn.Linear: Epsilon(epsilon, bias=bias)},
                         name="EpsilonAlpha2Beta1")
 
 
+@COMPOSITES.register(name="EpsilonAlpha2Beta1Flat")
 def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, bias: bool = True) -> LRPComposite:
     """EpsilonAlpha2Beta1 with the flat rule at the pixel layer (zennit's EpsilonAlpha2Beta1Flat)."""
     return epsilon_alpha2_beta1(epsilon, bias).with_first(Flat())._copy(name="EpsilonAlpha2Beta1Flat")
 
 
+@COMPOSITES.register(name="EpsilonGammaBox")
 def epsilon_gamma_box(low=0.0, high=1.0, gamma: float = 0.25, epsilon: float = 1e-6, bias: bool = True) -> LRPComposite:
     """gamma for convolutions, epsilon for dense layers, z^B at the pixels (zennit's EpsilonGammaBox).
 
@@ -241,6 +249,7 @@ def epsilon_gamma_box(low=0.0, high=1.0, gamma: float = 0.25, epsilon: float = 1
                         name="EpsilonGammaBox", first=ZBox(low, high))
 
 
+@COMPOSITES.register(name="Montavon2019")
 def montavon2019(low=0.0, high=1.0, gamma: float = 0.25, epsilon: float = 0.25, bias: bool = True) -> LRPComposite:
     """The recipe of Montavon et al. (2019, sec. 10.3.3 / their VGG-16 tutorial).
 
@@ -254,22 +263,10 @@ def montavon2019(low=0.0, high=1.0, gamma: float = 0.25, epsilon: float = 0.25, 
     )
 
 
-COMPOSITES = {
-    "LRP-0": lrp_zero,
-    "LRP-epsilon": lrp_epsilon,
-    "EpsilonPlus": epsilon_plus,
-    "EpsilonPlusFlat": epsilon_plus_flat,
-    "EpsilonAlpha2Beta1": epsilon_alpha2_beta1,
-    "EpsilonAlpha2Beta1Flat": epsilon_alpha2_beta1_flat,
-    "EpsilonGammaBox": epsilon_gamma_box,
-    "Montavon2019": montavon2019,
-}
-
-
 def make_composite(composite) -> LRPComposite:
     """A composite from a name of :data:`COMPOSITES` or an :class:`LRPComposite` (returned as is)."""
     if isinstance(composite, Composite):
         return composite
-    if isinstance(composite, str) and composite in COMPOSITES:
-        return COMPOSITES[composite]()
-    raise ValueError(f"unknown LRP composite {composite!r}; choose one of {sorted(COMPOSITES)} or pass an LRPComposite")
+    if isinstance(composite, str):
+        return COMPOSITES[composite]()  # an unknown name: a ValueError listing the known ones
+    raise ValueError(f"unknown LRP composite {composite!r}; choose one of {list(COMPOSITES)} or pass an LRPComposite")

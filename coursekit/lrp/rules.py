@@ -25,6 +25,7 @@ rule                   terms (input, weights, bias)                 used for
 ``Norm()``             (x, the layer itself)                        average pooling, sums
 ``ProportionalPool()`` (x, average pooling in place of max)         max pooling
 ``Relay()``            relevance unchanged                          ReLU, ReLU6, normalisation
+``GradientRule()``     the layer's plain gradient, observable       tests, comparisons
 =====================  ===========================================  =========================
 
 Max pooling's winner-take-all rule is its plain gradient (``coursekit.rules.Pass``).
@@ -41,12 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._reference import reference
+from ..registry import Registry
 from ..rules import BackwardRule, Pass
 
-__all__ = [
-    "Term", "Group", "LRPRule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare",
-    "Norm", "ProportionalPool", "Relay", "GradientRule", "stabilize",
-]
+__all__ = ["Term", "Group", "LRPRule", "RULES", "stabilize"]  # + every registered rule
+# One decorated class per LRP backward rule: in __all__, the README's method table and the tests
+# parametrised over RULES.
+RULES = Registry("LRP rule", exports=__all__)
 
 
 @reference  # exercise set 04_lrp blocks it while the student's rule runs
@@ -263,6 +265,7 @@ def _param_free_vjp(module, term: Term, tx, s):
 # the named rules
 
 
+@RULES.register
 class Epsilon(LRPRule):
     """LRP-epsilon (Bach et al. 2015): ``R_i = sum_j x_i w_ij / (z_j + eps sign(z_j)) R_j``; LRP-0 at eps=0.
 
@@ -279,6 +282,7 @@ class Epsilon(LRPRule):
         return f"Epsilon({self.epsilon:g}{extra})" if self.epsilon else f"LRP-0({extra.lstrip(', ')})"
 
 
+@RULES.register
 class Gamma(LRPRule):
     """LRP-gamma (Montavon et al. 2019), generalised to negative inputs (Andeol et al. 2021, as in zennit).
 
@@ -299,6 +303,7 @@ class Gamma(LRPRule):
         return f"Gamma({self.gamma:g})"
 
 
+@RULES.register
 class AlphaBeta(LRPRule):
     """LRP-alpha-beta (Bach et al. 2015): ``alpha * R+ - beta * R-`` with ``alpha - beta = 1``.
 
@@ -325,6 +330,7 @@ class AlphaBeta(LRPRule):
         return f"AlphaBeta({self.alpha:g}, {self.beta:g})"
 
 
+@RULES.register
 class ZPlus(AlphaBeta):
     """z+ = alpha-beta with alpha=1, beta=0 (Montavon et al. 2017, deep Taylor decomposition)."""
 
@@ -335,6 +341,7 @@ class ZPlus(AlphaBeta):
         return "ZPlus()"
 
 
+@RULES.register
 class ZBox(LRPRule):
     """z^B for the pixel layer (Montavon et al. 2017): inputs bounded by ``low <= x <= high``.
 
@@ -383,6 +390,7 @@ class ZBox(LRPRule):
         return f"ZBox(low={self.low}, high={self.high})"
 
 
+@RULES.register
 class Flat(LRPRule):
     """Flat (Lapuschkin et al. 2019): the relevance of a unit spread evenly over its receptive field."""
 
@@ -393,6 +401,7 @@ class Flat(LRPRule):
         return "Flat()"
 
 
+@RULES.register
 class WSquare(LRPRule):
     """w^2 (Montavon et al. 2017): ``R_i = sum_j w_ij^2 / sum_i' w_i'j^2 R_j``, for unbounded inputs."""
 
@@ -403,6 +412,7 @@ class WSquare(LRPRule):
         return "WSquare()"
 
 
+@RULES.register
 class Norm(LRPRule):
     """Proportional to each input's share of the output: average pooling and sums (residual additions)."""
 
@@ -425,6 +435,7 @@ def _average_instead(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pool(x, kernel, stride, pad, ceil_mode=module.ceil_mode, count_include_pad=False)
 
 
+@RULES.register
 class ProportionalPool(LRPRule):
     """Max pooling, relevance shared in proportion to the inputs of each window (not winner-take-all)."""
 
@@ -435,6 +446,7 @@ class ProportionalPool(LRPRule):
         return "ProportionalPool()"
 
 
+@RULES.register
 class Relay(BackwardRule):
     """Relevance passes unchanged (element-wise layers: ReLU, ReLU6, normalisation, batch-norm left in place)."""
 
@@ -444,6 +456,7 @@ class Relay(BackwardRule):
         return (grad_out,) + tuple(torch.zeros_like(t) for t in inputs[1:])
 
 
+@RULES.register
 class GradientRule(BackwardRule):
     """The layer's plain gradient as a backward rule (what :class:`coursekit.rules.Pass` does, but observable)."""
 

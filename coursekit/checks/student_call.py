@@ -10,7 +10,7 @@ values in them) are not on its call stack, under a profiler that records
 * ``sys._current_frames`` and the ``gc`` object lists (the ways to reach another thread's frames).
 
 The profiler only records (an exception raised by a profiler would switch it off); the check
-turns each record into a verdict after the call. :func:`coursekit.checks._integrity.restore` runs
+turns each record into a verdict after the call. :func:`coursekit.checks.integrity.restore` runs
 after every call, so a function that patches torch or coursekit is caught too.
 """
 
@@ -25,7 +25,7 @@ import sysconfig
 import threading
 from pathlib import Path
 
-from .. import _reference
+from .._reference import blocked, blocked_keys, reference_code, reference_module
 
 __all__ = ["call", "Violation"]
 
@@ -72,14 +72,35 @@ def _async_raise(thread: threading.Thread, exc: type[BaseException]) -> None:
 
 def call(fn, args: tuple, kwargs: dict, forbid: tuple[str, ...]):
     """``fn(*args, **kwargs)`` in its own thread under the guard; raises what ``fn`` raised, or Violation."""
+    guard, found = _guard(forbid)
+    box, still_blocked = _run_guarded(fn, args, kwargs, forbid, guard)
+    if not box.get("intact", True):
+        found.append("your function removed the check's profiler (sys.setprofile)")
+    if not still_blocked:
+        found.append("your function changed coursekit's list of blocked references")
+    if found:
+        raise Violation("; ".join(found))
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _guard(forbid: tuple[str, ...]):
+    """The profiler that records what the student's function should not do, and its list of records.
+
+    Returns ``(guard, found)``: ``guard`` is a ``sys.setprofile`` function; ``found`` fills with
+    one sentence per kind of violation (calls of a blocked reference or of a copy of its code, of
+    a private helper of its module, of an attribution library, of the frame-reaching functions).
+    The verdict of each code object is cached: the profiler sees every call, C calls included.
+    """
     codes = {}
     for key in forbid:
-        code = _reference.reference_code(key)
+        code = reference_code(key)
         if code is not None:
             codes[code] = key
     bytecodes = {_fingerprint(code): key for code, key in codes.items()}
     bytecodes.pop(None, None)
-    module_files = {getattr(sys.modules.get(_reference.reference_module(k)), "__file__", None) for k in forbid} - {None}
+    module_files = {getattr(sys.modules.get(reference_module(k)), "__file__", None) for k in forbid} - {None}
     attribution = _ATTRIBUTION_DIRS
     seen: dict[int, str | None] = {}
     found: list[str] = []
@@ -113,20 +134,32 @@ def call(fn, args: tuple, kwargs: dict, forbid: tuple[str, ...]):
             if text not in found:
                 found.append(text)
 
+    return guard, found
+
+
+def _run_guarded(fn, args: tuple, kwargs: dict, forbid: tuple[str, ...], guard) -> tuple[dict, bool]:
+    """Run ``fn`` in a thread of its own under ``guard`` while the ``forbid`` references are blocked.
+
+    Returns ``(box, still_blocked)``: ``box`` holds ``"value"`` or ``"error"`` (what ``fn``
+    returned or raised) and ``"intact"`` (whether ``guard`` was still the thread's profiler);
+    ``still_blocked`` says whether the references were still blocked when ``fn`` returned. An
+    interruption of the waiting thread (Jupyter's stop button, the grader's time limit) is passed
+    on to the student's thread and re-raised.
+    """
     box: dict = {}
 
     def target(fn=fn, args=args, kwargs=kwargs, box=box, guard=guard):
         sys.setprofile(guard)
         try:
             box["value"] = fn(*args, **kwargs)
-        except BaseException as err:  # noqa: BLE001 -- handed over to the checking thread below
+        except BaseException as err:  # noqa: BLE001 -- handed over to the checking thread in call()
             box["error"] = err
         finally:
             box["intact"] = sys.getprofile() is guard
             sys.setprofile(None)
 
     thread = threading.Thread(target=target, name="student-function", daemon=True)
-    with _reference.blocked(forbid):
+    with blocked(forbid):
         thread.start()
         try:
             while thread.is_alive():
@@ -135,13 +168,5 @@ def call(fn, args: tuple, kwargs: dict, forbid: tuple[str, ...]):
             _async_raise(thread, KeyboardInterrupt)  # interrupted (Jupyter's stop button, the grader's time limit)
             thread.join(1.0)
             raise
-        still_blocked = set(forbid) <= _reference._BLOCKED
-    if not box.get("intact", True):
-        found.append("your function removed the check's profiler (sys.setprofile)")
-    if not still_blocked:
-        found.append("your function changed coursekit's list of blocked references")
-    if found:
-        raise Violation("; ".join(found))
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+        still_blocked = set(forbid) <= blocked_keys()
+    return box, still_blocked

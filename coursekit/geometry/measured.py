@@ -3,9 +3,9 @@
 The gradient of one output unit with respect to the input is non-zero exactly on the pixels the
 unit depends on, once ReLUs and max pooling are linearised (with them the gradient reaches only
 the *effective* receptive field of Luo et al. 2016). This works for any architecture, branches
-included: :func:`empirical_receptive_field` measures one unit, and :func:`_measured_windows`
-gives :func:`coursekit.receptive_fields.unit_windows` the windows of every unit where the
-analytic walk of :mod:`coursekit.receptive_fields_analytic` cannot follow the model.
+included: :func:`empirical_receptive_field` measures one unit, and :func:`measured_windows`
+gives :func:`coursekit.geometry.unit_windows` the windows of every unit where the
+analytic walk of :mod:`coursekit.geometry.analytic` cannot follow the model.
 
 References
 ----------
@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import _pair
-from .hooks import get_layer
-from .inputs import check_model, positive_int
-from .receptive_fields_analytic import _POINTWISE, UnitWindows, _dynamic_same, _input_hw
+from ..hooks import get_layer
+from ..inputs import check_model, int_pair, positive_int
+from .analytic import POINTWISE, UnitWindows, dynamic_same_padding, input_hw
 
 __all__ = ["EmpiricalReceptiveField", "empirical_receptive_field"]
 
@@ -61,8 +60,8 @@ class _SupportPool(nn.Module):
 
     def __init__(self, m: nn.Module, dynamic_same: bool):
         super().__init__()
-        self.kernel = _pair(m.kernel_size, "kernel_size")
-        self.stride = _pair(m.stride if m.stride is not None else m.kernel_size, "stride")
+        self.kernel = int_pair(m.kernel_size, "kernel_size")
+        self.stride = int_pair(m.stride if m.stride is not None else m.kernel_size, "stride")
         self.padding = m.padding
         self.ceil_mode = bool(getattr(m, "ceil_mode", False))
         self.dynamic_same = dynamic_same
@@ -129,10 +128,10 @@ def _support_probe(model: nn.Module) -> nn.Module:
             m.groups, m.in_channels, m.out_channels = 1, 1, 1
             m.register_forward_pre_hook(_sum_channels)
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            if _pair(getattr(m, "dilation", 1), f"{name}.dilation") != (1, 1):
+            if int_pair(getattr(m, "dilation", 1), f"{name}.dilation") != (1, 1):
                 raise ValueError(f"{name}: dilated pooling is not supported by empirical_receptive_field")
-            setattr(parent, child, _SupportPool(m, _dynamic_same(m)))
-        elif isinstance(m, _POINTWISE):
+            setattr(parent, child, _SupportPool(m, dynamic_same_padding(m)))
+        elif isinstance(m, POINTWISE):
             setattr(parent, child, nn.Identity())
         elif not list(m.children()) and any(True for _ in m.parameters(recurse=False)):
             setattr(parent, child, _Unsupported(name, type(m).__name__))
@@ -168,9 +167,9 @@ def empirical_receptive_field(model: nn.Module, layer: str | nn.Module, input_si
     """
     check_model(model)
     name, _ = get_layer(model, layer)
-    hw = _required_hw(model, input_size)
+    hw = required_hw(model, input_size)
     probe = _support_probe(model)
-    x, out = _run_probe(probe, name, _input_channels(model, input_size), hw)
+    x, out = _run_probe(probe, name, input_channels(model, input_size), hw)
     h, w = out.shape[-2:]
     i, j = unit if unit is not None else (h // 2, w // 2)
     if not (0 <= i < h and 0 <= j < w):
@@ -180,14 +179,14 @@ def empirical_receptive_field(model: nn.Module, layer: str | nn.Module, input_si
     return EmpiricalReceptiveField(name, (int(i), int(j)), (r0, r1), (c0, c1), (r1 - r0 + 1, c1 - c0 + 1), border)
 
 
-def _required_hw(model: nn.Module, input_size) -> tuple[int, int]:
-    hw = _input_hw(model, input_size)
+def required_hw(model: nn.Module, input_size) -> tuple[int, int]:
+    hw = input_hw(model, input_size)
     if hw is None:
         raise ValueError("give input_size=(C, H, W): the model has no input_size attribute")
     return hw
 
 
-def _input_channels(model: nn.Module, input_size) -> int:
+def input_channels(model: nn.Module, input_size) -> int:
     if input_size is not None and len(input_size) == 3:
         return positive_int(input_size[0], "input channels")
     return getattr(model, "input_size", (1,))[0]
@@ -201,6 +200,7 @@ def _run_probe(probe: nn.Module, name: str, channels: int, hw: tuple[int, int]) 
         captured["out"] = output
         raise _Stop
 
+    # a hook by hand, not hooks.record: this is the module's own linearised copy, never the user's model
     handle = probe.get_submodule(name).register_forward_hook(stop)
     x = torch.ones(1, channels, *hw, dtype=torch.float64, device="cpu", requires_grad=True)  # (1, C, H, W), as the probe
     try:
@@ -229,7 +229,7 @@ def _support_box(x: torch.Tensor, out: torch.Tensor, unit: tuple[int, int]) -> t
 
 
 
-def _measured_windows(model: nn.Module, name: str, channels: int, hw: tuple[int, int]) -> UnitWindows:
+def measured_windows(model: nn.Module, name: str, channels: int, hw: tuple[int, int]) -> UnitWindows:
     """:func:`unit_windows` for a model the analytic walk refuses (see its notes)."""
     probe = _support_probe(model)
     x, out = _run_probe(probe, name, channels, hw)

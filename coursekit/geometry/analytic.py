@@ -5,7 +5,7 @@ dimension, the field's size, the jump (input pixels between neighbouring units) 
 (centre of unit 0's field): :func:`receptive_fields`. It follows chains of modules (``nn.Sequential``
 and the containers of torchvision / timm models) through convolutions, pooling and pointwise
 layers; a branch or an unknown module raises :class:`UnsupportedLayerError`, and
-:mod:`coursekit.receptive_fields_measured` measures the field instead. :class:`UnitWindows`
+:mod:`coursekit.geometry.measured` measures the field instead. :class:`UnitWindows`
 turns a field into the integer input box of every unit. Lecture 1 reaches all of this through
 :mod:`coursekit.receptive_fields`.
 
@@ -23,9 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._common import _pair
-from .inputs import check_model, positive_int
-from .models import Normalize
+from ..inputs import check_model, int_pair, positive_int
+from ..models import Normalize
 
 __all__ = ["ReceptiveField", "UnitWindows", "UnsupportedLayerError", "receptive_fields"]
 
@@ -107,7 +106,7 @@ class ReceptiveField(NamedTuple):
         Unit 0's window starts at ``start - (size - 1) / 2``, which is minus the sum over layers of
         left padding times jump so far: a whole number of pixels.
         """
-        size, jump, start = _pair_f(self.size), _pair_f(self.jump), _pair_f(self.start)
+        size, jump, start = per_dimension(self.size), per_dimension(self.jump), per_dimension(self.start)
         offset = tuple(round(start[d] - (size[d] - 1) / 2) for d in range(2))
         return UnitWindows(self.layer, (int(size[0]), int(size[1])), (int(jump[0]), int(jump[1])), offset)
 
@@ -119,16 +118,16 @@ class _Geometry(NamedTuple):  # per spatial dimension (height, width)
     n: tuple[int, int] | None  # spatial size of the feature map, when the input size is known
 
 
-def _pair_f(v):  # a size that may differ per dimension -> (height, width)
+def per_dimension(v):  # a size that may differ per dimension -> (height, width)
     return tuple(v) if isinstance(v, tuple) else (v, v)
 
 
-def _same(v):
+def collapse_pair(v):
     return v[0] if v[0] == v[1] else tuple(v)
 
 
 # Pointwise layers: every output position depends only on the same input position.
-_POINTWISE = (
+POINTWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
     nn.modules.batchnorm._BatchNorm,  # eval mode: a per-channel affine map (timm's BatchNormAct2d too)
@@ -160,7 +159,7 @@ def _is_chain(m: nn.Module) -> bool:
     return _qualname(m) in _CHAINS
 
 
-def _dynamic_same(m: nn.Module) -> bool:
+def dynamic_same_padding(m: nn.Module) -> bool:
     # timm's Conv2dSame / MaxPool2dSame / AvgPool2dSame pad like TensorFlow's "SAME" at run time,
     # asymmetrically (the extra pixel goes right/bottom) and depending on the input size.
     return type(m).__name__ in ("Conv2dSame", "Conv2dSameExport", "MaxPool2dSame", "AvgPool2dSame")
@@ -168,16 +167,16 @@ def _dynamic_same(m: nn.Module) -> bool:
 
 def _spatial_args(name: str, m: nn.Module, n):
     """Per dimension: kernel, stride, dilation, left padding, right padding (None: unknown), output size."""
-    kernel = _pair(m.kernel_size, f"{name}.kernel_size")
-    stride = _pair(m.stride if m.stride is not None else m.kernel_size, f"{name}.stride")
-    dilation = _pair(getattr(m, "dilation", 1), f"{name}.dilation")
+    kernel = int_pair(m.kernel_size, f"{name}.kernel_size")
+    stride = int_pair(m.stride if m.stride is not None else m.kernel_size, f"{name}.stride")
+    dilation = int_pair(getattr(m, "dilation", 1), f"{name}.dilation")
     ceil_mode = bool(getattr(m, "ceil_mode", False))
     if getattr(m, "padding_mode", "zeros") == "circular":
         raise ValueError(f"{name}: circular padding wraps around the image; receptive_fields does not model it")
     out = []
     for d in range(2):
         k, s, dil = kernel[d], stride[d], dilation[d]
-        if _dynamic_same(m):
+        if dynamic_same_padding(m):
             if n is None:
                 raise ValueError(
                     f"{name} ({type(m).__name__}) pads depending on its input size, so receptive_fields needs "
@@ -192,7 +191,7 @@ def _spatial_args(name: str, m: nn.Module, n):
                 total = dil * (k - 1)
                 left, right = total // 2, total - total // 2
         else:
-            left = right = _pair(m.padding, f"{name}.padding", minimum=0)[d]
+            left = right = int_pair(m.padding, f"{name}.padding", minimum=0)[d]
         size = None
         if n is not None:
             span = n[d] + left + right - dil * (k - 1) - 1
@@ -220,7 +219,7 @@ def _walk(name: str, m: nn.Module, g: _Geometry, out: list, until: str | None = 
             jump.append(g.jump[d] * s)
             n.append(nd)
         g = _Geometry(tuple(size), tuple(jump), tuple(start), None if g.n is None else tuple(n))
-    elif isinstance(m, _POINTWISE):
+    elif isinstance(m, POINTWISE):
         pass
     elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         target = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
@@ -241,11 +240,11 @@ def _walk(name: str, m: nn.Module, g: _Geometry, out: list, until: str | None = 
             "or pass a sub-model that is a plain chain."
         )
     if name:
-        out.append(ReceptiveField(name, _same(g.size), _same(g.jump), _same(g.start)))
+        out.append(ReceptiveField(name, collapse_pair(g.size), collapse_pair(g.jump), collapse_pair(g.start)))
     return g, name == until
 
 
-def _input_hw(model: nn.Module, input_size) -> tuple[int, int] | None:
+def input_hw(model: nn.Module, input_size) -> tuple[int, int] | None:
     size = input_size if input_size is not None else getattr(model, "input_size", None)
     if size is None:
         return None
@@ -291,12 +290,12 @@ def receptive_fields(model: nn.Module, input_size: tuple[int, ...] | None = None
         For a module it cannot reason about (branches, attention, squeeze-excitation,
         unknown layer types): it does not guess; use :func:`empirical_receptive_field`.
     """
-    return _analytic_fields(model, input_size)
+    return analytic_fields(model, input_size)
 
 
-def _analytic_fields(model: nn.Module, input_size, until: str | None = None) -> list[ReceptiveField]:
+def analytic_fields(model: nn.Module, input_size, until: str | None = None) -> list[ReceptiveField]:
     check_model(model)
-    n = _input_hw(model, input_size)
+    n = input_hw(model, input_size)
     out: list[ReceptiveField] = []
     _walk("", model, _Geometry((1, 1), (1, 1), (0.0, 0.0), n), out, until)
     return out
