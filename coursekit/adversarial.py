@@ -4,13 +4,19 @@ Every attack here changes the *input* of a model that holds its own normalisatio
 (:class:`coursekit.models.CourseModel` takes [0, 1] pixels) and leaves the model exactly as it was
 (:func:`coursekit.guard.guarded`: eval mode, frozen parameters, restored even on error). The loop
 is the shared input-optimisation engine, :func:`coursekit.optimize.ascend` with a
-:class:`coursekit.optimize.SignStep`, which projects onto the epsilon-ball and clamps to [0, 1]
-after every step.
+:class:`coursekit.optimize.SignStep` (or MI-FGSM's :class:`coursekit.optimize.MomentumSignStep`),
+which projects onto the epsilon-ball and clamps to [0, 1] after every step; an :class:`AttackConfig`
+says how. With ``early_stop=True`` the loop freezes every image at its first fooling iterate itself,
+so a step rule with state (momentum, Adam) cannot move it on. FGSM is one
+:func:`coursekit.attack_steps.fgsm_step`, the step that :mod:`coursekit.robustness` and
+:mod:`coursekit.train` take too.
 
 * :func:`fgsm` — the fast gradient sign method (Goodfellow, Shlens & Szegedy 2015).
 * :func:`pgd` — projected gradient descent under L-inf or L2 with random start and restarts
   (Madry et al. 2018); ``random_start=False`` is the basic iterative method, BIM
   (Kurakin, Goodfellow & Bengio 2017): :func:`bim`.
+* :func:`mifgsm` — the momentum iterative FGSM, MI-FGSM (Dong et al. 2018): the same loop driven by
+  a step rule with state (:class:`coursekit.optimize.MomentumSignStep`).
 * targeted versions (``target=``), cross-entropy or margin loss on logits (Carlini & Wagner 2017).
 * :func:`random_sphere` — Szegedy et al. (2014): random points twice as far do not change the label.
 * :func:`noise_attack` — a trainable noise layer with an L2 penalty and early stopping.
@@ -35,6 +41,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -42,14 +49,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._reference import reference
+from .attack_steps import fgsm_step
+from .batching import batches, rows
 from .devices import cpu_generator, model_device
 from .guard import guarded
-from .inputs import check_class_range, check_images, check_model, positive_int, target_indices
-from .optimize import Adam, SignStep, ascend
+from .inputs import (
+    check_class_range,
+    check_images,
+    check_model,
+    number,
+    positive_int,
+    target_indices,
+)
+from .optimize import Adam, MomentumSignStep, SignStep, StepRule, ascend
 from .progress import progress_bar
 
 __all__ = [
-    "LogitsExpectedWarning", "check_eps", "attack_objective", "margin", "fgsm", "pgd", "bim",
+    "LogitsExpectedWarning", "check_eps", "check_loss", "attack_objective", "margin", "fgsm", "pgd", "bim", "mifgsm",
+    "AttackConfig",
     "predict_labels", "accuracy", "plot_perturbation", "random_sphere", "SphereResult", "NoiseLayer",
     "noise_attack", "NoiseAttackResult", "quantize_8bit", "evolve_fooling_images",
 ]
@@ -89,7 +106,8 @@ def check_eps(eps, norm: str = "linf", numel: int | None = None, what: str = "ep
     return eps
 
 
-def _check_loss(loss: str) -> str:
+def check_loss(loss: str) -> str:
+    """``loss`` when it is one of :data:`LOSSES` (both on logits), else a ValueError naming them."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES} (both on logits), got {loss!r}")
     return loss
@@ -154,7 +172,7 @@ def attack_objective(logits: torch.Tensor, labels: torch.Tensor, loss: str = "ce
 
     logits (N, K), labels (N,), target (N,) or None -> (N,)
     """
-    _check_loss(loss)
+    check_loss(loss)
     if target is None:
         return F.cross_entropy(logits, labels, reduction="none") if loss == "ce" else margin(logits, labels)
     return -F.cross_entropy(logits, target, reduction="none") if loss == "ce" else -margin(logits, target)
@@ -181,60 +199,173 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) 
     return (x + delta.to(x)).clamp(0, 1)
 
 
-def _run_attack(model, x, y, t, eps, norm, steps, step_size, start, loss, progress, desc, early_stop=False):
+@dataclass(frozen=True)
+class AttackConfig:
+    """How an iterative attack steps: everything the attack loop needs besides the images and labels.
+
+    :func:`pgd`, :func:`bim` and :func:`mifgsm` build one from their (checked) arguments and drive
+    the same loop with it; the step rule is the only difference between them.
+
+    Attributes
+    ----------
+    eps : float
+        Radius of the ball around the clean images ([0, 1] pixel units).
+    steps : int
+    step_size : float
+    norm : {"linf", "l2"}
+    loss : {"ce", "margin"}
+        The objective on logits (:func:`attack_objective`).
+    decay : float or None
+        None: a plain :class:`coursekit.optimize.SignStep` (FGSM, BIM, PGD); a number: MI-FGSM's
+        :class:`coursekit.optimize.MomentumSignStep` with this momentum decay (Dong et al. 2018).
+    early_stop : bool
+        Freeze every image at its first fooling iterate and drop it from the batch (see :func:`pgd`).
+    """
+
+    eps: float
+    steps: int
+    step_size: float
+    norm: str = "linf"
+    loss: str = "ce"
+    decay: float | None = None
+    early_stop: bool = False
+
+    def rule(self, origin: torch.Tensor) -> StepRule:
+        """A fresh step rule (fresh state) for one run from the clean images ``origin`` (N, C, H, W)."""
+        if self.decay is None:
+            return SignStep(self.step_size, eps=self.eps, origin=origin, norm=self.norm, box=(0.0, 1.0))
+        return MomentumSignStep(self.step_size, eps=self.eps, origin=origin, norm=self.norm, box=(0.0, 1.0),
+                                decay=self.decay)
+
+
+class _Frozen:
+    """The images of one run that are done (early stop): their first fooling iterate, kept as it is.
+
+    Whatever the step rule does to a done image (a sign step on a zero gradient, a momentum step on
+    its accumulated direction, Adam's running moments), :meth:`restore` puts the iterate back after
+    every step, so no rule, with state or without, can move it again.
+    """
+
+    def __init__(self, x_adv: torch.Tensor):
+        n = x_adv.shape[0]
+        self.active = torch.ones(n, dtype=torch.bool, device=x_adv.device)  # (N,) still to attack
+        self.value = torch.zeros(n, dtype=x_adv.dtype, device=x_adv.device)  # (N,) objective at the freeze
+        self.iterate = torch.zeros_like(x_adv.detach())  # (N, C, H, W) the first fooling iterates
+
+    def freeze(self, idx: torch.Tensor, fooled: torch.Tensor, objective: torch.Tensor, x_adv: torch.Tensor) -> None:
+        """Images ``idx[fooled]`` fool the model at the current iterate: keep it and its objective."""
+        done = idx[fooled]
+        self.iterate[done] = x_adv.detach()[done]
+        self.value[done] = objective.detach()[fooled]
+        self.active[done] = False
+
+    @torch.no_grad()
+    def restore(self, x_adv: torch.Tensor) -> None:
+        """Put every done image back to its frozen iterate (after the rule's step)."""
+        done = (~self.active).nonzero()[:, 0]
+        x_adv[done] = self.iterate[done]
+
+
+def _run_attack(model, x, y, t, start, config: AttackConfig):
     """One attack run on a batch from ``start``; returns (x_adv, fooled (N,), objective (N,)).
 
-    ``early_stop``: an image stops moving at the first iterate that fools the model (its gradient is
-    cut, so the sign step leaves it in place) and leaves the batch, so later steps only pay for the
-    images still classified correctly; the run ends when every image is fooled.
+    x, start (N, C, H, W); y (N,); t (N,) or None. With ``config.early_stop``, an image that fools
+    the model is frozen at that iterate (:class:`_Frozen`: explicitly, whatever the step rule) and
+    leaves the batch, so later steps only pay for the images still classified correctly; the run
+    ends when every image is fooled.
     """
     x_adv = start.clone().requires_grad_(True)
-    rule = SignStep(step_size, eps=eps, origin=x, norm=norm, box=(0.0, 1.0))
-    n = x.shape[0]
-    active = torch.ones(n, dtype=torch.bool, device=x.device)  # (N,) still to attack
-    done_value = torch.zeros(n, dtype=x.dtype, device=x.device)  # (N,) objective at the fooling iterate
+    frozen = _Frozen(x_adv) if config.early_stop else None
     first = []
 
     def value():
-        idx = active.nonzero()[:, 0] if early_stop else None
-        xa = x_adv if idx is None else x_adv[idx]  # (n_active, C, H, W)
-        logits = model(xa)  # (n_active, K)
+        idx = frozen.active.nonzero()[:, 0] if frozen is not None else None
+        logits = model(x_adv if idx is None else x_adv[idx])  # (n_active, K)
         if not first:
             _warn_if_probabilities(logits)
             first.append(True)
         if idx is None:
-            return attack_objective(logits, y, loss, t)
+            return attack_objective(logits, y, config.loss, t)
         ta = None if t is None else t[idx]
-        obj = attack_objective(logits, y[idx], loss, ta)  # (n_active,)
-        fooled = _fooled(logits.detach(), y[idx], ta)
-        obj = torch.where(fooled, obj.detach(), obj)  # no gradient: a fooled image stays where it is
-        done_value[idx[fooled]] = obj.detach()[fooled]
-        active[idx[fooled]] = False
-        return done_value.detach().index_put((idx,), obj)  # (N,)
+        obj = attack_objective(logits, y[idx], config.loss, ta)  # (n_active,)
+        frozen.freeze(idx, _fooled(logits.detach(), y[idx], ta), obj, x_adv)
+        return frozen.value.index_put((idx,), obj)  # (N,): only the active images carry a gradient
 
     def stop(step, values):
-        if early_stop and not bool(active.any()):
+        if frozen is not None and not bool(frozen.active.any()):
             raise StopIteration
 
-    if not early_stop or bool(active.any()):
-        ascend(value, [x_adv], rule, steps, progress=progress, desc=desc, on_value=stop)
-    with torch.no_grad():
-        if not early_stop:
-            logits = model(x_adv)
-            return x_adv.detach(), _fooled(logits, y, t), attack_objective(logits, y, loss, t)
-        fooled, obj = ~active, done_value.clone()
-        idx = active.nonzero()[:, 0]
-        if len(idx):  # the images still correct after the last step
-            logits = model(x_adv[idx])
-            ta = None if t is None else t[idx]
-            fooled[idx] = _fooled(logits, y[idx], ta)
-            obj[idx] = attack_objective(logits, y[idx], loss, ta)
-        return x_adv.detach(), fooled, obj
+    ascend(value, [x_adv], config.rule(x), config.steps, progress=False, on_value=stop,
+           after_step=None if frozen is None else lambda step: frozen.restore(x_adv))
+    return _final_state(model, x_adv.detach(), y, t, config.loss, frozen)
 
 
-def _chunks(n: int, batch_size: int | None):
-    step = n if batch_size is None else batch_size
-    return [(a, min(a + step, n)) for a in range(0, n, step)]
+@torch.no_grad()
+def _final_state(model, x_adv, y, t, loss, frozen):
+    """(x_adv, fooled (N,), objective (N,)) after the last step; done images keep their frozen values."""
+    if frozen is None:
+        logits = model(x_adv)
+        return x_adv, _fooled(logits, y, t), attack_objective(logits, y, loss, t)
+    fooled, obj = ~frozen.active, frozen.value.clone()
+    idx = frozen.active.nonzero()[:, 0]
+    if len(idx):  # the images still correct after the last step
+        logits = model(x_adv[idx])
+        ta = None if t is None else t[idx]
+        fooled[idx] = _fooled(logits, y[idx], ta)
+        obj[idx] = attack_objective(logits, y[idx], loss, ta)
+    return x_adv, fooled, obj
+
+
+def _labels_and_targets(model, x, labels, target, batch_size):
+    """True labels (N,) (the predictions when None) and targets (N,) or None, range-checked; in guarded."""
+    y = _labels(model, x, labels, batch_size)
+    t = _targets(target, y, labels is not None)
+    if t is not None or labels is not None:  # one image through the model: how many classes it has
+        with torch.no_grad():
+            classes = model(x[:1]).shape[1]
+        check_class_range(y, classes, "label")
+        if t is not None:
+            check_class_range(t, classes)
+    return y, t
+
+
+def _attack_config(x, eps, norm, steps, step_size, default_step, loss, decay, early_stop) -> AttackConfig:
+    """The checked :class:`AttackConfig` of an iterative attack; ``default_step(eps, steps)`` when no step_size."""
+    eps = check_eps(eps, norm, x[0].numel())
+    steps = positive_int(steps, "steps")
+    step_size = default_step(eps, steps) if step_size is None else check_eps(step_size, norm, x[0].numel(), "step_size")
+    return AttackConfig(eps, steps, step_size, norm, check_loss(loss), decay, bool(early_stop))
+
+
+def _attack(model, x, y, t, config: AttackConfig, *, start=None, restarts=1, batch_size=None, progress=False,
+            desc="pgd") -> torch.Tensor:
+    """Run ``config`` over ``x`` in batches and restarts; per image, keep the first fooling result
+    (else the highest objective). ``start(xb) -> (n, C, H, W)`` draws a starting point (``x`` when None).
+    A later restart only attacks the images that no earlier restart fooled."""
+    out = x.clone()
+    jobs = [(a, b, r) for a, b in batches(len(x), batch_size) for r in range(restarts)]
+    best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    best_value = torch.full((len(x),), -math.inf, dtype=x.dtype, device=x.device)  # x has the model's dtype
+    for a, b, r in progress_bar(jobs, desc=desc, progress=progress, leave=False):
+        xb = x[a:b]
+        begin = start(xb) if start is not None else xb
+        todo = torch.arange(a, b, device=x.device)
+        if r > 0:  # later restarts: only the images no earlier restart fooled
+            keep = ~best_fooled[a:b]
+            todo, xb, begin = todo[keep], xb[keep], begin[keep]
+            if not len(todo):
+                continue
+        adv, fooled, value = _run_attack(model, xb, y[todo], None if t is None else t[todo], begin, config)
+        # keep: fooled beats not fooled; among the not fooled, the higher objective
+        better = (fooled & ~best_fooled[todo]) | ((fooled == best_fooled[todo]) & (value > best_value[todo]))
+        out[todo[better]] = adv[better]
+        best_fooled[todo] |= fooled
+        best_value[todo] = torch.where(better, value, best_value[todo])
+    return out
+
+
+def _optional_batch_size(batch_size):
+    return None if batch_size is None else positive_int(batch_size, "batch_size")
 
 
 @reference
@@ -273,7 +404,7 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
     batch_size : int, optional
         Images per forward/backward pass (all at once when None).
     early_stop : bool
-        Stop each image at the first iterate that fools the model and drop it from the batch (an
+        Freeze each image at the first iterate that fools the model and drop it from the batch (an
         evaluation shortcut: the question is only *whether* it can be fooled). Faster when most images
         fall early; the images returned are the smallest-step fooling iterates, not the strongest ones,
         so keep False for targeted pictures, confident fooling images and transfer.
@@ -286,46 +417,15 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
     """
     check_model(model)
     x = check_images(x, model=model, pixel_range=True).detach()
-    eps = check_eps(eps, norm, x[0].numel())
-    steps = positive_int(steps, "steps")
+    config = _attack_config(x, eps, norm, steps, step_size, lambda e, n: 2.5 * e / n, loss, None, early_stop)
     restarts = positive_int(restarts, "restarts")
-    step_size = 2.5 * eps / steps if step_size is None else check_eps(step_size, norm, x[0].numel(), "step_size")
-    _check_loss(loss)
-    if batch_size is not None:
-        batch_size = positive_int(batch_size, "batch_size")
+    batch_size = _optional_batch_size(batch_size)
     gen = cpu_generator(seed if seed is not None else int(torch.randint(0, 2**62, (), device="cpu")))
     with guarded(model, what="pgd"):
-        y = _labels(model, x, labels, batch_size)
-        t = _targets(target, y, labels is not None)
-        if t is not None or labels is not None:  # one image through the model: how many classes it has
-            with torch.no_grad():
-                classes = model(x[:1]).shape[1]
-            check_class_range(y, classes, "label")
-            if t is not None:
-                check_class_range(t, classes)
-        out = x.clone()
-
-        jobs = [(a, b, r) for a, b in _chunks(len(x), batch_size) for r in range(restarts)]
-        best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        best_value = torch.full((len(x),), -math.inf, dtype=x.dtype, device=x.device)  # x has the model's dtype
-        for a, b, r in progress_bar(jobs, desc="pgd", progress=progress, leave=False):
-            xb = x[a:b]
-            start = _random_start(xb, eps, norm, gen) if random_start else xb
-            todo = torch.arange(a, b, device=x.device)
-            if r > 0:  # later restarts: only the images no earlier restart fooled
-                keep = ~best_fooled[a:b]
-                todo, xb, start = todo[keep], xb[keep], start[keep]
-                if not len(todo):
-                    continue
-            tb = None if t is None else t[todo]
-            adv, fooled, value = _run_attack(model, xb, y[todo], tb, eps, norm, steps, step_size, start, loss,
-                                             False, "pgd", early_stop)
-            # keep: fooled beats not fooled; among the not fooled, the higher objective
-            better = (fooled & ~best_fooled[todo]) | ((fooled == best_fooled[todo]) & (value > best_value[todo]))
-            out[todo[better]] = adv[better]
-            best_fooled[todo] |= fooled
-            best_value[todo] = torch.where(better, value, best_value[todo])
-    return out
+        y, t = _labels_and_targets(model, x, labels, target, batch_size)
+        start = (lambda xb: _random_start(xb, config.eps, norm, gen)) if random_start else None
+        return _attack(model, x, y, t, config, start=start, restarts=restarts, batch_size=batch_size,
+                       progress=progress, desc="pgd")
 
 
 def bim(model, x, labels=None, eps: float = 8 / 255, *, steps: int = 10, step_size: float | None = None, **kw):
@@ -337,16 +437,68 @@ def bim(model, x, labels=None, eps: float = 8 / 255, *, steps: int = 10, step_si
 
 
 @reference
+def mifgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, steps: int = 10,
+           step_size: float | None = None, decay: float = 1.0, norm: str = "linf", loss: str = "ce", target=None,
+           batch_size: int | None = None, early_stop: bool = False, progress: bool = False) -> torch.Tensor:
+    """The momentum iterative fast gradient sign method, MI-FGSM (Dong et al. 2018, "Boosting
+    adversarial attacks with momentum").
+
+    From ``x``, ``steps`` times: ``g <- decay * g + grad / ||grad||_1`` (per image, ``g`` starts at 0),
+    ``x_adv <- x_adv + step_size * sign(g)`` (L2: ``g / ||g||_2``), projected onto the eps-ball and the
+    [0, 1] box (:class:`coursekit.optimize.MomentumSignStep`). The momentum keeps the direction of
+    earlier steps, which stabilises the update and makes the examples transfer better to other
+    networks (Dong et al., section 3); ``decay=0`` is :func:`bim`.
+
+    Parameters
+    ----------
+    model, x, labels, eps, steps, norm, loss, target, batch_size, progress
+        As in :func:`pgd`.
+    step_size : float, optional
+        Default ``eps / steps`` (Dong et al.'s ``alpha = eps / T``).
+    decay : float
+        The momentum's decay ``mu`` >= 0 (Dong et al. use 1.0).
+    early_stop : bool
+        As in :func:`pgd`: each image is frozen at its first fooling iterate, although its momentum
+        would still move it.
+
+    Returns
+    -------
+    Tensor (N, C, H, W), detached, in [0, 1], within ``eps`` of ``x``.
+    """
+    check_model(model)
+    x = check_images(x, model=model, pixel_range=True).detach()
+    decay = number(decay, "decay", minimum=0.0, unit="Dong et al. use 1.0")
+    config = _attack_config(x, eps, norm, steps, step_size, lambda e, n: e / n, loss, decay, early_stop)
+    batch_size = _optional_batch_size(batch_size)
+    with guarded(model, what="mifgsm"):
+        y, t = _labels_and_targets(model, x, labels, target, batch_size)
+        return _attack(model, x, y, t, config, batch_size=batch_size, progress=progress, desc="mifgsm")
+
+
+@reference
 def fgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, loss: str = "ce",
          target=None, batch_size: int | None = None) -> torch.Tensor:
     """The fast gradient sign method (Goodfellow et al. 2015): ``clamp(x + eps * sign(grad), 0, 1)``.
 
-    One step of :func:`pgd` of size ``eps`` from ``x`` (targeted: a step *down* the loss of the
-    target class). Parameters as in :func:`pgd`. Returns (N, C, H, W) in [0, 1].
+    One step of size ``eps`` from ``x`` (targeted: a step *down* the loss of the target class),
+    :func:`coursekit.attack_steps.fgsm_step`, the step that :mod:`coursekit.robustness` and
+    :mod:`coursekit.train` take too. Parameters as in :func:`pgd`. Returns (N, C, H, W) in [0, 1].
     """
+    check_model(model)
+    x = check_images(x, model=model, pixel_range=True).detach()
     eps = check_eps(eps)
-    return pgd(model, x, labels, eps, steps=1, step_size=eps, random_start=False, loss=loss, target=target,
-               batch_size=batch_size)
+    check_loss(loss)
+    batch_size = _optional_batch_size(batch_size)
+    with guarded(model, what="fgsm"):
+        y, t = _labels_and_targets(model, x, labels, target, batch_size)
+        out = []
+        for a, b in batches(len(x), batch_size):
+            objective = partial(attack_objective, labels=y[a:b], loss=loss, target=rows(t, a, b))
+            adv, logits = fgsm_step(model, x[a:b], objective, eps, eps=eps)
+            if not out:
+                _warn_if_probabilities(logits)
+            out.append(adv)
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +511,7 @@ def predict_labels(model: nn.Module, x: torch.Tensor, batch_size: int | None = 1
     check_model(model)
     x = check_images(x, model=model)
     with guarded(model, what="predict_labels"):
-        return torch.cat([model(x[a:b]).argmax(1) for a, b in _chunks(len(x), batch_size)])
+        return torch.cat([model(x[a:b]).argmax(1) for a, b in batches(len(x), batch_size)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, labels, batch_size: int | None = 1000) -> float:
@@ -406,8 +558,8 @@ def plot_perturbation(ax, x_adv: torch.Tensor, x: torch.Tensor, *, vmax: float |
     top = float(np.abs(delta).max())
     if vmax is None:
         vmax = float(np.percentile(np.abs(delta), percentile))
-    elif not float(vmax) > 0:
-        raise ValueError(f"vmax must be > 0 (grey levels), got {vmax!r}")
+    else:
+        vmax = number(vmax, "vmax", minimum=0.0, strict=True, unit="grey levels")
     vmax = float(vmax) if vmax > 0 else 1.0  # an all-zero change: any symmetric scale shows white
     im = ax.imshow(delta, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
     if colorbar:
@@ -451,18 +603,17 @@ def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 100
     x = check_images(x, model=model, pixel_range=clamp)  # clamping to [0, 1] needs a centre inside it
     if x.shape[0] != 1:
         raise ValueError(f"random_sphere takes one image (1, C, H, W), got a batch of {x.shape[0]}")
-    if not float(radius) > 0:
-        raise ValueError(f"radius must be > 0, got {radius!r}")
+    radius = number(radius, "radius", minimum=0.0, strict=True, unit="an L2 distance in [0, 1] pixel units")
     n, batch_size = positive_int(n, "n"), positive_int(batch_size, "batch_size")
     gen = cpu_generator(seed)
     with guarded(model, what="random_sphere"):
         label = int(model(x).argmax(1))
         labels = []
-        for a, b in _chunks(n, batch_size):
+        for a, b in batches(n, batch_size):
             d = torch.randn((b - a, *x.shape[1:]), generator=gen, device="cpu").to(x)
             pts = x + float(radius) * d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # (b-a, C, H, W)
             labels.append(model(pts.clamp(0, 1) if clamp else pts).argmax(1).cpu())
-    return SphereResult(float(radius), label, torch.cat(labels))
+    return SphereResult(radius, label, torch.cat(labels))
 
 
 class NoiseLayer(nn.Module):
@@ -504,8 +655,7 @@ def noise_attack(model: nn.Module, x: torch.Tensor, target, *, l2_weight: float 
     x = check_images(x, model=model, pixel_range=True)
     if x.shape[0] != 1:
         raise ValueError(f"noise_attack takes one image (1, C, H, W), got a batch of {x.shape[0]}")
-    if not float(l2_weight) >= 0:
-        raise ValueError(f"l2_weight must be >= 0, got {l2_weight!r}")
+    l2_weight = number(l2_weight, "l2_weight", minimum=0.0)
     t = target_indices(target, 1)
     if callable(t):
         raise TypeError("target must be a class index for noise_attack, not a function")
@@ -564,7 +714,7 @@ def evolve_fooling_images(model: nn.Module, classes: Sequence[int], shape: Seque
     check_model(model)
     classes = [int(c) for c in classes]
     population, generations = positive_int(population, "population", 2), positive_int(generations, "generations")
-    if not 0 < mutation_rate <= 1:
+    if number(mutation_rate, "mutation_rate", minimum=0.0, strict=True) > 1:
         raise ValueError(f"mutation_rate must be in (0, 1], got {mutation_rate!r}")
     gen, device = cpu_generator(seed), model_device(model)  # drawn on the CPU (same on every device), then moved
     k, p, keep = len(classes), population, population // 2

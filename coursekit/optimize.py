@@ -5,7 +5,8 @@ One loop serves every lecture that optimises an input:
 * lecture 2 — class visualisation, feature inversion (:func:`coursekit.maximize.maximize`): Adam
   or normalised gradient ascent;
 * lecture 5 — FGSM / BIM / PGD: a sign step (L-inf) or a normalised step (L2) followed by a
-  projection onto the epsilon-ball and the [0, 1] box;
+  projection onto the epsilon-ball and the [0, 1] box (:func:`sign_step`, :class:`SignStep`);
+  MI-FGSM the same step along a momentum (:class:`MomentumSignStep`, a rule with state);
 * lecture 6 — DeepDream (normalised ascent over :func:`octaves`, an image pyramid) and style
   transfer (L-BFGS).
 
@@ -27,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from ._reference import reference
-from .inputs import positive_int
+from .inputs import number, positive_int
 from .progress import progress_bar
 
-__all__ = ["normalized", "StepRule", "Adam", "NormalizedAscent", "SignStep", "LBFGS", "ascend", "octaves", "project"]
+__all__ = ["normalized", "StepRule", "Adam", "NormalizedAscent", "SignStep", "MomentumSignStep", "LBFGS", "ascend",
+           "octaves", "project", "sign_step"]
 
 
 def _per_image(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -111,8 +113,32 @@ class NormalizedAscent(StepRule):
             p.add_(normalized(g, self.lr))
 
 
+@reference  # the exercises of set 05_adversarial block it while the student's attack runs
+def sign_step(x: torch.Tensor, direction: torch.Tensor, step_size: float, *, norm: str = "linf",
+              origin: torch.Tensor | None = None, eps: float | None = None, box=(0.0, 1.0)) -> torch.Tensor:
+    """One steepest-ascent step for a norm ball, then the projection: the step of FGSM, BIM, PGD, MI-FGSM.
+
+    ``norm="linf"``: ``x + step_size * sign(d)`` (Goodfellow et al. 2015; Madry et al. 2018).
+    ``norm="l2"``: ``x + step_size * d / ||d||_2`` per image. Then :func:`project` onto the ball of
+    radius ``eps`` around ``origin`` (when given) and into ``box`` (when not None). A pixel whose
+    direction is exactly 0 does not move (``sign(0) = 0``).
+
+    x, direction (N, C, H, W) -> a new tensor (N, C, H, W); ``x`` is not modified.
+    """
+    if norm == "linf":
+        out = x + step_size * direction.sign()
+    elif norm == "l2":
+        n = direction.flatten(1).norm(dim=1).clamp_min(1e-12)  # (N,)
+        out = x + step_size * direction / _per_image(n, direction)
+    else:
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if origin is not None:
+        return project(out, origin, eps, norm, box)
+    return out.clamp(*box) if box is not None else out
+
+
 class SignStep(StepRule):
-    """A steepest-ascent step for a norm ball, then the projection (FGSM / BIM / PGD).
+    """A steepest-ascent step for a norm ball, then the projection (FGSM / BIM / PGD): :func:`sign_step`.
 
     ``norm="linf"``: ``x += step_size * sign(g)`` (Goodfellow et al. 2015; Madry et al. 2018).
     ``norm="l2"``: ``x += step_size * g / ||g||_2`` per image. After the step, ``x`` is projected
@@ -143,15 +169,33 @@ class SignStep(StepRule):
     @torch.no_grad()
     def step(self, tensors, grads):
         for p, g in zip(tensors, grads):
-            if self.norm == "linf":
-                p.add_(self.step_size * g.sign())
-            else:
-                n = g.flatten(1).norm(dim=1).clamp_min(1e-12)
-                p.add_(self.step_size * g / _per_image(n, g))
-            if self._origin is not None:
-                p.copy_(project(p, self._origin, self.eps, self.norm, self.box))
-            elif self.box is not None:
-                p.clamp_(*self.box)
+            p.copy_(sign_step(p, g, self.step_size, norm=self.norm, origin=self._origin, eps=self.eps, box=self.box))
+
+
+class MomentumSignStep(SignStep):
+    """MI-FGSM's step (Dong et al. 2018, "Boosting adversarial attacks with momentum"), a rule with state.
+
+    ``m <- decay * m + g / ||g||_1`` per image (``m`` starts at 0), then :func:`sign_step` along
+    ``m``: ``x + step_size * sign(m)`` (L-inf) or ``x + step_size * m / ||m||_2`` (L2), projected
+    onto the ball and the box. ``decay = 0`` is :class:`SignStep`. Other parameters as in
+    :class:`SignStep`. (foolbox's ``LinfMomentumIterativeFastGradientMethod`` accumulates
+    ``sign(g)`` and its L2 version ``g / ||g||_2`` instead of the paper's ``g / ||g||_1``.)
+    """
+
+    def __init__(self, step_size: float, eps: float | None = None, origin: torch.Tensor | None = None,
+                 norm: str = "linf", box=(0.0, 1.0), decay: float = 1.0):
+        super().__init__(step_size, eps, origin, norm, box)
+        self.decay = number(decay, "decay (Dong et al. use 1.0)", minimum=0.0)
+
+    def reset(self, tensors):
+        self._momentum = [torch.zeros_like(p) for p in tensors]  # one (N, C, H, W) buffer per tensor
+
+    @torch.no_grad()
+    def step(self, tensors, grads):
+        for p, g, m in zip(tensors, grads, self._momentum):
+            l1 = g.abs().flatten(1).sum(1).clamp_min(1e-12)  # (N,) per-image L1 norm of the gradient
+            m.mul_(self.decay).add_(g / _per_image(l1, g))
+            p.copy_(sign_step(p, m, self.step_size, norm=self.norm, origin=self._origin, eps=self.eps, box=self.box))
 
 
 class LBFGS(StepRule):

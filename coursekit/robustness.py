@@ -26,16 +26,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._reference import reference
-from .adversarial import _check_loss, _chunks, accuracy, attack_objective, check_eps, pgd
+from .adversarial import accuracy, attack_objective, check_eps, check_loss, pgd
+from .attack_steps import fgsm_step, input_gradient
+from .batching import batches
 from .devices import cpu_generator, model_device
 from .guard import guarded
-from .inputs import check_images, check_model, positive_int, target_indices
+from .inputs import check_images, check_model, number, positive_int, target_indices
+from .optimize import sign_step
 from .progress import progress_bar
 
 __all__ = ["Sweep", "eps_sweep", "plot_sweeps", "transfer_matrix", "TransferResult", "adversarial_loss",
@@ -161,42 +165,54 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
     if attack not in ("fgsm", "pgd"):
         raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
     batch_size = positive_int(batch_size, "batch_size")
-    loss = _check_loss(attack_kw.pop("loss", "ce"))
+    loss = check_loss(attack_kw.pop("loss", "ce"))
     step_ratio = attack_kw.pop("step_ratio", None)
-    early_stop = attack_kw.pop("early_stop", True)
+    attack_kw.setdefault("early_stop", True)
 
     start = time.perf_counter()
     correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool, device="cpu")  # results, gathered on the CPU
     with guarded(model, what="eps_sweep"):
-        for a, b in progress_bar(_chunks(len(x), batch_size), desc=f"{attack} sweep", progress=progress, leave=False):
+        for a, b in progress_bar(batches(len(x), batch_size), desc=f"{attack} sweep", progress=progress, leave=False):
             xb, yb = x[a:b], y[a:b].to(x.device)
             if attack == "fgsm":
-                with torch.enable_grad():  # one forward + backward; its logits give the clean accuracy
-                    xg = xb.detach().clone().requires_grad_(True)
-                    logits = model(xg)  # (n, K)
-                    (g,) = torch.autograd.grad(attack_objective(logits, yb, loss).sum(), xg)
-                clean = (logits.detach().argmax(1) == yb).cpu()
-                direction = g.sign()  # (n, C, H, W)
-                with torch.no_grad():
-                    for i, e in enumerate(eps_values):
-                        correct[i, a:b] = clean if e == 0 else (
-                            model((xb + e * direction).clamp(0, 1)).argmax(1) == yb).cpu()
+                correct[:, a:b] = _fgsm_correct(model, xb, yb, eps_values, loss)
             else:
-                with torch.no_grad():
-                    clean = (model(xb).argmax(1) == yb).cpu()
-                for i, e in enumerate(eps_values):
-                    if e == 0:
-                        correct[i, a:b] = clean
-                        continue
-                    kw = dict(attack_kw)
-                    if step_ratio is not None:
-                        kw["step_size"] = step_ratio * e
-                    adv = pgd(model, xb, yb, e, loss=loss, early_stop=early_stop, **kw)
-                    with torch.no_grad():
-                        correct[i, a:b] = (model(adv).argmax(1) == yb).cpu()
+                correct[:, a:b] = _pgd_correct(model, xb, yb, eps_values, loss, step_ratio, attack_kw)
     acc = correct.float().mean(1).tolist()
     return Sweep(attack.upper(), eps_values, acc, len(x), name or getattr(model, "name", type(model).__name__),
                  time.perf_counter() - start, correct)
+
+
+def _fgsm_correct(model, xb, yb, eps_values, loss) -> torch.Tensor:
+    """Still correct under FGSM at every epsilon: (len(eps_values), n) bool, on the CPU.
+
+    FGSM's direction does not depend on epsilon: one forward + backward (whose output also gives
+    the clean predictions, epsilon 0) and one forward per epsilon > 0, the floor of any FGSM sweep.
+    """
+    logits, grad = input_gradient(model, xb, partial(attack_objective, labels=yb, loss=loss))  # (n, K), (n, C, H, W)
+    clean = logits.argmax(1) == yb
+    with torch.no_grad():
+        # the step from xb stays in the eps-ball by construction: clamp to [0, 1] only (no projection)
+        rows = [clean if e == 0 else model(sign_step(xb, grad, e)).argmax(1) == yb for e in eps_values]
+    return torch.stack(rows).cpu()
+
+
+def _pgd_correct(model, xb, yb, eps_values, loss, step_ratio, attack_kw) -> torch.Tensor:
+    """Still correct under :func:`coursekit.adversarial.pgd` at every epsilon: (len(eps_values), n) bool, CPU."""
+    with torch.no_grad():
+        clean = model(xb).argmax(1) == yb
+    rows = []
+    for e in eps_values:
+        if e == 0:
+            rows.append(clean)
+            continue
+        kw = dict(attack_kw)
+        if step_ratio is not None:
+            kw["step_size"] = step_ratio * e
+        adv = pgd(model, xb, yb, e, loss=loss, **kw)
+        with torch.no_grad():
+            rows.append(model(adv).argmax(1) == yb)
+    return torch.stack(rows).cpu()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,17 +269,15 @@ def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     model's device; the loss (a scalar) lives there.
     """
     eps = check_eps(eps)
-    if not 0 <= alpha <= 1:
+    if number(alpha, "alpha", minimum=0.0) > 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     device = model_device(model)
     x, y = x.to(device), y.to(device)
-    xi = x.detach().clone().requires_grad_(True)
-    clean = F.cross_entropy(model(xi), y)
     if eps == 0 or alpha == 1:
-        return clean
-    (g,) = torch.autograd.grad(clean, xi, retain_graph=True)
-    x_adv = (x + eps * g.sign()).clamp(0, 1).detach()
-    return alpha * clean + (1 - alpha) * F.cross_entropy(model(x_adv), y)
+        return F.cross_entropy(model(x), y)
+    # the FGSM step along the mean loss's gradient; the clean loss keeps its graph for training
+    x_adv, logits = fgsm_step(model, x, lambda z: F.cross_entropy(z, y), eps, retain_graph=True)
+    return alpha * F.cross_entropy(logits, y) + (1 - alpha) * F.cross_entropy(model(x_adv), y)
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 2, eps: float = 0.0,
@@ -287,7 +301,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
         for epoch in range(epochs):
             perm = torch.randperm(len(x), generator=gen, device="cpu")
             total = 0.0
-            for a, b in progress_bar(_chunks(len(x), batch_size), progress=progress, desc=f"epoch {epoch + 1}/{epochs}",
+            for a, b in progress_bar(batches(len(x), batch_size), progress=progress, desc=f"epoch {epoch + 1}/{epochs}",
                              leave=False):
                 idx = perm[a:b]
                 loss = adversarial_loss(model, x[idx], y[idx], eps, alpha)

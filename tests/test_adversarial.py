@@ -299,6 +299,94 @@ def test_unbounded_attack_reaches_zero_accuracy(fashion, batch):
     assert A.accuracy(fashion, adv, y) == 0.0
 
 
+# -- MI-FGSM and the attack loop with a stateful step rule ------------------------------------------
+
+
+def test_mifgsm_without_momentum_is_bim(fashion, batch):
+    x, y = batch
+    got = _unchanged(fashion, lambda: A.mifgsm(fashion, x, y, 0.05, steps=4, decay=0.0))
+    assert torch.equal(got, A.bim(fashion, x, y, 0.05, steps=4))
+    with_momentum = A.mifgsm(fashion, x, y, 0.05, steps=4)
+    assert not torch.equal(with_momentum, got)  # the momentum changes the path
+    assert (with_momentum - x).abs().max() <= 0.05 + 1e-6 and with_momentum.min() >= 0 and with_momentum.max() <= 1
+
+
+def test_mifgsm_contract(fashion, batch):
+    """Labels default to the predictions, batching changes nothing, targets are reached, bad options named."""
+    x, y = batch
+    pred = A.predict_labels(fashion, x)
+    assert torch.equal(A.mifgsm(fashion, x, None, 0.05, steps=3), A.mifgsm(fashion, x, pred, 0.05, steps=3))
+    assert torch.allclose(A.mifgsm(fashion, x, y, 0.05, steps=3, batch_size=5),
+                          A.mifgsm(fashion, x, y, 0.05, steps=3), atol=1e-6)
+    t = (y + 3) % 10
+    adv = A.mifgsm(fashion, x, y, 0.3, steps=20, target=t, loss="margin")
+    assert float((A.predict_labels(fashion, adv) == t).float().mean()) >= 0.9
+    l2 = A.mifgsm(fashion, x, y, 1.5, steps=5, norm="l2")
+    assert (l2 - x).flatten(1).norm(dim=1).max() <= 1.5 + 1e-4
+    for bad, match in ((dict(decay=-1.0), "decay"), (dict(decay=True), "decay"), (dict(steps=0), "steps"),
+                       (dict(loss="hinge"), "loss"), (dict(norm="l1"), "norm"), (dict(batch_size=0), "batch_size")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            A.mifgsm(fashion, x, y, 0.05, **bad)
+
+
+def test_early_stop_freezes_done_images_under_a_stateful_rule(fashion, batch):
+    """With momentum, a fooled image's step is not zero; early stop must still return, for every
+    image, the first iterate that fools the model. MI-FGSM is deterministic, so its trajectory is
+    ``mifgsm(steps=k)`` for k = 1..K: the reference needs no hand loop."""
+    x, y = batch
+    eps, steps = 0.06, 6
+    trajectory = [x] + [A.mifgsm(fashion, x, y, eps, steps=k, step_size=eps / steps) for k in range(1, steps + 1)]
+    fooled = torch.stack([A.predict_labels(fashion, it) != y for it in trajectory])  # (K + 1, N)
+    counting = _CountingModel(fashion).eval()
+    early = A.mifgsm(counting, x, y, eps, steps=steps, step_size=eps / steps, early_stop=True)
+    assert 0 < int(fooled[-1].sum()) < len(x) or bool(fooled.any(0).all())
+    for i in range(len(x)):
+        k = int(fooled[:, i].float().argmax()) if bool(fooled[:, i].any()) else steps
+        assert torch.allclose(early[i], trajectory[k][i], atol=1e-6), f"image {i}: not its first fooling iterate {k}"
+    assert counting.seen < (steps + 2) * len(x)  # fooled images left the batch
+
+
+def test_the_attack_loop_takes_a_config(fashion, batch):
+    x, y = batch
+    config = A.AttackConfig(eps=0.05, steps=3, step_size=0.02, decay=1.0)
+    assert type(config.rule(x)).__name__ == "MomentumSignStep"
+    assert type(A.AttackConfig(0.05, 3, 0.02).rule(x)).__name__ == "SignStep"
+    with pytest.raises(AttributeError):
+        config.eps = 0.1  # frozen: one run cannot change another's settings
+    adv, fooled, value = A._run_attack(fashion, x, y, None, x, config)
+    assert torch.equal(adv, A.mifgsm(fashion, x, y, 0.05, steps=3, step_size=0.02))
+    assert torch.equal(fooled, A.predict_labels(fashion, adv) != y) and value.shape == (len(x),)
+
+
+def test_one_sign_step_for_every_rule():
+    """SignStep and MomentumSignStep take optimize.sign_step; decay 0 is the plain sign step."""
+    from coursekit import optimize as O
+
+    g = torch.Generator().manual_seed(0)
+    origin = torch.rand(3, 1, 4, 4, generator=g)
+    grads = [torch.randn(3, 1, 4, 4, generator=g) for _ in range(3)]
+    for norm in ("linf", "l2"):
+        a, b = origin.clone(), origin.clone()
+        plain, momentum = O.SignStep(0.03, 0.05, origin, norm), O.MomentumSignStep(0.03, 0.05, origin, norm, decay=0.0)
+        momentum.reset([b])
+        for grad in grads:
+            want = O.sign_step(a, grad, 0.03, norm=norm, origin=origin, eps=0.05)
+            plain.step([a], [grad])
+            momentum.step([b], [grad])
+            assert torch.equal(a, want) and torch.equal(b, want)
+    ones = torch.ones(1, 1, 2, 2)
+    assert torch.equal(O.sign_step(ones * 0.5, torch.tensor([[[[1.0, -1.0], [0.0, 2.0]]]]), 0.6),
+                       torch.tensor([[[[1.0, 0.0], [0.5, 1.0]]]]))  # sign(0) = 0, clamped to [0, 1]
+    m = O.MomentumSignStep(0.1, decay=0.5)
+    p = torch.zeros(1, 1, 1, 2)
+    m.reset([p])
+    m.step([p], [torch.tensor([[[[3.0, -1.0]]]])])  # m = (0.75, -0.25): sign (+, -); p = (0.1, -0.1) -> box (0.1, 0)
+    m.step([p], [torch.tensor([[[[-1.0, 3.0]]]])])  # m = 0.5 m + (-0.25, 0.75) = (0.125, 0.625): (+, +)
+    assert torch.allclose(p, torch.tensor([[[[0.2, 0.1]]]]))  # a plain sign step would give (0, 0.1)
+    with pytest.raises(ValueError, match="decay"):
+        O.MomentumSignStep(0.1, decay=-0.5)
+
+
 # -- sweeps --------------------------------------------------------------------------------------
 
 
@@ -313,6 +401,34 @@ def test_fgsm_sweep_matches_fgsm_per_eps(fashion, fashion_test):
     assert "0.050" in sweep.table() and "12.8" in sweep.table()
     ax = sweep.plot()
     assert ax.get_xlabel().startswith("epsilon")
+
+
+def _sweep_before_issue_17(model, x, y, eps_values, batch_size, loss):
+    """eps_sweep's FGSM branch as it was written before the FGSM step was shared (its own copy)."""
+    correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool)
+    for a in range(0, len(x), batch_size):
+        xb, yb = x[a:a + batch_size], y[a:a + batch_size]
+        xg = xb.detach().clone().requires_grad_(True)
+        logits = model(xg)
+        (g,) = torch.autograd.grad(A.attack_objective(logits, yb, loss).sum(), xg)
+        clean = logits.detach().argmax(1) == yb
+        direction = g.sign()
+        with torch.no_grad():
+            for i, e in enumerate(eps_values):
+                correct[i, a:a + batch_size] = clean if e == 0 else model((xb + e * direction).clamp(0, 1)).argmax(1) == yb
+    return correct
+
+
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+def test_fgsm_sweep_gives_the_same_answers_as_before(fashion, fashion_test, loss):
+    """The sweep now takes the shared step (attack_steps.input_gradient + optimize.sign_step): the
+    same per-image answers as its own copy had, on 300 images and 7 epsilons."""
+    x, y = fashion_test[0][:300], fashion_test[1][:300]
+    eps = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3]
+    sweep = R.eps_sweep(fashion, x, y, eps, batch_size=50, progress=False, loss=loss)
+    before = _sweep_before_issue_17(fashion, x, y, eps, 50, loss)
+    assert torch.equal(sweep.per_image, before)
+    assert 0 < before[1:].sum() < before[0].sum() * len(eps)  # the attack changes some answers, not all
 
 
 def test_pgd_sweep_matches_pgd_per_eps(fashion, fashion_test):

@@ -146,3 +146,73 @@ def test_pgd_with_random_start_vs_foolbox_and_captum(fashion, data):
     assert (ours - x).abs().max() <= eps + 1e-6
     _acc_close(fashion, ours, ref_fb, y, 0.05, "PGD random start vs foolbox")
     _acc_close(fashion, ours, ref_cr, y, 0.05, "PGD random start vs captum")
+
+
+# -- MI-FGSM (Dong et al. 2018) --------------------------------------------------------------------
+
+
+def _hand_mifgsm(model, x, y, eps, steps, step, decay, norm="linf"):
+    """Dong et al.'s algorithm 1 written out, with no early stop; also records every image's first
+    fooling iterate (the iterate a run with early stop must return; the last one if none fools).
+
+    Returns (x_adv after ``steps`` steps, first fooling iterates), both (N, C, H, W).
+    """
+    def per_image(v):
+        return v.view(-1, 1, 1, 1)
+
+    xa, g = x.clone(), torch.zeros_like(x)
+    first, done = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+    for _ in range(steps + 1):
+        xa.requires_grad_(True)
+        logits = model(xa)
+        fooled = logits.argmax(1) != y
+        new = fooled & ~done
+        first[new], done = xa.detach()[new], done | fooled
+        if _ == steps:
+            break
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), xa)
+        with torch.no_grad():
+            g = decay * g + grad / per_image(grad.abs().flatten(1).sum(1).clamp_min(1e-12))  # L1-normalised
+            if norm == "linf":
+                xa = (x + (xa + step * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+            else:
+                d = xa + step * g / per_image(g.flatten(1).norm(dim=1).clamp_min(1e-12)) - x
+                xa = (x + d * per_image((eps / d.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1))).clamp(0, 1)
+    xa = xa.detach()
+    first[~done] = xa[~done]
+    return xa, first
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.05), ("l2", 1.0)])
+def test_mifgsm_matches_a_hand_loop_with_and_without_early_stop(fashion, data, norm, eps):
+    """Without early stop, MI-FGSM is Dong et al.'s loop; with it, every image gets its *first*
+    fooling iterate although its momentum would move it on (issue 17 measured 0 of 6 before the
+    loop froze done images explicitly; BIM got 6 of 6 only because sign(0) = 0)."""
+    x, y = data
+    steps = 10
+    step = eps / steps
+    ref, first = _hand_mifgsm(fashion, x, y, eps, steps, step, 1.0, norm)
+    ours = A.mifgsm(fashion, x, y, eps, steps=steps, norm=norm)
+    _agree(ours, ref, f"MI-FGSM {norm} vs hand loop")
+    early = A.mifgsm(fashion, x, y, eps, steps=steps, norm=norm, early_stop=True)
+    fooled = A.predict_labels(fashion, first) != y
+    same = (early - first).flatten(1).abs().max(1).values <= 1e-5  # (N,)
+    print(f"CROSSCHECK MI-FGSM {norm} early stop: {int(same[fooled].sum())}/{int(fooled.sum())} fooled images "
+          f"at their first fooling iterate, {int(same.sum())}/{N} images equal")
+    assert int(fooled.sum()) >= N // 2  # the attack fools many: the check has something to check
+    assert bool(same.all())
+    assert torch.equal(A.predict_labels(fashion, early) != y, fooled)
+
+
+def test_mifgsm_vs_foolbox(fashion, data):
+    """foolbox 3.3 has MI-FGSM, but accumulates ``sign(grad)`` (L-inf) or ``grad / ||grad||_2`` (L2)
+    where Dong et al. accumulate ``grad / ||grad||_1``: not the same iterates (about 70 % of the pixels
+    agree at eps 0.05), so the adversarial accuracies are compared (measured: 0.155 vs 0.165 L-inf,
+    0.135 vs 0.135 L2 on these 200 images)."""
+    x, y = data
+    fmodel = fb.PyTorchModel(fashion, bounds=(0, 1))
+    for norm, eps, cls in (("linf", 0.05, fb.attacks.LinfMomentumIterativeFastGradientMethod),
+                           ("l2", 1.0, fb.attacks.L2MomentumIterativeFastGradientMethod)):
+        _, ref, _ = cls(abs_stepsize=eps / 10, steps=10, momentum=1.0)(fmodel, x, y, epsilons=eps)
+        ours = A.mifgsm(fashion, x, y, eps, steps=10, norm=norm)
+        _acc_close(fashion, ours, ref, y, 0.03, f"MI-FGSM {norm} vs foolbox")

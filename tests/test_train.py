@@ -48,6 +48,38 @@ def test_fgsm_random_start_stays_in_the_ball():
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
 
 
+def test_fgsm_random_start_is_wong_et_al_s_step():
+    """Wong, Rice & Kolter (2020), their code: delta ~ U(-eps, eps) clamped so x + delta is in [0, 1],
+    the gradient at x + delta, delta + 1.25 eps sign(grad) clamped to the ball, then to [0, 1]."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.rand(6, 1, 4, 4)
+    x[:, :, 0] = 0.0  # black pixels: a random start below 0 is clamped back into the box
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    eps = 0.1
+    torch.manual_seed(1)
+    got = train.fgsm_random_start(model, x, y, eps)
+    torch.manual_seed(1)
+    delta = torch.empty_like(x).uniform_(-eps, eps)
+    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x + delta), y), delta)
+    want = (x + (delta + 1.25 * eps * grad.sign()).clamp(-eps, eps)).clamp(0, 1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.equal(got, x) and model[1].weight.grad is None  # it moved; no parameter gradient
+
+
+def test_the_training_script_imports_no_lecture_module():
+    """train.py is plumbing: importing it (and running its watermark path) loads no lecture module."""
+    import subprocess
+    import sys
+
+    lectures = ["clever_hans", "adversarial", "robustness", "saliency", "lrp", "maximize", "dream", "style"]
+    code = ("import sys, coursekit.train as t; t.watermark.watermark_choice(__import__('torch').tensor([2, 2]));"
+            f"print([m for m in {lectures!r} if 'coursekit.' + m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="fashion_cnn"):
         train.train("resnet")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import adversarial as _adv
+from .. import attack_steps as _steps
 from .. import gradients as _grad
 from .. import optimize as _opt
 from .. import robustness as _rob
@@ -39,7 +40,8 @@ from . import Mistake, Report, exercise
 
 MEAN, STD = 0.4, 0.25  # the random models' own normalisation
 K = 5  # classes
-_ENGINES = [_adv.fgsm, _adv.pgd, _rob.eps_sweep, _grad.gradient, _opt.ascend, _opt.project]
+_ENGINES = [_adv.fgsm, _adv.pgd, _adv.mifgsm, _rob.eps_sweep, _grad.gradient, _opt.ascend, _opt.project,
+            _opt.sign_step, _steps.input_gradient]
 
 
 def random_classifier(seed: int, batchnorm: bool = False, size: int = 12) -> nn.Sequential:
