@@ -57,7 +57,7 @@ __all__ = [
 # stays quick and does not pull in scikit-learn or scipy until a lecture needs them.
 _LECTURE_MODULES = (
     "filters", "receptive_fields", "maximize", "representations", "saliency", "cam", "sanity",
-    "faithfulness", "widgets", "checks", "train", "lrp", "clever_hans", "adversarial", "robustness", "dream",
+    "faithfulness", "widgets", "checks", "train", "fit", "lrp", "clever_hans", "adversarial", "robustness", "dream",
     "style", "offline_html",
     # the shared plumbing under every lecture (see README, "For course developers")
     "guard", "devices", "inputs", "gradients", "rules", "optimize", "objectives", "image_params", "progress",
