@@ -383,6 +383,28 @@ def _restored_on_error(model: nn.Module):
         raise
 
 
+def _train_epoch(model, optimizer, x, y, batch_size, augment, gen) -> tuple[float, float]:
+    """One pass over ``(x, y)`` in shuffled batches, in train mode; returns (mean loss, accuracy)."""
+    device = model_device(model)
+    model.train()
+    order = torch.randperm(len(y), generator=gen)  # a new shuffle every epoch
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        idx = order[i:i + batch_size]
+        xb, yb = x[idx], y[idx]
+        if augment is not None:
+            xb = augment(xb, gen)  # training batches only, never validation data
+        xb, yb = xb.to(device), yb.to(device)
+        logits = model(xb)  # (B, K)
+        loss = F.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)  # the previous batch's gradient must not add to this one
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        correct += int((logits.argmax(1) == yb).sum())
+    return loss_sum / len(y), correct / len(y)
+
+
 def fit(model: nn.Module, train: tuple, val: tuple, *, epochs: int = 10, lr: float = 1e-3, batch_size: int = 64,
         callbacks: Sequence[Callback] = (), augment: Callable | None = None, weight_decay: float = 0.0,
         seed: int = 0, progress: bool = True, desc: str = "fit") -> History:
@@ -410,7 +432,7 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, epochs: int = 10, lr: flo
     """
     callbacks = list(callbacks)
     params = _check_fit_args(model, train, val, epochs, lr, batch_size, callbacks, augment)
-    (x, y), device = train, model_device(model)
+    x, y = train
     history, gen, was_training = History(), cpu_generator(seed), model.training
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     start = time.perf_counter()
@@ -419,24 +441,9 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, epochs: int = 10, lr: flo
         for cb in callbacks:
             cb.on_train_begin(model, history)
         for epoch in progress_bar(range(1, epochs + 1), progress=progress, desc=desc, unit="epoch", leave=False):
-            model.train()
-            order = torch.randperm(len(y), generator=gen)  # a new shuffle every epoch
-            loss_sum, correct = 0.0, 0
-            for i in range(0, len(y), batch_size):
-                idx = order[i:i + batch_size]
-                xb, yb = x[idx], y[idx]
-                if augment is not None:
-                    xb = augment(xb, gen)
-                xb, yb = xb.to(device), yb.to(device)
-                logits = model(xb)  # (B, K)
-                loss = F.cross_entropy(logits, yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == yb).sum())
-            history.train_loss.append(loss_sum / len(y))
-            history.train_acc.append(correct / len(y))
+            loss, acc = _train_epoch(model, optimizer, x, y, batch_size, augment, gen)
+            history.train_loss.append(loss)
+            history.train_acc.append(acc)
             for name, value in zip(("val_loss", "val_acc"), evaluate(model, *val)):
                 getattr(history, name).append(value)
             stop = [cb.on_epoch_end(epoch, model, history) for cb in callbacks]  # every callback sees every epoch

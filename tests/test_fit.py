@@ -339,3 +339,29 @@ def test_plot_history_draws_the_numbers():
     assert ax_loss.get_xlabel() == "epoch" and "loss" in ax_loss.get_title()
     ax = fit.plot_confusion(np.eye(10, dtype=int) * 3)
     assert "100.0%" in ax.get_title()
+
+
+def _write_idx(path, array):
+    import gzip
+
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_full_source_takes_train_and_val_from_the_training_split(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 28, 28))
+    images[:, 0, 0] = np.arange(300) % 256  # every fake training image distinct
+    images[:, 0, 1] = np.arange(300) // 256
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 300))
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    s = fit.split_fashion_mnist(n_val=50, n_test=100, seed=0, source="full")
+    assert s.sizes() == {"train": 250, "val": 50, "test": 100} and "training split" in s.source
+    fake = torch.from_numpy(images.astype(np.float32) / 255)[:, None]
+    key = lambda t: sorted(map(bytes, (t * 255).round().to(torch.uint8).numpy()))  # noqa: E731
+    assert key(torch.cat([s.train[0], s.val[0]])) == key(fake), "train + val are the training split, no image twice"
+    assert fit.split_fashion_mnist(n_val=50, n_test=100, source="auto").sizes()["train"] == 250
+    with pytest.raises(ValueError, match="too large"):
+        fit.split_fashion_mnist(n_val=300, source="full")
