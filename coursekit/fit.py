@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._reference import reference
 from .data import FASHION_CLASSES, fashion_mnist
 from .devices import cpu_generator, model_device
 from .inputs import check_model, positive_int
@@ -252,6 +253,7 @@ class EarlyStopping(Callback):
     def on_train_begin(self, model, history) -> None:
         self.best, self.best_epoch, self.wait, self.best_state = math.inf, 0, 0, None
 
+    @reference  # exercise training.early_stopping
     def on_epoch_end(self, epoch, model, history) -> bool:
         value = getattr(history, self.monitor)[-1]
         score = value if self.monitor == "val_loss" else -value  # lower is better
@@ -304,6 +306,7 @@ class LivePlot(Callback):
 # the loop
 
 
+@reference  # exercise training.evaluate
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode (mode put back).
@@ -383,6 +386,7 @@ def _restored_on_error(model: nn.Module):
         raise
 
 
+@reference  # exercise training.train_step
 def _train_epoch(model, optimizer, x, y, batch_size, augment, gen) -> tuple[float, float]:
     """One pass over ``(x, y)`` in shuffled batches, in train mode; returns (mean loss, accuracy)."""
     device = model_device(model)
@@ -405,6 +409,7 @@ def _train_epoch(model, optimizer, x, y, batch_size, augment, gen) -> tuple[floa
     return loss_sum / len(y), correct / len(y)
 
 
+@reference  # exercises training.train_step and training.train_head
 def fit(model: nn.Module, train: tuple, val: tuple, *, epochs: int = 10, lr: float = 1e-3, batch_size: int = 64,
         callbacks: Sequence[Callback] = (), augment: Callable | None = None, weight_decay: float = 0.0,
         seed: int = 0, progress: bool = True, desc: str = "fit") -> History:

@@ -338,3 +338,41 @@ def test_doing_nothing_earns_nothing(name):
     with pytest.raises(CheckFailed):
         check(name, nothing)
     assert run_check(name, lambda *a: None).earned == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# calling coursekit.fit instead earns nothing
+
+
+def evaluate_with_coursekit(model, x, y):
+    from coursekit import fit
+
+    return fit.evaluate(model, x, y)
+
+
+def early_stopping_with_coursekit(val_losses, patience):
+    from torch import nn
+
+    from coursekit import fit
+
+    cb, h, model = fit.EarlyStopping(patience), fit.History(), nn.Linear(1, 1)
+    cb.on_train_begin(model, h)
+    for epoch, loss in enumerate(val_losses, 1):
+        h.val_loss.append(loss)
+        if cb.on_epoch_end(epoch, model, h):
+            return cb.best_epoch, epoch
+    return cb.best_epoch, len(val_losses)
+
+
+def train_step_with_coursekit(model, optimizer, x, y):
+    from coursekit import fit
+
+    return fit._train_epoch(model, optimizer, x, y, len(y), None, torch.Generator().manual_seed(0))[0]
+
+
+@pytest.mark.parametrize("name, fn", [("training.evaluate", evaluate_with_coursekit),
+                                      ("training.early_stopping", early_stopping_with_coursekit),
+                                      ("training.train_step", train_step_with_coursekit)])
+def test_calling_coursekit_fit_earns_nothing(name, fn):
+    r = run_check(name, fn, seed=0)
+    assert r.earned == 0 and "your function called coursekit's" in r.summary(), r.summary()

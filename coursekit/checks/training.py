@@ -5,7 +5,7 @@ Five exercises, each with partial credit, on cases drawn fresh on every call:
 ``training.split``
     ``split_indices(n, n_val, n_test, seed)`` -> ``(train, val, test)`` index tensors. Diagnoses:
     test indices leaking into validation (or either into training), sizes, indices out of range,
-    no shuffle (the file order: Fashion-MNIST files are not shuffled by class in every dataset),
+    no shuffle (dataset files are often sorted, by class or by date),
     a split that ignores its seed.
 ``training.train_step``
     ``train_step(model, optimizer, x, y)`` -> the batch's loss as a float, after one update.
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import fit
 from . import Mistake, Report, exercise
 
 __all__: list[str] = []  # checks register themselves
@@ -171,7 +172,7 @@ def _run_step(report: Report, student, model, x, y, stale, lr):
     return m, out
 
 
-@exercise("training.train_step")
+@exercise("training.train_step", forbid=[fit.fit, fit._train_epoch])
 def check_train_step(student, report: Report) -> None:
     with report.part("returns the batch's loss (before the update) as a Python float", points=1):
         model, x, y, stale, lr, (_, _, loss), variants = _step_case(report)
@@ -210,7 +211,7 @@ def check_train_step(student, report: Report) -> None:
 # 3. evaluation in eval mode
 
 
-@exercise("training.evaluate")
+@exercise("training.evaluate", forbid=[fit.evaluate, fit.fit])
 def check_evaluate(student, report: Report) -> None:
     model = _bn_net(report.seed)
     with torch.no_grad():  # running statistics far from the batch statistics: train mode gives other numbers
@@ -291,7 +292,7 @@ def _stopping_cases(report: Report):
     return fixed
 
 
-@exercise("training.early_stopping")
+@exercise("training.early_stopping", forbid=[fit.EarlyStopping.on_epoch_end])
 def check_early_stopping(student, report: Report) -> None:
     cases = _stopping_cases(report)
 
@@ -382,7 +383,7 @@ def _reference_head(model: _TransferNet, x, y, lr, steps, backbone_train=False, 
     return torch.cat([p.detach().flatten() for p in m.head.parameters()])
 
 
-@exercise("training.train_head")
+@exercise("training.train_head", forbid=[fit.fit, fit._train_epoch])
 def check_train_head(student, report: Report) -> None:
     model = _TransferNet(report.seed).train()
     g = torch.Generator().manual_seed(report.seed)
