@@ -58,12 +58,12 @@ __all__ = [
 # new method goes"; the floors are checked by tests/test_layering.py).
 _LECTURE_MODULES = (
     "filters", "receptive_fields", "maximize", "representations", "saliency", "cam", "sanity",
-    "faithfulness", "lrp", "clever_hans", "adversarial", "robustness", "dream", "style",
+    "faithfulness", "fit", "lrp", "clever_hans", "adversarial", "robustness", "dream", "style",
 )
 _EXERCISE_MODULES = ("checks",)
 _PLUMBING_MODULES = (
     "guard", "devices", "inputs", "batching", "gradients", "rules", "optimize", "objectives", "image_params",
-    "geometry", "maps", "progress", "widgets", "train", "offline_html",
+    "geometry", "maps", "registry", "attack_steps", "watermark", "progress", "widgets", "train", "offline_html",
 )
 _LAZY_MODULES = _LECTURE_MODULES + _EXERCISE_MODULES + _PLUMBING_MODULES
 
