@@ -56,7 +56,7 @@ __all__ = [
 # Lecture modules load on first use (`ck.saliency.vanilla_saliency(...)`), so `import coursekit`
 # stays quick and does not pull in scikit-learn or scipy until a lecture needs them.
 _LECTURE_MODULES = (
-    "filters", "receptive_fields", "maximize", "representations", "saliency", "cam", "sanity",
+    "filters", "receptive_fields", "maximize", "gallery", "representations", "saliency", "cam", "sanity",
     "faithfulness", "widgets", "checks", "train", "lrp", "clever_hans", "adversarial", "robustness", "dream",
     "style", "offline_html",
     # the shared plumbing under every lecture (see README, "For course developers")
