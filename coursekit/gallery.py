@@ -308,6 +308,9 @@ def build(out_dir: str | Path = GALLERY_DIR, *, model: nn.Module | None = None, 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # hashed before the long runs: inspect reads the files again, and an edit during the build
+    # (line numbers moved) would otherwise hash text that is not the code that ran
+    hashes = code_hashes()
     model = load_model(MODEL) if model is None else model
     start, cpu_start = time.perf_counter(), time.process_time()
     tick = time.perf_counter()
@@ -334,7 +337,7 @@ def build(out_dir: str | Path = GALLERY_DIR, *, model: nn.Module | None = None, 
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "code_hashes": code_hashes(),
+        "code_hashes": hashes,
     }
     (out / RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return record
