@@ -339,8 +339,9 @@ def build(out_dir: str | Path = GALLERY_DIR, *, model: nn.Module | None = None, 
         "machine": platform.machine(),
         "code_hashes": hashes,
     }
-    (out / RECORD).write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    text = json.dumps(record, indent=1) + "\n"
+    (out / RECORD).write_text(text)
+    return json.loads(text)  # what load_gallery will read: lists, not tuples
 
 
 @dataclass
