@@ -57,7 +57,7 @@ __all__ = [
 # does not pull in scikit-learn or scipy until a lecture needs them. Grouped by floor (README, "Where a
 # new method goes"; the floors are checked by tests/test_layering.py).
 _LECTURE_MODULES = (
-    "filters", "receptive_fields", "maximize", "representations", "saliency", "cam", "sanity",
+    "filters", "receptive_fields", "maximize", "gallery", "representations", "saliency", "cam", "sanity",
     "faithfulness", "fit", "lrp", "clever_hans", "adversarial", "robustness", "dream", "style",
 )
 _EXERCISE_MODULES = ("checks",)

@@ -6,7 +6,7 @@ Lecture 2, the image side of :func:`coursekit.maximize.maximize`:
   :func:`fourier_image` (1/f-scaled Fourier spectrum in decorrelated colours, sigmoid; Olah et
   al. 2017), :func:`stack` (several of them side by side in one batch);
 * transforms ``t(x, generator) -> x``, random and differentiable, applied before every forward
-  pass (robustness): :func:`jitter`, :func:`random_scale`, :func:`pad`;
+  pass (robustness): :func:`jitter`, :func:`random_scale`, :func:`random_rotate`, :func:`pad`;
 * regularisers ``r(x, step) -> x``, applied to the picture after every step: :func:`decay` (L2
   decay), :func:`blur_every` (periodic blur), as in Yosinski et al. 2015;
 * :func:`only` restricts a transform or regulariser to some images of the batch.
@@ -42,6 +42,7 @@ __all__ = [
     "only",
     "pad",
     "pixel_image",
+    "random_rotate",
     "random_scale",
     "stack",
 ]
@@ -86,6 +87,42 @@ def random_scale(scales: Sequence[float] = (0.9, 0.95, 1.0, 1.05, 1.1)) -> Calla
 
     t.__name__ = f"random_scale({scales})"
     return t
+
+
+def random_rotate(degrees: Sequence[float] = tuple(range(-10, 11)) + (0,) * 5) -> Callable:
+    """Rotate the picture about its centre by an angle (in degrees) drawn from ``degrees``.
+
+    Bilinear resampling; what comes in from outside the frame is the mirror image of the picture
+    (``grid_sample``'s reflection padding), so no black corners appear. Small rotations are part
+    of Lucid's standard transformation robustness (Olah, Mordvintsev & Schubert 2017): features
+    that survive them are not tied to the pixel grid. The default, -10..10 degrees with 0 drawn
+    five extra times, is Lucid's ``random_rotate(range(-10, 11) + 5 * [0])``.
+    """
+    angles = [float(a) for a in degrees]
+    if not angles or not all(np.isfinite(angles)):
+        raise ValueError(f"random_rotate needs a non-empty list of finite angles in degrees, got {degrees!r}")
+
+    def t(x, generator=None):  # (N, C, H, W) -> (N, C, H, W)
+        angle = angles[int(torch.randint(0, len(angles), (1,), generator=generator, device="cpu"))]
+        if angle == 0.0:
+            return x
+        return _rotate(x, angle)
+
+    t.__name__ = f"random_rotate({min(angles):g}..{max(angles):g} degrees)"
+    return t
+
+
+def _rotate(x: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotate (N, C, H, W) pictures by ``angle`` degrees about the centre (counter-clockwise on screen)."""
+    theta = np.deg2rad(angle)
+    h, w = x.shape[-2:]
+    cos, sin = float(np.cos(theta)), float(np.sin(theta))
+    # affine_grid works in [-1, 1] coordinates per axis; undo the aspect ratio so a non-square
+    # picture is rotated, not sheared
+    matrix = torch.tensor([[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(matrix.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)  # (N, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
 
 
 def pad(pixels: int, value: float = 0.5) -> Callable:

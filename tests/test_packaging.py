@@ -45,8 +45,22 @@ def test_required_dependencies_are_declared():
 def test_package_data_is_declared_and_present():
     data = _pyproject()["tool"]["setuptools"]["package-data"]["coursekit"]
     assert "data/*" in data
-    for f in ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "fashion_cnn.pt", "fashion_cnn_robust.pt"]:
+    for f in ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "fashion_cnn.pt", "fashion_cnn_robust.pt",
+              "gallery/gallery.json", "gallery/classes_00.png"]:
         assert (ROOT / "coursekit" / "data" / f).is_file(), f
+
+
+def test_every_data_file_is_declared_package_data():
+    """setuptools' globs do not reach into sub-folders: each folder under data/ needs its own entry."""
+    package = ROOT / "coursekit"
+    globs = _pyproject()["tool"]["setuptools"]["package-data"]["coursekit"]
+    tracked = subprocess.run(["git", "ls-files", "coursekit/data"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = [ROOT / name for name in tracked.stdout.split()]
+    assert files, "no tracked files under coursekit/data"
+    missing = [str(f.relative_to(package)) for f in files if not any(f.relative_to(package).match(g) for g in globs)]
+    assert not missing, f"not covered by [tool.setuptools.package-data] {globs}: {missing}"
 
 
 def test_ci_runs_the_readme_test_command():
