@@ -63,13 +63,17 @@ from .inputs import (
 )
 from .optimize import Adam, MomentumSignStep, SignStep, StepRule, ascend
 from .progress import progress_bar
+from .registry import Registry
 
-__all__ = [
-    "LogitsExpectedWarning", "check_eps", "check_loss", "attack_objective", "margin", "fgsm", "pgd", "bim", "mifgsm",
+__all__ = [  # + every registered attack
+    "ATTACKS", "LogitsExpectedWarning", "check_eps", "check_loss", "attack_objective", "margin",
     "AttackConfig",
     "predict_labels", "accuracy", "plot_perturbation", "random_sphere", "SphereResult", "NoiseLayer",
     "noise_attack", "NoiseAttackResult", "quantize_8bit", "evolve_fooling_images",
 ]
+# One decorated function per gradient attack ``attack(model, x, labels=None, eps, ...)``: in __all__,
+# the README's method table and the tests parametrised over ATTACKS.
+ATTACKS = Registry("attack", exports=__all__)
 
 LOSSES = ("ce", "margin")
 
@@ -368,6 +372,7 @@ def _optional_batch_size(batch_size):
     return None if batch_size is None else positive_int(batch_size, "batch_size")
 
 
+@ATTACKS.register
 @reference
 def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, steps: int = 10,
         step_size: float | None = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
@@ -428,6 +433,7 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
                        progress=progress, desc="pgd")
 
 
+@ATTACKS.register
 def bim(model, x, labels=None, eps: float = 8 / 255, *, steps: int = 10, step_size: float | None = None, **kw):
     """The basic iterative method (Kurakin et al. 2017): :func:`pgd` from ``x`` (no random start),
     step ``eps / steps`` by default (the ball's edge is just reachable), under the attack's ``norm``."""
@@ -436,6 +442,7 @@ def bim(model, x, labels=None, eps: float = 8 / 255, *, steps: int = 10, step_si
     return pgd(model, x, labels, eps, steps=steps, step_size=step_size, random_start=False, **kw)
 
 
+@ATTACKS.register
 @reference
 def mifgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, steps: int = 10,
            step_size: float | None = None, decay: float = 1.0, norm: str = "linf", loss: str = "ce", target=None,
@@ -475,6 +482,7 @@ def mifgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255,
         return _attack(model, x, y, t, config, batch_size=batch_size, progress=progress, desc="mifgsm")
 
 
+@ATTACKS.register
 @reference
 def fgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, loss: str = "ce",
          target=None, batch_size: int | None = None) -> torch.Tensor:

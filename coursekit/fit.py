@@ -46,7 +46,7 @@ from .progress import progress_bar
 
 __all__ = [
     "Split", "split_fashion_mnist", "stratified_subset", "small_cnn", "FlipShift", "History", "Callback",
-    "EarlyStopping", "LivePlot", "fit", "evaluate", "FrozenFeatures", "TransferNet", "transfer_model",
+    "EarlyStopping", "LivePlot", "fit", "train_epoch", "evaluate", "FrozenFeatures", "TransferNet", "transfer_model",
     "extract_features", "confusion_matrix", "plot_history", "plot_confusion",
 ]
 
@@ -390,7 +390,7 @@ def _restored_on_error(model: nn.Module):
 
 
 @reference  # exercise training.train_step
-def _train_epoch(model, optimizer, x, y, batch_size, augment, gen) -> tuple[float, float]:
+def train_epoch(model, optimizer, x, y, batch_size, augment, gen) -> tuple[float, float]:
     """One pass over ``(x, y)`` in shuffled batches, in train mode; returns (mean loss, accuracy)."""
     device = model_device(model)
     model.train()
@@ -449,7 +449,7 @@ def fit(model: nn.Module, train: tuple, val: tuple, *, epochs: int = 10, lr: flo
         for cb in callbacks:
             cb.on_train_begin(model, history)
         for epoch in progress_bar(range(1, epochs + 1), progress=progress, desc=desc, unit="epoch", leave=False):
-            loss, acc = _train_epoch(model, optimizer, x, y, batch_size, augment, gen)
+            loss, acc = train_epoch(model, optimizer, x, y, batch_size, augment, gen)
             history.train_loss.append(loss)
             history.train_acc.append(acc)
             for name, value in zip(("val_loss", "val_acc"), evaluate(model, *val)):

@@ -30,6 +30,7 @@ REGISTRIES: dict[str, tuple[str, str]] = {
     "LRP rule": ("coursekit.lrp.rules", "RULES"),
     "LRP composite": ("coursekit.lrp.composites", "COMPOSITES"),
     "objective": ("coursekit.objectives", "OBJECTIVES"),
+    "attack": ("coursekit.adversarial", "ATTACKS"),
 }
 
 

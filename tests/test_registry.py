@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from coursekit import adversarial, maximize, objectives
 from coursekit import cam as C
 from coursekit import lrp as L
-from coursekit import maximize, objectives
 from coursekit.registry import REGISTRIES, Registry, method_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +109,13 @@ def test_every_objective_is_in_maximize_and_scores_a_batch(name, fashion):
             logits = fashion(x)
         value = obj(objectives.Context(image=x, input=x, logits=logits, activations=rec.outputs))
     assert value.shape == (2,) and torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize("name", list(adversarial.ATTACKS))
+def test_every_attack_stays_in_its_ball_and_box(name, fashion, fashion_test):
+    x, y = fashion_test[0][:4], fashion_test[1][:4]
+    attack = adversarial.ATTACKS[name]
+    x_adv = attack(fashion, x, y, eps=0.1)
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert adversarial.accuracy(fashion, x_adv, y) <= adversarial.accuracy(fashion, x, y)

@@ -368,7 +368,7 @@ def early_stopping_with_coursekit(val_losses, patience):
 def train_step_with_coursekit(model, optimizer, x, y):
     from coursekit import fit
 
-    return fit._train_epoch(model, optimizer, x, y, len(y), None, torch.Generator().manual_seed(0))[0]
+    return fit.train_epoch(model, optimizer, x, y, len(y), None, torch.Generator().manual_seed(0))[0]
 
 
 @pytest.mark.parametrize("name, fn", [("training.evaluate", evaluate_with_coursekit),

@@ -172,7 +172,7 @@ def _run_step(report: Report, student, model, x, y, stale, lr):
     return m, out
 
 
-@exercise("training.train_step", forbid=[fit.fit, fit._train_epoch])
+@exercise("training.train_step", forbid=[fit.fit, fit.train_epoch])
 def check_train_step(student, report: Report) -> None:
     with report.part("returns the batch's loss (before the update) as a Python float", points=1):
         model, x, y, stale, lr, (_, _, loss), variants = _step_case(report)
@@ -383,7 +383,7 @@ def _reference_head(model: _TransferNet, x, y, lr, steps, backbone_train=False, 
     return torch.cat([p.detach().flatten() for p in m.head.parameters()])
 
 
-@exercise("training.train_head", forbid=[fit.fit, fit._train_epoch])
+@exercise("training.train_head", forbid=[fit.fit, fit.train_epoch])
 def check_train_head(student, report: Report) -> None:
     model = _TransferNet(report.seed).train()
     g = torch.Generator().manual_seed(report.seed)
