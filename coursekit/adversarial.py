@@ -61,7 +61,7 @@ from .inputs import (
     positive_int,
     target_indices,
 )
-from .optimize import Adam, MomentumSignStep, SignStep, StepRule, ascend
+from .optimize import Adam, MomentumSignStep, SignStep, Optimizer, ascend
 from .progress import progress_bar
 from .registry import Registry
 
@@ -234,8 +234,8 @@ class AttackConfig:
     decay: float | None = None
     early_stop: bool = False
 
-    def rule(self, origin: torch.Tensor) -> StepRule:
-        """A fresh step rule (fresh state) for one run from the clean images ``origin`` (N, C, H, W)."""
+    def optimizer(self, origin: torch.Tensor) -> Optimizer:
+        """A fresh optimiser (fresh state) for one run from the clean images ``origin`` (N, C, H, W)."""
         if self.decay is None:
             return SignStep(self.step_size, eps=self.eps, origin=origin, norm=self.norm, box=(0.0, 1.0))
         return MomentumSignStep(self.step_size, eps=self.eps, origin=origin, norm=self.norm, box=(0.0, 1.0),
@@ -299,7 +299,7 @@ def _run_attack(model, x, y, t, start, config: AttackConfig):
         if frozen is not None and not bool(frozen.active.any()):
             raise StopIteration
 
-    ascend(value, [x_adv], config.rule(x), config.steps, progress=False, on_value=stop,
+    ascend(value, [x_adv], config.optimizer(x), config.steps, progress=False, on_value=stop,
            after_step=None if frozen is None else lambda step: frozen.restore(x_adv))
     return _final_state(model, x_adv.detach(), y, t, config.loss, frozen)
 

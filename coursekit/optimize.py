@@ -6,18 +6,18 @@ One loop serves every lecture that optimises an input:
   or normalised gradient ascent;
 * lecture 5 — FGSM / BIM / PGD: a sign step (L-inf) or a normalised step (L2) followed by a
   projection onto the epsilon-ball and the [0, 1] box (:func:`sign_step`, :class:`SignStep`);
-  MI-FGSM the same step along a momentum (:class:`MomentumSignStep`, a rule with state);
+  MI-FGSM the same step along a momentum (:class:`MomentumSignStep`, an optimiser with state);
 * lecture 6 — DeepDream (normalised ascent over :func:`octaves`, an image pyramid) and style
   transfer (L-BFGS).
 
 The pieces::
 
-    rule = SignStep(step_size=2/255, eps=8/255, origin=x)      # a step rule (Adam, NormalizedAscent, LBFGS, ...)
-    history = ascend(value_fn, [x_adv], rule, steps=10)          # value_fn() -> (N,) values to maximise
+    optimizer = SignStep(step_size=2/255, eps=8/255, origin=x)      # an optimiser (Adam, NormalizedAscent, LBFGS, ...)
+    history = ascend(value_fn, [x_adv], optimizer, steps=10)          # value_fn() -> (N,) values to maximise
 
 ``ascend`` takes gradients w.r.t. the given tensors only (never the model's parameters: run it inside
-:func:`coursekit.guard.guarded`), applies the rule, calls ``after_step`` (projection, regularisers),
-and records the value at every step. A step rule ascends; to minimise a loss, ascend its negative.
+:func:`coursekit.guard.guarded`), applies the optimizer, calls ``after_step`` (projection, regularisers),
+and records the value at every step. An optimiser ascends; to minimise a loss, ascend its negative.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ._reference import reference
 from .inputs import number, positive_int
 from .progress import progress_bar
 
-__all__ = ["normalized", "StepRule", "Adam", "NormalizedAscent", "SignStep", "MomentumSignStep", "LBFGS", "ascend",
+__all__ = ["normalized", "Optimizer", "Adam", "NormalizedAscent", "SignStep", "MomentumSignStep", "LBFGS", "ascend",
            "octaves", "project", "sign_step"]
 
 
@@ -66,7 +66,7 @@ def project(x: torch.Tensor, origin: torch.Tensor, eps: float, norm: str = "linf
     return out.clamp(*box) if box is not None else out
 
 
-class StepRule:
+class Optimizer:
     """One update of the optimised tensors, given the gradients of the value to *maximise*."""
 
     needs_closure = False
@@ -82,7 +82,7 @@ class StepRule:
         return f"{type(self).__name__}({args})"
 
 
-class Adam(StepRule):
+class Adam(Optimizer):
     """Adam (Kingma & Ba 2015) on the negative value: the default for feature visualisation."""
 
     def __init__(self, lr: float = 0.05):
@@ -100,7 +100,7 @@ class Adam(StepRule):
             p.grad = None
 
 
-class NormalizedAscent(StepRule):
+class NormalizedAscent(Optimizer):
     """``x += lr * g / rms(g)`` per image: every image moves by ``lr`` per pixel on average, whatever
     the gradient's scale (the Keras notebook's step; DeepDream's, Mordvintsev et al. 2015)."""
 
@@ -137,7 +137,7 @@ def sign_step(x: torch.Tensor, direction: torch.Tensor, step_size: float, *, nor
     return out.clamp(*box) if box is not None else out
 
 
-class SignStep(StepRule):
+class SignStep(Optimizer):
     """A steepest-ascent step for a norm ball, then the projection (FGSM / BIM / PGD): :func:`sign_step`.
 
     ``norm="linf"``: ``x += step_size * sign(g)`` (Goodfellow et al. 2015; Madry et al. 2018).
@@ -173,7 +173,7 @@ class SignStep(StepRule):
 
 
 class MomentumSignStep(SignStep):
-    """MI-FGSM's step (Dong et al. 2018, "Boosting adversarial attacks with momentum"), a rule with state.
+    """MI-FGSM's step (Dong et al. 2018, "Boosting adversarial attacks with momentum"), an optimiser with state.
 
     ``m <- decay * m + g / ||g||_1`` per image (``m`` starts at 0), then :func:`sign_step` along
     ``m``: ``x + step_size * sign(m)`` (L-inf) or ``x + step_size * m / ||m||_2`` (L2), projected
@@ -198,7 +198,7 @@ class MomentumSignStep(SignStep):
             p.copy_(sign_step(p, m, self.step_size, norm=self.norm, origin=self._origin, eps=self.eps, box=self.box))
 
 
-class LBFGS(StepRule):
+class LBFGS(Optimizer):
     """L-BFGS (Liu & Nocedal 1989) with a strong-Wolfe line search, as in Gatys et al.'s style
     transfer. One engine step is one L-BFGS iteration of up to ``max_eval`` function evaluations.
 
@@ -228,7 +228,7 @@ class LBFGS(StepRule):
 def ascend(
     value_fn: Callable[[], torch.Tensor],
     tensors: Sequence[torch.Tensor],
-    rule: StepRule,
+    optimizer: Optimizer,
     steps: int,
     *,
     after_step: Callable[[int], None] | None = None,
@@ -243,7 +243,7 @@ def ascend(
     value_fn : callable () -> Tensor (N,)
         Recomputes the values from the current tensors (a forward pass).
     tensors : sequence of leaf tensors with ``requires_grad=True``
-    rule : StepRule
+    optimizer : Optimizer
     steps : int
     after_step : callable(step), optional
         Called after every update, under ``torch.no_grad`` (projection, regularisers).
@@ -261,22 +261,22 @@ def ascend(
         The value at every step, before that step's update.
     """
     steps = positive_int(steps, "steps")
-    if not isinstance(rule, StepRule):
-        raise TypeError(f"rule must be a StepRule (Adam, NormalizedAscent, SignStep, LBFGS), got {type(rule).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be an Optimizer (Adam, NormalizedAscent, SignStep, LBFGS), got {type(optimizer).__name__}")
     tensors = list(tensors)
-    rule.reset(tensors)
+    optimizer.reset(tensors)
     history: list[torch.Tensor] = []
     bar = progress_bar(range(steps), progress=progress, desc=desc[:60], leave=False)
     with torch.enable_grad():
         for step in bar:
-            if rule.needs_closure:
+            if optimizer.needs_closure:
                 seen: list[torch.Tensor] = []
-                rule.step(tensors, None, closure=_closure(rule, value_fn, seen))
+                optimizer.step(tensors, None, closure=_closure(optimizer, value_fn, seen))
                 values = seen[0]
             else:
                 values = value_fn()
                 grads = torch.autograd.grad(values.sum(), tensors)
-                rule.step(tensors, grads)
+                optimizer.step(tensors, grads)
                 values = values.detach()
             if after_step is not None:
                 with torch.no_grad():
@@ -293,11 +293,11 @@ def ascend(
     return torch.stack(history)
 
 
-def _closure(rule: StepRule, value_fn: Callable[[], torch.Tensor], seen: list):
+def _closure(optimizer: Optimizer, value_fn: Callable[[], torch.Tensor], seen: list):
     """What L-BFGS re-evaluates: minus the summed values, gradients in ``.grad``; values kept in ``seen``."""
 
     def closure():
-        rule._opt.zero_grad()
+        optimizer._opt.zero_grad()
         values = value_fn()
         loss = -values.sum()
         loss.backward()

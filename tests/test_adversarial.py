@@ -349,8 +349,8 @@ def test_early_stop_freezes_done_images_under_a_stateful_rule(fashion, batch):
 def test_the_attack_loop_takes_a_config(fashion, batch):
     x, y = batch
     config = A.AttackConfig(eps=0.05, steps=3, step_size=0.02, decay=1.0)
-    assert type(config.rule(x)).__name__ == "MomentumSignStep"
-    assert type(A.AttackConfig(0.05, 3, 0.02).rule(x)).__name__ == "SignStep"
+    assert type(config.optimizer(x)).__name__ == "MomentumSignStep"
+    assert type(A.AttackConfig(0.05, 3, 0.02).optimizer(x)).__name__ == "SignStep"
     with pytest.raises(AttributeError):
         config.eps = 0.1  # frozen: one run cannot change another's settings
     adv, fooled, value = A._run_attack(fashion, x, y, None, x, config)

@@ -319,7 +319,7 @@ def test_step_rules_reject_bad_arguments():
         optimize.SignStep(0.1, norm="l1")
     with pytest.raises(ValueError, match="both eps and origin"):
         optimize.SignStep(0.1, eps=0.1)
-    with pytest.raises(TypeError, match="StepRule"):
+    with pytest.raises(TypeError, match="Optimizer"):
         optimize.ascend(lambda: torch.zeros(1), [], "adam", 3)
 
 
