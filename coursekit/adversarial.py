@@ -7,7 +7,7 @@ is the shared input-optimisation engine, :func:`coursekit.optimize.ascend` with 
 :class:`coursekit.optimize.SignStep` (or MI-FGSM's :class:`coursekit.optimize.MomentumSignStep`),
 which projects onto the epsilon-ball and clamps to [0, 1] after every step; an :class:`AttackConfig`
 says how. With ``early_stop=True`` the loop freezes every image at its first fooling iterate itself,
-so a step rule with state (momentum, Adam) cannot move it on. FGSM is one
+so an optimiser with state (momentum, Adam) cannot move it on. FGSM is one
 :func:`coursekit.attack_steps.fgsm_step`, the step that :mod:`coursekit.robustness` and
 :mod:`coursekit.train` take too.
 
@@ -16,7 +16,7 @@ so a step rule with state (momentum, Adam) cannot move it on. FGSM is one
   (Madry et al. 2018); ``random_start=False`` is the basic iterative method, BIM
   (Kurakin, Goodfellow & Bengio 2017): :func:`bim`.
 * :func:`mifgsm` — the momentum iterative FGSM, MI-FGSM (Dong et al. 2018): the same loop driven by
-  a step rule with state (:class:`coursekit.optimize.MomentumSignStep`).
+  an optimiser with state (:class:`coursekit.optimize.MomentumSignStep`).
 * targeted versions (``target=``), cross-entropy or margin loss on logits (Carlini & Wagner 2017).
 * :func:`random_sphere` — Szegedy et al. (2014): random points twice as far do not change the label.
 * :func:`noise_attack` — a trainable noise layer with an L2 penalty and early stopping.
@@ -208,7 +208,7 @@ class AttackConfig:
     """How an iterative attack steps: everything the attack loop needs besides the images and labels.
 
     :func:`pgd`, :func:`bim` and :func:`mifgsm` build one from their (checked) arguments and drive
-    the same loop with it; the step rule is the only difference between them.
+    the same loop with it; the optimiser is the only difference between them.
 
     Attributes
     ----------
@@ -245,7 +245,7 @@ class AttackConfig:
 class _Frozen:
     """The images of one run that are done (early stop): their first fooling iterate, kept as it is.
 
-    Whatever the step rule does to a done image (a sign step on a zero gradient, a momentum step on
+    Whatever the optimiser does to a done image (a sign step on a zero gradient, a momentum step on
     its accumulated direction, Adam's running moments), :meth:`restore` puts the iterate back after
     every step, so no rule, with state or without, can move it again.
     """
@@ -274,7 +274,7 @@ def _run_attack(model, x, y, t, start, config: AttackConfig):
     """One attack run on a batch from ``start``; returns (x_adv, fooled (N,), objective (N,)).
 
     x, start (N, C, H, W); y (N,); t (N,) or None. With ``config.early_stop``, an image that fools
-    the model is frozen at that iterate (:class:`_Frozen`: explicitly, whatever the step rule) and
+    the model is frozen at that iterate (:class:`_Frozen`: explicitly, whatever the optimiser does) and
     leaves the batch, so later steps only pay for the images still classified correctly; the run
     ends when every image is fooled.
     """

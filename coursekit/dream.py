@@ -72,7 +72,7 @@ __all__ = [
 
 
 # ==============================================================================================
-# objectives and step rules
+# objectives and optimisers
 
 
 def guide(layer: str, guide_features: torch.Tensor) -> Objective:
