@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from coursekit.checks import CheckFailed, check, run_check
 
 SEEDS = (*range(8), None)  # a correct answer: eight drawn cases and one unseeded run
-MISTAKE_SEEDS = (0, 1, 2, 3, None)  # a mistake is exposed by the fixed deciding cases first in every check
+MISTAKE_SEEDS = (0, 1, 2, 3, 321, None)  # deciding cases first in every check; 321 once let "accuracy as a count" through
 
 # ---------------------------------------------------------------------------------------------
 # correct solutions, written independently of the solution notebook

@@ -222,6 +222,11 @@ def check_evaluate(student, report: Report) -> None:
     ref = copy.deepcopy(model).eval()
     with torch.no_grad():
         logits = ref(x)
+        # a deciding case every run: one image right and one wrong, so a count (>= 1) is never the
+        # fraction (< 1); random labels alone can leave no image right (count = fraction = 0)
+        pred = logits.argmax(1)
+        y = y.clone()
+        y[0], y[1] = pred[0], (pred[1] + 1) % 4
         loss, acc = float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
         in_train = copy.deepcopy(model)(x)
     mistakes = {
