@@ -61,7 +61,7 @@ from .inputs import (
     positive_int,
     target_indices,
 )
-from .optimize import Adam, MomentumSignStep, SignStep, Optimizer, ascend
+from .optimize import Adam, MomentumSignStep, Optimizer, SignStep, ascend
 from .progress import progress_bar
 from .registry import Registry
 
