@@ -19,7 +19,6 @@ import difflib
 import importlib
 import re
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 
 __all__ = ["Registry", "REGISTRIES", "method_table"]
 
@@ -94,10 +93,6 @@ class Registry:
 
     def items(self) -> list[tuple[str, Callable]]:
         return list(self._items.items())
-
-    def namespace(self) -> SimpleNamespace:
-        """The methods as attributes (``objectives.channel``), a snapshot at call time."""
-        return SimpleNamespace(**self._items)
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._items)})"
