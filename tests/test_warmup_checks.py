@@ -155,6 +155,16 @@ def test_top_k_mistakes(fn, points, diagnosis):
     assert diagnosis in report.summary()
 
 
+def test_top_k_names_every_mistake_a_case_cannot_tell_apart():
+    # seed 17 draws an image the network gives class k-1 with p ~ 1: the first k probabilities then equal the
+    # top k in ascending order, so both mistakes fit; the diagnosis names both (it once named only the first,
+    # failing the first-k test 10 times in 400 seeds)
+    first_k = TOP_K_MISTAKES[3][0]
+    report = run_check("warmup.top_k", first_k, seed=17)
+    assert report.earned == 2, report.summary()
+    assert "first k classes" in report.summary() and "ascending order" in report.summary(), report.summary()
+
+
 def test_top_k_softmax_over_the_batch_dimension():
     def dim0(m, x, k):
         with coursekit.preserved(m), torch.no_grad():

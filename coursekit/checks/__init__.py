@@ -171,10 +171,11 @@ class Report:
         got = self.expect_tensor(got, shape=expected.shape, what=what).detach().to(expected.dtype)
         if torch.allclose(got, expected, rtol=rtol, atol=atol):
             return
-        for explanation, wrong in (mistakes or {}).items():
-            wrong = wrong.detach().to(expected.dtype)
-            if wrong.shape == got.shape and torch.allclose(got, wrong, rtol=max(rtol, 1e-3), atol=max(atol, 1e-4)):
-                raise Mistake(f"{what} matches a known mistake: {explanation}")
+        matched = [explanation for explanation, wrong in (mistakes or {}).items()
+                   if wrong.shape == got.shape
+                   and torch.allclose(got, wrong.detach().to(expected.dtype), rtol=max(rtol, 1e-3), atol=max(atol, 1e-4))]
+        if matched:  # two mistakes can give the same numbers on one case: name each, do not guess
+            raise Mistake(f"{what} matches a known mistake: " + "; or, equally possible on this case: ".join(matched))
         if torch.allclose(got, -expected, rtol=rtol, atol=atol):
             raise Mistake(f"{what} has the wrong sign (it equals minus the expected values)")
         err = (got - expected).abs()
