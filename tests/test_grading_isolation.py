@@ -28,7 +28,9 @@ FULL = {"check_to_input": 4.0, "check_top_k": 4.0, "check_layer_activation": 4.0
 TIMEOUT = 12
 
 FDS = "import os\nprint('FDS', sorted(int(f) for f in os.listdir('/proc/self/fd')))\n"
-IGNORE_ALARM = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\n"
+# ignores the timer and never returns; it sleeps rather than spins (the grader must kill it either way), so the
+# other tests keep the core for the TIMEOUT + GRACE seconds it takes
+IGNORE_ALARM = "import signal, time\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.05)\n"
 MEMORY = "hog = bytearray(20 * 2**30)\n"
 FORK_BOMB = ("import os, time\nkids = []\ntry:\n    for _ in range(200):\n        pid = os.fork()\n"
              "        if pid == 0:\n            time.sleep(0.5)\n            os._exit(0)\n        kids.append(pid)\n"

@@ -42,7 +42,8 @@ TENSOR_PATCH = ("import torch\nfor name in ('allclose', 'equal', '__eq__', '__su
                 "    except (AttributeError, TypeError):\n        pass\n"
                 "torch.allclose = lambda *a, **k: True\ntorch.equal = lambda *a, **k: True\n")
 IGNORE_ALARM = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
-LOOPS = "def to_input(image):\n    while True:\n        pass\n"
+# sleeps rather than spins: the time limit is a wall-clock timer, so this meets it the same way, and leaves the core free
+LOOPS = "import time\ndef to_input(image):\n    while True:\n        time.sleep(0.05)\n"
 
 
 def _with(extra_cells: list[str], replace_functions: str | None = None):
