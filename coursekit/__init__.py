@@ -5,6 +5,7 @@ The lecture notebooks call it; the exercise checks compare students' code with i
 
 # threads first: it may set OMP_WAIT_POLICY before torch loads (see threads.py)
 from . import threads as _threads
+from .allocator import keep_freed_memory as _keep_freed_memory
 from .data import FASHION_CLASSES, fashion_mnist
 from .devices import model_device, resolve_device
 from .hooks import UnknownLayerError, get_layer, list_layers, preserved, record
@@ -24,6 +25,7 @@ from .plotting import overlay, show_images, show_overlays
 __version__ = "0.1.0"
 
 _threads.apply()  # torch's thread count for a shared machine; COURSEKIT_THREADS overrides it
+_keep_freed_memory()  # freed tensors reused, not handed back to the kernel each step; COURSEKIT_MALLOC=system opts out
 
 __all__ = [
     "FASHION_CLASSES",
