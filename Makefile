@@ -51,8 +51,10 @@ lab: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -n $(JOBS) --dist loadscope $(NBVAL) $(TEST_PATHS)
 
+# The quick loop has nothing that waits: one worker per core (a third on 2 cores made it 231 s against 179 s).
+QUICK_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 8 ] && n=8; echo $$n)
 test-quick: $(VENV)/.installed-dev
-	$(PY) -m pytest -n $(JOBS) --dist loadscope -m "not slow" tests
+	$(PY) -m pytest -n $(QUICK_JOBS) --dist loadscope -m "not slow" tests
 
 stability: $(VENV)/.installed-dev
 	$(PY) tests/nbstability.py $(NOTEBOOKS) $(sort $(wildcard solutions/*/*.ipynb))

@@ -20,6 +20,7 @@ def small_train_split(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow  # a whole (short) training run: in `make test`, not in `make test-quick`
 def test_train_is_seeded_and_learns(small_train_split, tmp_path):
     name = "fashion_cnn"
     a = train.train(name, seed=1, out_dir=tmp_path / "a", epochs=1, limit=3072, eval_limit=1000)
@@ -34,6 +35,7 @@ def test_train_is_seeded_and_learns(small_train_split, tmp_path):
     assert a["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
 
 
+@pytest.mark.slow  # a whole (short) training run: in `make test`, not in `make test-quick`
 def test_adversarial_training_runs_and_learns(small_train_split, tmp_path):
     rec = train.train("fashion_cnn_robust", seed=0, out_dir=tmp_path, epochs=1, limit=3072, eval_limit=1000)
     assert rec["eps"] == 0.1 and rec["test_accuracy"] > 0.5
