@@ -21,6 +21,7 @@ import io
 import itertools
 import math
 import os
+import string
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -148,12 +149,73 @@ def _static_grid(draw, controls: list[Control], static, ncols, size, title, max_
         if combo and not ax.get_title():
             ax.set_title(", ".join(f"{k}={_short(v)}" for k, v in combo.items()), fontsize=8)
     if title:
-        fig.suptitle(title)
+        varied_named = [n for n in _title_fields(title) if n in varied and len(set(map(repr, static[n]))) > 1]
+        if varied_named:
+            raise ValueError(f"the title {title!r} names {varied_named}, which the static grid varies from panel "
+                             "to panel; name only controls that are the same in every panel")
+        fig.suptitle(_fill_title(title, controls, {**defaults, **combos[0]}))
     return fig
 
 
 def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _shown(control: Control, value) -> str:
+    """How a value reads in a title: a dropdown's label (what the reader picked), else the value."""
+    if control.kind == "dropdown":
+        for label, v in control.options:
+            if v is value or (type(v) is type(value) and v == value):
+                return label
+    return _short(value)
+
+
+def _title_fields(title: str | None) -> list[str]:
+    """The control names a title template refers to (``"the {image} photo"`` -> ``["image"]``).
+
+    Braces are doubled for a literal brace (``"{{"``), as in :meth:`str.format`.
+    """
+    if not title:
+        return []
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(title) if name is not None]
+    except ValueError as error:  # a single '{' or '}'
+        raise ValueError(f"the title {title!r} is not a valid template ({error}); write '{{{{' and '}}}}' "
+                         "for literal braces") from None
+
+
+def _fill_title(title: str | None, controls: list[Control], values: Mapping[str, Any]) -> str | None:
+    """A title template with the shown values of the controls it names filled in.
+
+    Parameters
+    ----------
+    title : str or None
+        Plain text, or a template naming controls in braces: ``"LRP on the {image} photo"``.
+    controls : list of Control
+    values : dict
+        The value of each control in the view being drawn.
+
+    Returns
+    -------
+    str or None
+
+    Raises
+    ------
+    ValueError
+        When the template names something that is not a control (or uses a format spec).
+    """
+    if not title:
+        return title
+    fields = _title_fields(title)
+    by_name = {c.name: c for c in controls}
+    unknown = [f for f in fields if f not in by_name]
+    if unknown:
+        raise ValueError(f"the title {title!r} names {unknown}, which are not controls; the controls are "
+                         f"{list(by_name)} (write '{{{{' and '}}}}' for literal braces)")
+    try:
+        return title.format(**{name: _shown(by_name[name], values[name]) for name in fields})
+    except (ValueError, IndexError) as error:  # a format spec that does not apply to a label
+        raise ValueError(f"the title {title!r} cannot be filled in: {error}") from None
 
 
 class Explorer:
@@ -229,9 +291,14 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
         defaults. Default: every option of the first dropdown.
     mode : "auto", "widget" or "static"
         ``"auto"``: widgets when :func:`widgets_available`, else the static grid.
-    ncols, size, title, max_panels
-        Layout of the static grid (columns, inches per panel, suptitle, most panels allowed);
-        ``size`` is also the figure size of the live view.
+    ncols, size, max_panels
+        Layout of the static grid (columns, inches per panel, most panels allowed); ``size`` is
+        also the figure size of the live view.
+    title : str, optional
+        The figure's title. It may name controls in braces, ``"LRP on the {image} photo"``: the live
+        view fills in the values shown (a dropdown's label) at every redraw, so the title follows
+        the controls; the static grid fills in the values of its panels, and refuses a title that
+        names a control it varies from panel to panel.
 
     Returns
     -------
@@ -246,6 +313,9 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
     if mode not in ("auto", "widget", "static"):
         raise ValueError(f"mode must be 'auto', 'widget' or 'static', got {mode!r}")
     ctrls = [make_control(name, spec) for name, spec in controls.items()]
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a string (a template may name controls: 'the {{image}} photo'), got {title!r}")
+    _fill_title(title, ctrls, {c.name: c.default for c in ctrls})  # an unknown name fails here, before drawing
     if mode == "static" or (mode == "auto" and not widgets_available()):
         import matplotlib.pyplot as plt
 
@@ -263,7 +333,7 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
         fig, ax = plt.subplots(figsize=(size * 1.25, size))
         draw(ax, **values)
         if title:
-            fig.suptitle(title)
+            fig.suptitle(_fill_title(title, ctrls, values))  # a template follows the controls
         fig.tight_layout()
         if not first_view:  # the picture a saved notebook keeps (see Explorer)
             buffer = io.BytesIO()
@@ -273,7 +343,8 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
 
     out = w.interactive_output(redraw, built)  # draws the first view now
     shown = ", ".join(f"{c.name}={_short(c.default)}" for c in ctrls)
-    description = (f"Explorer{': ' + title if title else ''} (live controls need a running kernel; "
+    first_title = _fill_title(title, ctrls, {c.name: c.default for c in ctrls})
+    description = (f"Explorer{': ' + first_title if first_title else ''} (live controls need a running kernel; "
                    f"the picture shows {shown})")
     return Explorer(widget=w.VBox([w.HBox(list(built.values())), out]), picture=first_view[0] if first_view else None,
                     description=description)

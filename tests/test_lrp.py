@@ -383,6 +383,29 @@ def test_plot_relevance_bad_limit(kwargs, match):
     plt.close("all")
 
 
+def test_plot_conservation_aligns_results_by_layer_name():
+    """Issue 20: with and without a canonizer the same layer sat at different x (position 0-1 over 53 vs
+    35 layers). ``align=True`` gives every layer name one x, shared by every line, and names the axis."""
+    import numpy as np
+
+    def cons(names, values):
+        sums = np.array(values, dtype=float)[:, None]
+        return L.Conservation(names, ["Conv2d / rule"] * len(names), sums, [False] * len(names))
+
+    results = {"without": cons(["top", "block1.conv", "block1.extra", "block2.conv", "pixels"], [2, 2, 4, 4, 8]),
+               "with": cons(["top", "block1.conv", "block1.sum", "block2.conv", "pixels"], [2, 2, 2, 1, 1])}
+    ax = L.plot_conservation(results, align=True)
+    order = ["top", "block1.conv", "block1.sum", "block1.extra", "block2.conv", "pixels"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == order
+    without, with_ = ax.get_lines()[:2]
+    assert list(without.get_xdata()) == [0, 1, 3, 4, 5] and list(with_.get_xdata()) == [0, 1, 2, 4, 5]
+    assert list(with_.get_ydata()) == [1.0, 1.0, 1.0, 0.5, 0.5]
+    ax = L.plot_conservation(results, align=True, max_labels=3)  # every other name
+    assert [t.get_text() for t in ax.get_xticklabels()] == order[::2] and "one name every 2 layers" in ax.get_xlabel()
+    with pytest.raises(ValueError, match="not both"):
+        L.plot_conservation(results, align=True, depth=True)
+
+
 def test_relevance_limit_and_plot_conservation_bad_input():
     with pytest.raises(ValueError, match="at least one map"):
         L.relevance_limit()

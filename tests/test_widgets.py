@@ -203,3 +203,37 @@ def test_static_figure_is_displayed_once(monkeypatch):
 def test_control_repr():
     assert "slider" in repr(Control("a", "slider", (0, 1, 1), 0))
     assert widgets.__all__
+
+
+def test_a_title_template_follows_the_controls(monkeypatch):
+    """Issue 20: a fixed title ('... of the cat photo') stayed over the espresso after the dropdown
+    changed. A title naming controls in braces is filled in with the shown values at every redraw."""
+    import matplotlib.pyplot as plt
+
+    titles = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: titles.append(plt.gcf()._suptitle.get_text()))
+    controls = {"image": ["cat", "coffee"], "rank": {"top-1 class": 1, "top-2 class": 2}, "alpha": (0.0, 1.0, 0.1)}
+    view = explorer(Recorder(), controls, mode="widget", title="{image}: LRP for its {rank}, alpha {alpha}")
+    assert titles == ["cat: LRP for its top-1 class, alpha 0"]
+    assert "cat: LRP for its top-1 class" in view.mimebundle()["text/plain"]
+    image, rank, _ = view.widget.children[0].children
+    image.value = "coffee"
+    rank.value = 2
+    assert titles[-2:] == ["coffee: LRP for its top-1 class, alpha 0", "coffee: LRP for its top-2 class, alpha 0"]
+    plain = explorer(Recorder(), controls, mode="widget", title="no {{braces}} filled")
+    assert titles[-1] == "no {braces} filled" and plain.mode == "widget"
+
+
+def test_a_title_template_in_the_static_grid():
+    fig = explorer(Recorder(), {"image": ["cat", "coffee"], "rank": [1, 2, 3]}, static={"image": ["coffee"], "rank": [1, 2, 3]},
+                   mode="static", title="the {image} photo").figure
+    assert fig._suptitle.get_text() == "the coffee photo"
+    with pytest.raises(ValueError, match="varies"):  # one title over panels of two photos would be wrong
+        explorer(Recorder(), {"image": ["cat", "coffee"]}, static={"image": ["cat", "coffee"]}, mode="static",
+                 title="the {image} photo")
+    with pytest.raises(ValueError, match=r"names \['photo'\].*controls are \['image'\]"):
+        explorer(Recorder(), {"image": ["cat"]}, mode="static", title="the {photo}")
+    with pytest.raises(ValueError, match="not a valid template"):
+        explorer(Recorder(), {"image": ["cat"]}, mode="static", title="a { without its partner")
+    with pytest.raises(TypeError, match="title must be a string"):
+        explorer(Recorder(), {"image": ["cat"]}, mode="static", title=3)

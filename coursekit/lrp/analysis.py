@@ -328,7 +328,8 @@ _LINE_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("
 
 
 def plot_conservation(results: dict, image: int = 0, ax=None, title: str = "Relevance conservation, logit -> pixels",
-                      main_path: bool = True, labels: bool | None = None, depth: bool = False):
+                      main_path: bool = True, labels: bool | None = None, depth: bool = False, align: bool = False,
+                      max_labels: int = 40):
     """Relevance sum / logit per layer for one or more :class:`Conservation` results (one line each).
 
     Each line has its own colour, marker and line style, so lines that lie on top of each other stay
@@ -347,24 +348,47 @@ def plot_conservation(results: dict, image: int = 0, ax=None, title: str = "Rele
     depth : bool
         x = position from the logit (0) to the pixels (1), so results with different layer counts
         (a model with and without a canonizer) line up.
+    align : bool
+        x = the layer's place in the union of all results' layer names (:func:`_merged_layer_order`),
+        so a layer that several results share sits at the same x in each, and the x axis names the
+        layers (every k-th name when there are more than ``max_labels``). Use it to compare a model
+        with and without a canonizer layer by layer.
+    max_labels : int
+        Most layer names written on the x axis with ``align``.
     """
     import matplotlib.pyplot as plt
 
     if not isinstance(results, dict) or not results:
         raise ValueError(f"results must be a non-empty dict {{label: Conservation}}, got {type(results).__name__}")
+    if depth and align:
+        raise ValueError("choose depth=True or align=True, not both")
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 3.8))
-    for k, (label, res) in enumerate(results.items()):
+    shown = {}
+    for label, res in results.items():
         if not isinstance(res, Conservation):
             raise TypeError(f"results[{label!r}] must be a Conservation (from lrp.conservation), got {type(res).__name__}")
         res = res.main_path() if main_path else res
         keep = [i for i, kind in enumerate(res.kinds) if "Relay" not in kind]  # element-wise layers repeat the value
-        xs = np.linspace(0, 1, len(keep)) if depth else np.arange(len(keep))
+        shown[label] = (res, keep)
+    order = _merged_layer_order([[res.layers[i] for i in keep] for res, keep in shown.values()])
+    position = {name: p for p, name in enumerate(order)}
+    for k, (label, (res, keep)) in enumerate(shown.items()):
+        if align:
+            xs = np.array([position[res.layers[i]] for i in keep])
+        else:
+            xs = np.linspace(0, 1, len(keep)) if depth else np.arange(len(keep))
         marker, style = _LINE_STYLES[k % len(_LINE_STYLES)]
         ax.plot(xs, res.ratios[keep, image], marker=marker, ms=5, ls=style, lw=1.6, mfc="none" if k % 2 else None,
-                label=f"{label} ({len(keep)} layers)" if depth else label)
+                label=f"{label} ({len(keep)} layers)" if depth or align else label)
         show = labels if labels is not None else (len(keep) <= 30 and not depth)
-        if show:
+        if align:
+            step = max(1, -(-len(order) // max(1, int(max_labels))))  # every step-th name, at most max_labels
+            ticks = np.arange(0, len(order), step)
+            ax.set_xticks(ticks, [order[t] for t in ticks], rotation=60, ha="right", fontsize=7)
+            ax.set_xlabel("relevance at the output of layer ... (logit on the left, pixel map on the right"
+                          + (f"; one name every {step} layers)" if step > 1 else ")"))
+        elif show:
             ax.set_xticks(xs, [res.layers[i] for i in keep], rotation=45, ha="right")
             ax.set_xlabel("relevance at the output of layer ... (logit on the left, pixel map on the right)")
         elif depth:
@@ -377,6 +401,25 @@ def plot_conservation(results: dict, image: int = 0, ax=None, title: str = "Rele
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
+
+
+def _merged_layer_order(sequences: list[list[str]]) -> list[str]:
+    """The union of several ordered lists of layer names, each list's order kept.
+
+    A name missing from the lists seen so far goes right after the name that precedes it in its own
+    list (at the start when none does), so shared layers get one place:
+    ``[["a", "b", "d"], ["a", "c", "d"]] -> ["a", "b", "c", "d"]``.
+    """
+    order: list[str] = []
+    for names in sequences:
+        after = -1  # index in ``order`` of the last name of this list placed so far
+        for name in names:
+            if name in order:
+                after = order.index(name)
+            else:
+                order.insert(after + 1, name)
+                after += 1
+    return order
 
 
 def relevance_limit(*maps: torch.Tensor, percentile: float = 99.5) -> float:
