@@ -210,8 +210,8 @@ class EffectiveReceptiveField(NamedTuple):
     def centre(self) -> tuple[float, float]:
         """(row, column) of the map's centre of mass, in input pixels."""
         m = self.map.double()
-        rows = torch.arange(m.shape[0], dtype=torch.float64)
-        cols = torch.arange(m.shape[1], dtype=torch.float64)
+        rows = torch.arange(m.shape[0], dtype=torch.float64, device=m.device)
+        cols = torch.arange(m.shape[1], dtype=torch.float64, device=m.device)
         return float((m.sum(1) * rows).sum()), float((m.sum(0) * cols).sum())
 
     def square(self, fraction: float) -> int:
@@ -221,12 +221,12 @@ class EffectiveReceptiveField(NamedTuple):
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         cy, cx = self.centre()
         m = self.map.double()
-        rows = torch.arange(m.shape[0], dtype=torch.float64)[:, None]
-        cols = torch.arange(m.shape[1], dtype=torch.float64)[None, :]
+        rows = torch.arange(m.shape[0], dtype=torch.float64, device=m.device)[:, None]
+        cols = torch.arange(m.shape[1], dtype=torch.float64, device=m.device)[None, :]
         reach = torch.maximum((rows - cy).abs(), (cols - cx).abs()).flatten()  # Chebyshev distance
         order = reach.argsort()
         held = m.flatten()[order].cumsum(0)
-        k = int(torch.searchsorted(held, torch.tensor(fraction * float(held[-1]), dtype=torch.float64)))
+        k = int(torch.searchsorted(held, torch.tensor(fraction * float(held[-1]), dtype=torch.float64, device=m.device)))
         return int(round(2 * float(reach[order][min(k, len(order) - 1)]) + 1))
 
 
