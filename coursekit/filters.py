@@ -2,6 +2,9 @@
 
 * First-layer filters shown as images (Krizhevsky et al. 2012, fig. 3; Zeiler & Fergus 2014, fig. 2):
   :func:`first_layer_filters`, :func:`show_filters`.
+* Where Gabor-like first-layer filters come from: independent components of natural-image patches
+  (Bell & Sejnowski 1997; the sparse-coding result of Olshausen & Field 1996):
+  :func:`natural_image_filters`.
 * Activation maps of one image at several depths: :func:`activation_maps`,
   :func:`show_activation_maps`, and an interactive :func:`explore_activations`.
 * A per-layer inspector in the spirit of Karpathy's ConvNetJS demo: activations, d target /
@@ -20,6 +23,10 @@ References
 A. Krizhevsky, I. Sutskever, G. Hinton (2012). ImageNet classification with deep convolutional
 neural networks. NeurIPS.
 M. Zeiler, R. Fergus (2014). Visualizing and understanding convolutional networks. ECCV.
+B. Olshausen, D. Field (1996). Emergence of simple-cell receptive field properties by learning a
+sparse code for natural images. Nature 381, 607-609.
+A. Bell, T. Sejnowski (1997). The "independent components" of natural scenes are edge filters.
+Vision Research 37(23), 3327-3338.
 
 Devices: every function here computes on the model's device (:func:`coursekit.model_device`).
 Images, labels and maps given on another device (a CPU image for a CUDA model) are moved there;
@@ -33,48 +40,59 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from torch import nn
 
 from ._reference import reference
 from .guard import guarded
 from .hooks import get_layer, record, resolve_layers
+from .images import convert_channels, image_tensor
 from .inputs import check_images, check_model, int_pair, positive_int, target_scores
 from .models import Normalize
 from .plotting import draw_image
 from .receptive_fields import (  # re-exported: lecture 1 reaches them as coursekit.filters.*
+    EffectiveReceptiveField,
     EmpiricalReceptiveField,
     ReceptiveField,
     conv_output_size,
     draw_receptive_fields,
+    effective_receptive_field,
     empirical_receptive_field,
     plot_receptive_fields,
     receptive_field_size,
     receptive_field_table,
     receptive_fields,
+    show_effective_receptive_fields,
 )
 
 __all__ = [
+    "EffectiveReceptiveField",
     "EmpiricalReceptiveField",
     "LayerRecord",
+    "LearntFilters",
     "ReceptiveField",
     "activation_maps",
     "conv_output_size",
     "conv_param_count",
     "draw_receptive_fields",
+    "effective_receptive_field",
     "empirical_receptive_field",
     "explore_activations",
     "first_layer_filters",
     "inspector_table",
     "layer_inspector",
+    "natural_image_filters",
     "normalize_filters",
     "plot_receptive_fields",
     "receptive_field_size",
     "receptive_field_table",
     "receptive_fields",
     "show_activation_maps",
+    "show_effective_receptive_fields",
     "show_filters",
     "show_layer_inspector",
 ]
@@ -234,6 +252,97 @@ def show_filters(
 
 
 # ----------------------------------------------------------------------------------------------
+# filters learnt from natural images (where Gabor-like first layers come from)
+
+
+class LearntFilters(NamedTuple):
+    """What :func:`natural_image_filters` learnt.
+
+    ``filters`` (K, C, p, p): the rows of the unmixing matrix, to correlate with an image like a
+    first-layer convolution (each gives one independent component); ``basis`` (K, C, p, p): the
+    columns of the mixing matrix, the patterns the patches are sums of; both ordered by the
+    variance each component explains, largest first. ``patches``: how many patches were used.
+    """
+
+    filters: torch.Tensor
+    basis: torch.Tensor
+    patches: int
+
+
+def _random_patches(images, size: int, n: int, channels: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` patches ``(n, channels * size * size)`` drawn evenly from ``images``, each minus its own mean."""
+    pictures = [convert_channels(image_tensor(im), channels)[0].double().numpy() for im in images]  # (C, H, W)
+    small = [p.shape for p in pictures if min(p.shape[1:]) < size]
+    if small:
+        raise ValueError(f"patch_size {size} does not fit in images of shape {small}")
+    out = []
+    for k, pic in enumerate(pictures):
+        m = n // len(pictures) + (k < n % len(pictures))
+        rows = rng.integers(0, pic.shape[1] - size + 1, m)
+        cols = rng.integers(0, pic.shape[2] - size + 1, m)
+        out += [pic[:, r:r + size, c:c + size].ravel() for r, c in zip(rows, cols)]
+    patches = np.stack(out)
+    return patches - patches.mean(1, keepdims=True)  # the DC component carries no structure
+
+
+def natural_image_filters(images, patch_size: int = 12, n_components: int = 64, n_patches: int = 30000,
+                          channels: int = 1, seed: int = 0, max_iter: int = 500) -> LearntFilters:
+    """Filters learnt from random patches of natural images by independent component analysis.
+
+    Olshausen & Field (1996) found that a sparse code for natural-image patches consists of
+    localised, oriented, band-pass patterns, like the simple cells of the visual cortex and the
+    Gabor-like first layers of CNNs; Bell & Sejnowski (1997) found the same with ICA, which is what
+    runs here (scikit-learn's FastICA after PCA whitening to ``n_components`` dimensions). A CNN's
+    first layer learns such filters when its kernels are large enough to hold them (AlexNet's
+    11x11); nothing here uses a network.
+
+    Parameters
+    ----------
+    images : sequence of images
+        Sample names, paths, arrays or tensors (anything :func:`coursekit.load_image` reads), at
+        their own sizes; pixels in [0, 1].
+    patch_size : int
+        Side of the square patches (and filters).
+    n_components : int
+        Number of filters; at most ``channels * patch_size ** 2``.
+    n_patches : int
+        Patches drawn at random positions, evenly from the images; each has its mean removed.
+    channels : int
+        1 (grey) or 3 (colour: then colour-opponent filters appear too).
+    seed, max_iter : int
+        Seed of the patch positions and of FastICA; FastICA's iteration limit.
+
+    Returns
+    -------
+    LearntFilters
+        ``filters`` and ``basis``, each (K, C, p, p) float32 on the CPU, and the patch count.
+    """
+    from sklearn.decomposition import FastICA
+
+    if isinstance(images, (str, torch.Tensor, np.ndarray)) or not isinstance(images, Sequence) or not images:
+        raise TypeError("images must be a non-empty list of images (sample names, paths, arrays or tensors)")
+    size = positive_int(patch_size, "patch_size", minimum=2)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (colour), got {channels!r}")
+    k = positive_int(n_components, "n_components")
+    if k > channels * size * size - 1:
+        raise ValueError(f"n_components must be below {channels * size * size} (the patch dimension minus its mean), got {k}")
+    n = positive_int(n_patches, "n_patches", minimum=k)
+    rng = np.random.default_rng(positive_int(seed, "seed", minimum=0))
+    patches = _random_patches(images, size, n, channels, rng)  # (n, C * p * p)
+    ica = FastICA(n_components=k, whiten="unit-variance", random_state=seed,
+                  max_iter=positive_int(max_iter, "max_iter"), tol=1e-4)
+    ica.fit(patches)
+    basis = ica.mixing_.T  # (K, D): patch ~ sum of sources * basis (sources have unit variance)
+    order = np.argsort(-np.linalg.norm(basis, axis=1), kind="stable")
+
+    def as_bank(a):
+        return torch.from_numpy(np.ascontiguousarray(a[order])).float().reshape(k, channels, size, size)
+
+    return LearntFilters(as_bank(ica.components_), as_bank(basis), int(patches.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------
 # activation maps
 
 
@@ -277,6 +386,20 @@ def _top_channels(a: torch.Tensor, n: int) -> list[int]:  # a: (K, h, w)
     return a.flatten(1).mean(1).argsort(descending=True)[:n].tolist()
 
 
+def _map_style(maps: torch.Tensor) -> dict:
+    """``imshow`` colour keywords for activation maps: zero-centred ``RdBu_r`` when any value is negative.
+
+    Signed maps (a block output before any ReLU, a pre-activation) get a diverging map centred on
+    zero, ``vmin = -vmax``, so white is 0, red positive and blue negative; non-negative maps (after
+    a ReLU) get ``magma`` from 0 to their maximum. Either way one scale for all of ``maps``.
+    """
+    lo, hi = float(maps.min()), float(maps.max())
+    if lo < 0:
+        lim = max(-lo, hi) or 1.0
+        return {"cmap": "RdBu_r", "vmin": -lim, "vmax": lim}
+    return {"cmap": "magma", "vmin": 0.0, "vmax": hi or 1.0}
+
+
 def show_activation_maps(
     model: nn.Module,
     x: torch.Tensor,
@@ -288,10 +411,10 @@ def show_activation_maps(
 ):
     """One row per layer: the image, then the ``channels`` most active maps of that layer.
 
-    Channels are ranked by their mean activation on the image; each map is drawn on its own
-    scale (its min..max, ``viridis``). Early layers keep the image's layout (edges, colour
-    blobs); deeper maps are coarser and respond to parts and textures (Zeiler & Fergus 2014).
-    Returns the figure.
+    Channels are ranked by their mean activation on the image. The maps of one row share one
+    scale and one colour bar (see ``_map_style``): a zero-centred diverging map (``RdBu_r``) when
+    the layer's output is signed, as EfficientNet's block outputs are (no ReLU at the end of a
+    block), ``magma`` from 0 when it is not. Returns the figure.
     """
     channels = positive_int(channels, "channels")
     acts = _activation_maps(model, x, layers)
@@ -300,18 +423,24 @@ def show_activation_maps(
     flat = [n for n, a in acts.items() if a.dim() != 4]
     if flat:
         raise ValueError(f"layers {flat} do not output (N, K, h, w) maps; choose convolutional layers")
-    fig, axes = plt.subplots(len(acts), channels + 1, figsize=(size * (channels + 1), size * len(acts) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(acts), channels + 1, figsize=(size * (channels + 1) + 0.8, size * len(acts) + 0.5),
+                             squeeze=False, layout="constrained")
     for row, (name, a) in zip(axes, acts.items()):
         a = a[image_index].float()  # (K, h, w)
         draw_image(row[0], x[image_index], "input")
         for ax in row[1:]:
             ax.axis("off")
-        for ax, ch in zip(row[1:], _top_channels(a, channels)):
-            ax.imshow(a[ch].cpu().numpy(), cmap="viridis")
+        top = _top_channels(a, channels)
+        style = _map_style(a[top])
+        im = None
+        for ax, ch in zip(row[1:], top):
+            im = ax.imshow(a[ch].cpu().numpy(), **style)
             ax.set_title(f"ch {ch}", fontsize=9)
         row[0].set_title(f"{name}\n{tuple(a.shape)}", fontsize=9)
-    fig.suptitle(title or "activation maps (most active channels, each on its own scale)", fontsize=11)
-    fig.tight_layout()
+        cb = fig.colorbar(im, ax=list(row[1:]), shrink=0.9, pad=0.01, aspect=12)
+        cb.set_label("activation" + (" (0 = white)" if style["cmap"] == "RdBu_r" else ""), fontsize=8)
+        cb.ax.tick_params(labelsize=8)
+    fig.suptitle(title or "activation maps (most active channels; one scale and colour bar per layer)", fontsize=11)
     return fig
 
 
@@ -363,9 +492,10 @@ def explore_activations(model: nn.Module, x: torch.Tensor, layers=None, static: 
         ax.axis("off")
         left, right = ax.inset_axes([0.0, 0.0, 0.45, 0.86]), ax.inset_axes([0.49, 0.0, 0.45, 0.86])
         cax = ax.inset_axes([0.955, 0.08, 0.025, 0.7])
+        style = _map_style(m)  # signed maps on a zero-centred diverging scale
         draw_image(left, x[0], "where it fires, on the image")
-        left.imshow(up.numpy(), cmap="magma", alpha=0.6, vmin=0, vmax=float(m.max()) or 1.0)
-        im = right.imshow(m.numpy(), cmap="magma", vmin=0, vmax=float(m.max()) or 1.0)
+        left.imshow(up.numpy(), alpha=0.6, **style)
+        im = right.imshow(m.numpy(), **style)
         right.set_title(f"its {a.shape[1]}x{a.shape[2]} map", fontsize=9)
         right.axis("off")
         ax.figure.colorbar(im, cax=cax).ax.tick_params(labelsize=8)
@@ -531,7 +661,11 @@ def _row_axes(fig, gs, row: int, n: int):
 
 
 def _draw_maps(axes, maps: torch.Tensor, signed: bool, label: str):  # maps (K, h, w)
-    """One row of maps on a shared scale (signed: zero-centred ``RdBu_r``) with a colour bar."""
+    """One row of maps on a shared scale (signed: zero-centred ``RdBu_r``) with a colour bar.
+
+    Values below zero make the row signed whatever ``signed`` says (a convolution's output).
+    """
+    signed = signed or float(maps.min()) < 0
     lim = float(maps.abs().max()) or 1.0
     lo, hi = (-lim, lim) if signed else (float(maps.min()), float(maps.max()))
     im = None
@@ -551,6 +685,7 @@ def _draw_maps(axes, maps: torch.Tensor, signed: bool, label: str):  # maps (K, 
 def _draw_wide(ax, t: torch.Tensor, signed: bool, label: str, class_names=None) -> None:  # t (K,) or (out, in)
     t = t.detach().cpu().float()
     t = t[None] if t.dim() == 1 else t.flatten(1)
+    signed = signed or float(t.min()) < 0  # e.g. the logits
     lim = float(t.abs().max()) or 1.0
     lo, hi = (-lim, lim) if signed else (float(t.min()), float(t.max()))
     im = ax.imshow(t.numpy(), cmap="RdBu_r" if signed else "gray", vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
@@ -570,7 +705,8 @@ def show_layer_inspector(records: Sequence[LayerRecord], image_index: int = 0, m
                          table: bool = True, size: float = 1.45, class_names: Sequence[str] | None = None) -> list:
     """Draw the inspector: one figure per layer, and print :func:`inspector_table`.
 
-    Rows of each figure: activations (grey, shared scale), activation gradients (zero-centred
+    Rows of each figure: activations (grey from their minimum to their maximum when they are
+    non-negative, zero-centred ``RdBu_r`` when any is negative), activation gradients (zero-centred
     ``RdBu_r``: red positive, blue negative), and for layers with weights the filters (input
     channel 0 of each, or the weight matrix of a linear layer) and their gradients; every row has
     its colour bar. The input is drawn large, next to the gradient of the target with respect to

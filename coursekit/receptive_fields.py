@@ -7,7 +7,11 @@
 * :func:`unit_windows` -- the input box each unit of one layer sees, as integer pixel windows to
   crop dataset-example patches with (:class:`UnitWindows`); analytic where the walk above
   applies, measured otherwise;
-* :func:`receptive_field_table`, :func:`plot_receptive_fields`, :func:`draw_receptive_fields`;
+* :func:`effective_receptive_field` -- where the gradient of one unit of the *trained, nonlinear*
+  network actually falls, averaged over images (Luo et al. 2016), with the theoretical box and the
+  squares that hold a given share of it (:class:`EffectiveReceptiveField`);
+* :func:`receptive_field_table`, :func:`plot_receptive_fields`, :func:`draw_receptive_fields`,
+  :func:`show_effective_receptive_fields`;
 * small formulas the exercise set ``01_filters`` asks students to write (marked ``@reference``):
   :func:`conv_output_size`, :func:`receptive_field_size`.
 
@@ -33,6 +37,7 @@ random numbers are drawn on the CPU and moved, so a seed gives the same draws on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -40,6 +45,7 @@ import torch
 from torch import nn
 
 from ._reference import reference
+from .batching import batches
 from .geometry import (  # re-exported: lecture 1 reaches the receptive-field computations here
     EmpiricalReceptiveField,
     ReceptiveField,
@@ -52,22 +58,26 @@ from .geometry import (  # re-exported: lecture 1 reaches the receptive-field co
     receptive_fields,
     unit_windows,
 )
-from .hooks import resolve_layers
-from .inputs import check_images, int_pair, positive_int
+from .guard import guarded
+from .hooks import get_layer, record, resolve_layers
+from .inputs import check_images, check_model, int_pair, number, positive_int
 from .plotting import draw_image
 
 __all__ = [
+    "EffectiveReceptiveField",
     "EmpiricalReceptiveField",
     "ReceptiveField",
     "UnitWindows",
     "UnsupportedLayerError",
     "conv_output_size",
     "draw_receptive_fields",
+    "effective_receptive_field",
     "empirical_receptive_field",
     "plot_receptive_fields",
     "receptive_field_size",
     "receptive_field_table",
     "receptive_fields",
+    "show_effective_receptive_fields",
     "unit_windows",
 ]
 
@@ -175,6 +185,166 @@ def draw_receptive_fields(model: nn.Module, image: torch.Tensor, layers, ax=None
     ax.set_ylim(h - 0.5, -0.5)
     ax.legend(fontsize=6, loc="lower left", framealpha=0.7)
     return ax
+
+
+# ----------------------------------------------------------------------------------------------
+# the effective receptive field (Luo et al. 2016): where the gradient of a unit really falls
+
+
+class EffectiveReceptiveField(NamedTuple):
+    """What :func:`effective_receptive_field` measured for one layer.
+
+    ``map``: (H, W) on the CPU, the mean over images of ``|d unit / d x|`` (summed over colour
+    channels, each image's map scaled to sum 1), so it sums to 1; ``unit``: (row, column) of the
+    unit in the layer's output; ``images``: how many images were averaged; ``theoretical``: the
+    analytic field as ``(top, left, height, width)`` in input pixels (it may reach outside the
+    image), or None where the analytic walk cannot follow the model.
+    """
+
+    layer: str
+    unit: tuple[int, int]
+    map: torch.Tensor
+    images: int
+    theoretical: tuple[float, float, int, int] | None
+
+    def centre(self) -> tuple[float, float]:
+        """(row, column) of the map's centre of mass, in input pixels."""
+        m = self.map.double()
+        rows = torch.arange(m.shape[0], dtype=torch.float64, device=m.device)
+        cols = torch.arange(m.shape[1], dtype=torch.float64, device=m.device)
+        return float((m.sum(1) * rows).sum()), float((m.sum(0) * cols).sum())
+
+    def square(self, fraction: float) -> int:
+        """Side (pixels) of the smallest square around :meth:`centre` that holds ``fraction`` of the map."""
+        fraction = number(fraction, "fraction", minimum=0.0, strict=True)
+        if fraction > 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        cy, cx = self.centre()
+        m = self.map.double()
+        rows = torch.arange(m.shape[0], dtype=torch.float64, device=m.device)[:, None]
+        cols = torch.arange(m.shape[1], dtype=torch.float64, device=m.device)[None, :]
+        reach = torch.maximum((rows - cy).abs(), (cols - cx).abs()).flatten()  # Chebyshev distance
+        order = reach.argsort()
+        held = m.flatten()[order].cumsum(0)
+        k = int(torch.searchsorted(held, torch.tensor(fraction * float(held[-1]), dtype=torch.float64, device=m.device)))
+        return int(round(2 * float(reach[order][min(k, len(order) - 1)]) + 1))
+
+
+def _theoretical_box(model: nn.Module, name: str, size: tuple[int, ...], unit: tuple[int, int]):
+    try:
+        fields = {f.layer: f for f in receptive_fields(model, size)}
+    except UnsupportedLayerError:
+        return None
+    f = fields.get(name)
+    if f is None:
+        return None
+    r, j, s = (per_dimension(v) for v in (f.size, f.jump, f.start))
+    centre = [s[d] + unit[d] * j[d] for d in range(2)]
+    return (centre[0] - (r[0] - 1) / 2, centre[1] - (r[1] - 1) / 2, r[0], r[1])
+
+
+def effective_receptive_field(model: nn.Module, layer: str | nn.Module, images: torch.Tensor,
+                              unit: tuple[int, int] | None = None, batch_size: int = 8) -> EffectiveReceptiveField:
+    """The effective receptive field of one unit: its mean absolute input gradient over images.
+
+    Luo et al. (2016) back-propagate from one central output position and find that the gradient
+    of a trained network does not fill the theoretical field: it is roughly Gaussian and takes up
+    a fraction of it. Here the unit's score is the layer's output at ``unit`` summed over channels,
+    the model runs as it is (ReLUs, pooling, batch norm in eval mode: the real, nonlinear network),
+    and each image's ``|gradient|`` (summed over colour channels) is scaled to sum 1 before the mean,
+    so every image counts the same. The model is left exactly as it was.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layer : str or nn.Module
+        A layer whose output is a feature map ``(N, K, h, w)``.
+    images : Tensor (N, C, H, W)
+        The images to average over (pixels as the model takes them).
+    unit : (row, col), optional
+        Default the central unit ``(h // 2, w // 2)``.
+    batch_size : int
+        Images per forward/backward pass.
+
+    Returns
+    -------
+    EffectiveReceptiveField
+        ``.map`` (H, W) summing to 1, ``.square(0.9)`` the side of the square holding 90 % of it,
+        ``.theoretical`` the analytic box (:func:`receptive_fields`) for comparison.
+
+    References
+    ----------
+    W. Luo, Y. Li, R. Urtasun, R. Zemel (2016). Understanding the effective receptive field in
+    deep convolutional neural networks. NeurIPS.
+    """
+    check_model(model)
+    x = check_images(images, "images", model=model).detach()
+    name, _ = get_layer(model, layer)
+    batch_size = positive_int(batch_size, "batch_size")
+    maps, where = [], None
+    with guarded(model, what="effective_receptive_field"):
+        for a, b in batches(x.shape[0], batch_size):
+            xi = x[a:b].clone().requires_grad_(True)
+            with record(model, [name]) as rec, torch.enable_grad():
+                model(xi)
+            out = rec.outputs.get(name)
+            if out is None or out.dim() != 4:
+                raise ValueError(f"layer {name!r} does not output a feature map (N, K, h, w); choose a convolutional layer")
+            h, w = out.shape[-2:]
+            where = unit if unit is not None else (h // 2, w // 2)
+            if not (0 <= where[0] < h and 0 <= where[1] < w):
+                raise ValueError(f"unit {tuple(where)} is outside the {h}x{w} output of {name!r}")
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(out[:, :, where[0], where[1]].sum(), xi)
+            m = g.detach().abs().sum(1).double()  # (n, H, W)
+            maps.append(m / m.flatten(1).sum(1).clamp_min(1e-300)[:, None, None])
+    erf = torch.cat(maps).mean(0).float().cpu()
+    where = (int(where[0]), int(where[1]))
+    return EffectiveReceptiveField(name, where, erf, x.shape[0], _theoretical_box(model, name, tuple(x.shape[1:]), where))
+
+
+def show_effective_receptive_fields(fields: Sequence[EffectiveReceptiveField], fractions=(0.5, 0.9), size: float = 3.6,
+                                    title: str | None = None):
+    """One panel per :class:`EffectiveReceptiveField`: the map, the theoretical box, the mass squares.
+
+    The map is a share of the gradient (non-negative), drawn from 0 (``magma``) with a colour bar;
+    the solid cyan box is the theoretical field, the dashed squares hold ``fractions`` of the map
+    around its centre of mass. A panel whose theoretical box lies inside the image is zoomed in on
+    it (the axes count input pixels). Returns the figure.
+    """
+    if not fields or not all(isinstance(f, EffectiveReceptiveField) for f in fields):
+        raise TypeError("show_effective_receptive_fields takes a list of effective_receptive_field(...) results")
+    fig, axes = plt.subplots(1, len(fields), figsize=(size * len(fields) + 0.4, size + 0.6), squeeze=False, layout="constrained")
+    dashes = [(0, (4, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2))]
+    for ax, f in zip(axes[0], fields):
+        m = f.map.numpy()
+        im = ax.imshow(m, cmap="magma", vmin=0, vmax=float(m.max()) or 1.0)
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        cb.set_label("share of |gradient| per pixel", fontsize=8)
+        cb.ax.tick_params(labelsize=7)
+        view = (-0.5, m.shape[1] - 0.5, m.shape[0] - 0.5, -0.5)  # x from, x to, y from, y to
+        if f.theoretical is not None:
+            top, left, hh, ww = f.theoretical
+            outside = top < 0 or left < 0 or top + hh > m.shape[0] or left + ww > m.shape[1]
+            ax.add_patch(plt.Rectangle((left - 0.5, top - 0.5), ww, hh, fill=False, ec="cyan", lw=1.8,
+                                       label=f"theoretical {hh}x{ww}" + (" (beyond the image)" if outside else "")))
+            if not outside:  # zoom in on the box, with a margin
+                pad = max(hh, ww) // 2 + 8
+                view = (max(left - pad, 0) - 0.5, min(left + ww + pad, m.shape[1]) - 0.5,
+                        min(top + hh + pad, m.shape[0]) - 0.5, max(top - pad, 0) - 0.5)
+        cy, cx = f.centre()
+        for k, frac in enumerate(fractions):
+            s = f.square(frac)
+            ax.add_patch(plt.Rectangle((cx - s / 2, cy - s / 2), s, s, fill=False, ec="white", lw=1.4,
+                                       ls=dashes[k % len(dashes)], label=f"{frac:.0%} of it: {s}x{s}"))
+        ax.set_xlim(view[0], view[1])
+        ax.set_ylim(view[2], view[3])
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"{f.layer}, unit {f.unit}" + ("" if view[0] < 0 and view[1] > m.shape[1] - 1 else " (zoomed in)"),
+                     fontsize=9)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7.5, frameon=False, ncols=1)
+    fig.suptitle(title or f"Effective receptive fields: mean |d unit / d image| over {fields[0].images} images", fontsize=10)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------

@@ -183,6 +183,11 @@ CALLS = {
     "filters.activation_maps": lambda e: lambda: filters.activation_maps(e.fashion, e.x, ["net.features.1"]),
     "filters.draw_receptive_fields": lambda e: lambda: filters.draw_receptive_fields(e.fashion, e.x[:1], None),
     "filters.empirical_receptive_field": lambda e: lambda: filters.empirical_receptive_field(e.fashion, "net.features.6"),
+    "filters.effective_receptive_field": lambda e: lambda: filters.effective_receptive_field(e.fashion, "net.features.7", e.x),
+    "filters.show_effective_receptive_fields": lambda e: (lambda r: lambda: filters.show_effective_receptive_fields([r]))(
+        filters.effective_receptive_field(e.fashion, "net.features.7", e.x)),
+    "filters.natural_image_filters": lambda e: lambda: filters.natural_image_filters([e.x[0]], patch_size=4, n_components=4,
+                                                                                    n_patches=200),
     "filters.explore_activations": lambda e: lambda: filters.explore_activations(e.fashion, e.x[:1], ["net.features.1"], static=True),
     "filters.first_layer_filters": lambda e: lambda: filters.first_layer_filters(e.effnet),
     "filters.inspector_table": lambda e: (lambda r: lambda: filters.inspector_table(r))(e.tag(filters.layer_inspector(e.fashion, e.x, 3))),
@@ -408,7 +413,8 @@ COVERED_ELSEWHERE = {
     "cam.CAM",  # the base class of the five CAMs called here
     "saliency.REDUCTIONS", "receptive_fields.draw_receptive_fields", "receptive_fields.empirical_receptive_field",
     "receptive_fields.plot_receptive_fields", "receptive_fields.receptive_field_table",
-    "receptive_fields.receptive_fields",  # the same functions as filters.*
+    "receptive_fields.receptive_fields", "receptive_fields.effective_receptive_field",
+    "receptive_fields.show_effective_receptive_fields",  # the same functions as filters.*
     "hooks.preserved", "hooks.Recorder",  # record
     "hooks.layer_outputs",  # dream.layer_outputs
     "images.convert_channels", "images.image_tensor",  # load_image
@@ -440,6 +446,7 @@ NO_TENSOR = {
     "models.fetch_weights", "models.imagenet_classes", "hooks.UnknownLayerError", "hooks.get_layer",
     "hooks.LayerInfo", "images.SAMPLE_IMAGES", "images.sample_image", "plotting.notebook_figures",
     "plotting.curve_style", "plotting.legend_below", "filters.EmpiricalReceptiveField", "filters.LayerRecord",
+    "filters.EffectiveReceptiveField", "filters.LearntFilters", "receptive_fields.EffectiveReceptiveField",
     "filters.ReceptiveField", "filters.conv_output_size", "filters.conv_param_count", "filters.receptive_field_size",
     "receptive_fields.EmpiricalReceptiveField", "receptive_fields.ReceptiveField", "receptive_fields.UnitWindows",
     "receptive_fields.UnsupportedLayerError", "receptive_fields.conv_output_size",

@@ -9,6 +9,7 @@ import copy
 import math
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -260,3 +261,55 @@ def test_train_mode_model_is_inspected_in_eval_mode_and_restored():
     with torch.no_grad():
         assert torch.allclose(maps["1"], net[1](net[0](x)), atol=1e-6)
         assert torch.allclose(records[2].activation, maps["1"], atol=1e-6)
+
+
+def test_show_activation_maps_signed_layers_get_a_zero_centred_diverging_map(fashion_arch):
+    x = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    fig = fl.show_activation_maps(fashion_arch, x, ["features.0", "features.1"], channels=3)
+    rows = [[ax for ax in fig.axes if ax.images and ax.get_title().startswith("ch ")][i * 3:(i + 1) * 3] for i in range(2)]
+    conv, relu = rows
+    for ax in conv:  # a convolution's output is signed
+        im = ax.images[0]
+        assert im.get_cmap().name == "RdBu_r"
+        lo, hi = im.get_clim()
+        assert lo == -hi and lo < 0
+    assert len({ax.images[0].get_clim() for ax in conv}) == 1  # one scale per row
+    for ax in relu:
+        assert ax.images[0].get_cmap().name == "magma" and ax.images[0].get_clim()[0] == 0
+    assert len([ax for ax in fig.axes if ax.get_label() == "<colorbar>"]) == 2  # one colour bar per row
+
+
+# ----------------------------------------------------------------------------------------------
+# filters learnt from natural-image patches (ICA)
+
+
+def test_natural_image_filters_unmix_their_own_basis():
+    learnt = fl.natural_image_filters(["cat", "coffee"], patch_size=6, n_components=12, n_patches=3000, seed=0)
+    assert learnt.filters.shape == learnt.basis.shape == (12, 1, 6, 6) and learnt.patches == 3000
+    w, a = learnt.filters.flatten(1).double(), learnt.basis.flatten(1).double()
+    assert torch.allclose(w @ a.T, torch.eye(12, dtype=torch.float64), atol=1e-3)  # unmixing x mixing = identity
+    norms = a.norm(dim=1)
+    assert torch.all(norms[:-1] >= norms[1:])  # largest variance first
+    again = fl.natural_image_filters(["cat", "coffee"], patch_size=6, n_components=12, n_patches=3000, seed=0)
+    assert torch.equal(again.filters, learnt.filters)  # seeded
+    colour = fl.natural_image_filters(["cat"], patch_size=4, n_components=8, n_patches=1000, channels=3)
+    assert colour.filters.shape == (8, 3, 4, 4)
+    fig = fl.show_filters(colour.basis, ncols=4)
+    assert sum(1 for ax in fig.axes if ax.images) == 8
+
+
+def test_natural_image_filters_patches_have_no_mean():
+    rng = np.random.default_rng(0)
+    patches = fl._random_patches([torch.rand(1, 3, 20, 30)], 5, 7, 1, rng)
+    assert patches.shape == (7, 25) and np.allclose(patches.mean(1), 0)
+
+
+def test_natural_image_filters_errors():
+    with pytest.raises(TypeError, match="list of images"):
+        fl.natural_image_filters("cat")
+    with pytest.raises(ValueError, match="channels"):
+        fl.natural_image_filters(["cat"], channels=2)
+    with pytest.raises(ValueError, match="n_components"):
+        fl.natural_image_filters(["cat"], patch_size=4, n_components=16)
+    with pytest.raises(ValueError, match="does not fit"):
+        fl.natural_image_filters([torch.rand(1, 1, 8, 8)], patch_size=12, n_components=4, n_patches=10)

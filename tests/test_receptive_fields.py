@@ -356,3 +356,77 @@ def test_receptive_field_size_cases():
         rf.receptive_field_size([(3, 1, 1)])
     with pytest.raises(TypeError):
         rf.receptive_field_size("3x3")
+
+
+# ----------------------------------------------------------------------------------------------
+# the effective receptive field (Luo et al. 2016) of the nonlinear network
+
+
+def _erf_reference(model, layer, images, unit):
+    """Slow and obvious: one image at a time, the unit summed over channels, |grad| scaled to sum 1."""
+    maps, out = [], {}
+    for x in images:
+        xi = x[None].clone().requires_grad_(True)
+        handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: out.__setitem__("a", o))
+        try:
+            with torch.enable_grad():
+                model(xi)
+                (g,) = torch.autograd.grad(out["a"][0, :, unit[0], unit[1]].sum(), xi)
+        finally:
+            handle.remove()
+        m = g[0].abs().sum(0).double()
+        maps.append(m / m.sum())
+    return torch.stack(maps).mean(0).float()
+
+
+def test_effective_receptive_field_matches_a_slow_reference_and_leaves_the_model(fashion_arch):
+    images = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    before = model_state(fashion_arch)
+    erf = rf.effective_receptive_field(fashion_arch, "features.7", images, batch_size=2)
+    assert before.differences(model_state(fashion_arch)) == []
+    assert erf.layer == "features.7" and erf.unit == (7, 7) and erf.images == 5 and erf.map.shape == (28, 28)
+    assert torch.allclose(erf.map, _erf_reference(fashion_arch, "features.7", images, (7, 7)), atol=1e-6)
+    assert abs(float(erf.map.sum()) - 1) < 1e-5
+    assert fl.effective_receptive_field is rf.effective_receptive_field
+
+
+def test_effective_receptive_field_lies_inside_the_theoretical_box(fashion_arch):
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    for layer in ("features.2", "features.7", "features.9"):
+        erf = rf.effective_receptive_field(fashion_arch, layer, images)
+        top, left, h, w = erf.theoretical
+        rows, cols = erf.map.sum(1).nonzero()[:, 0], erf.map.sum(0).nonzero()[:, 0]
+        assert top <= rows.min() and rows.max() <= top + h - 1, layer
+        assert left <= cols.min() and cols.max() <= left + w - 1, layer
+        assert erf.square(1.0) <= max(h, w) + 1
+    erf = rf.effective_receptive_field(fashion_arch, "features.7", images)
+    assert (erf.theoretical[2], erf.theoretical[3]) == (14, 14)  # the analytic table's 14
+
+
+def test_effective_receptive_field_square_on_known_maps():
+    box = torch.zeros(21, 21)
+    box[5:16, 5:16] = 1 / 121  # uniform on an 11x11 box centred at (10, 10)
+    erf = rf.EffectiveReceptiveField("x", (0, 0), box, 1, None)
+    assert erf.centre() == pytest.approx((10.0, 10.0))
+    assert erf.square(1.0) == 11
+    assert erf.square(9 / 121) == 3  # the central 3x3 holds 9 of the 121 pixels
+    with pytest.raises(ValueError, match="fraction"):
+        erf.square(1.5)
+    with pytest.raises(ValueError, match="fraction"):
+        erf.square(0)
+
+
+def test_effective_receptive_field_errors_and_figure(fashion_arch):
+    images = torch.rand(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="outside"):
+        rf.effective_receptive_field(fashion_arch, "features.9", images, unit=(7, 0))
+    with pytest.raises(ValueError, match=r"\(N, K, h, w\)"):
+        rf.effective_receptive_field(fashion_arch, "classifier.1", images)
+    with pytest.raises(ValueError, match="batch_size"):
+        rf.effective_receptive_field(fashion_arch, "features.7", images, batch_size=0)
+    fields = [rf.effective_receptive_field(fashion_arch, n, images) for n in ("features.2", "features.9")]
+    fig = rf.show_effective_receptive_fields(fields)
+    assert sum(1 for ax in fig.axes if ax.images) == 2
+    assert all("theoretical" in " ".join(t.get_text() for t in ax.get_legend().get_texts()) for ax in fig.axes if ax.images)
+    with pytest.raises(TypeError):
+        rf.show_effective_receptive_fields([])
