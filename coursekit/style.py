@@ -51,22 +51,27 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
 
 from ._reference import reference
 from .devices import cpu_generator
 from .guard import guarded
 from .hooks import check_layer_name, layer_outputs
-from .inputs import check_images, check_model, positive_int
+from .image_params import jitter
+from .inputs import check_images, check_model, non_negative_int, positive_int
 from .objectives import Context, Objective
 from .optimize import LBFGS, Adam, ascend
+from .progress import finish, progress_bar
 
 __all__ = [
     "DEFAULT_LAYERS",
     "NORMALIZATIONS",
     "RandomTextureNet",
     "StyleResult",
+    "brush_strokes",
     "content",
     "content_loss",
     "default_layers",
@@ -353,18 +358,25 @@ def _targets(extract, picture: torch.Tensor, layers, normalize):
 
 
 def _optimise(model, extract, terms: dict, init: torch.Tensor, optimizer: str, max_evals: int, lr: float,
-              progress: bool, desc: str):
+              progress: bool, desc: str, jitter_pixels: int = 0, seed: int = 0):
     """Minimise the sum of the weighted penalty ``terms`` over the picture's pixels; returns (x, losses)."""
     objective = -sum(terms.values())  # maximise minus the loss
     x = init.detach().clone().requires_grad_(True)
     losses: list[torch.Tensor] = []
     scale: list[torch.Tensor] = []
+    shift, generator = jitter(jitter_pixels), cpu_generator(seed + 1)
+    # the bar counts function evaluations (the budget), not optimiser steps: an L-BFGS step spends
+    # one or more evaluations in its line search, so a bar of steps stopped at "50 % 149/300"
+    bar = progress_bar(total=max_evals, progress=progress, desc=desc, unit="eval", leave=True)
 
     def value_fn():
+        seen = shift(x, generator)  # a random shift of up to jitter_pixels (none when 0)
         # channels-last sends EfficientNet's depthwise convolutions to faster CPU kernels
-        acts = extract(x.contiguous(memory_format=torch.channels_last))
-        value = objective(Context(image=x, input=x, logits=None, activations=acts))  # (N,) minus the loss
+        acts = extract(seen.contiguous(memory_format=torch.channels_last))
+        value = objective(Context(image=x, input=seen, logits=None, activations=acts))  # (N,) minus the loss
         losses.append(-value.detach())
+        if len(losses) <= max_evals:
+            bar.update(1)
         return value * scale[0] if scale else value
 
     def on_value(step, values):
@@ -385,14 +397,23 @@ def _optimise(model, extract, terms: dict, init: torch.Tensor, optimizer: str, m
         rule = LBFGS(lr=lr, history_size=50, max_iter=1, tolerance_grad=0.0, tolerance_change=0.0)
     else:
         rule = Adam(lr)
-    ascend(value_fn, [x], rule, max_evals, on_value=on_value, progress=progress, desc=desc)
+    try:
+        ascend(value_fn, [x], rule, max_evals, on_value=on_value, progress=False)
+    except BaseException:
+        bar.close()  # an error or an interrupt: the bar stays where it stopped (red in a notebook)
+        raise
+    finish(bar)  # the budget is spent: 100 %, green
     return x.detach(), torch.stack(losses[:max_evals])
 
 
-def _check_common(model, optimizer, max_evals, normalize, lr):
+def _check_common(model, optimizer, max_evals, normalize, lr, jitter_pixels=0):
     check_model(model)
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+    if non_negative_int(jitter_pixels, "jitter_pixels") and optimizer == "lbfgs":
+        raise ValueError(f"jitter_pixels={jitter_pixels} shifts the picture at random before every evaluation, so the "
+                         "loss changes from one evaluation to the next; L-BFGS's line search and curvature estimates "
+                         "assume a fixed loss. Use optimizer='adam' with random shifts, or jitter_pixels=0.")
     positive_int(max_evals, "max_evals (forward + backward passes)")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
@@ -426,6 +447,7 @@ def stylize(
     lr: float | None = None,
     init: str | torch.Tensor = "content",
     seed: int = 0,
+    jitter_pixels: int = 0,
     progress: bool = True,
 ) -> StyleResult:
     """Gatys style transfer: a picture with ``content_image``'s features and ``style_image``'s Gram matrices.
@@ -456,14 +478,22 @@ def stylize(
     init : "content", "noise" or a tensor
         The starting picture.
     seed : int
-        Seeds the noise start.
+        Seeds the noise start and the random shifts.
+    jitter_pixels : int
+        Before every evaluation, shift the picture by a random offset of up to this many pixels
+        (reflect padding, :func:`coursekit.maximize.jitter`), Adam only. A strided first layer
+        (EfficientNet's stride-2 stem) treats even and odd pixels differently, so the gradient of a
+        fixed picture carries a 2-pixel grid that the optimiser paints in (the checkerboard of
+        Odena, Dumoulin & Olah 2016); a new shift at every step averages it away. The content
+        features are then compared up to that shift (1 pixel is 1/8 of a position of the default
+        content layer).
     progress : bool
 
     Returns
     -------
     StyleResult
     """
-    _check_common(model, optimizer, max_evals, normalize, lr)
+    _check_common(model, optimizer, max_evals, normalize, lr, jitter_pixels)
     content_image = check_images(content_image, "content_image", model=model, pixel_range=True).detach()
     style_image = check_images(style_image, "style_image", model=model, pixel_range=True).detach()
     if content_image.shape[0] != 1 or style_image.shape[0] != 1:
@@ -488,7 +518,8 @@ def stylize(
             terms["tv"] = tv_weight * smoothness()
         if not terms:
             raise ValueError("all weights are 0: nothing to optimise")
-        x, losses = _optimise(model, extract, terms, start, optimizer, max_evals, lr, progress, f"stylize ({optimizer})")
+        x, losses = _optimise(model, extract, terms, start, optimizer, max_evals, lr, progress, f"stylize ({optimizer})",
+                              jitter_pixels, seed)
         seconds = time.perf_counter() - t0
         values, errors = _final(extract, x, terms, style_layers, grams, normalize)
     return StyleResult(image=x.clamp(0, 1), losses=losses, terms=values, gram_errors=errors, optimizer=optimizer, seconds=seconds)
@@ -523,6 +554,7 @@ def synthesize(
     max_evals: int = 200,
     lr: float | None = None,
     seed: int = 0,
+    jitter_pixels: int = 0,
     progress: bool = True,
 ) -> StyleResult:
     """Texture synthesis (Gatys et al. 2015): from noise to a picture with ``texture``'s Gram matrices.
@@ -538,14 +570,16 @@ def synthesize(
         Default: the model's style layers (:data:`DEFAULT_LAYERS`).
     layer_weights, normalize, optimizer, max_evals, lr, progress : as in :func:`stylize`
     seed : int
-        Seeds the starting noise: another seed, another sample of the same texture.
+        Seeds the starting noise (and the random shifts): another seed, another sample of the same texture.
+    jitter_pixels : int
+        Random shifts before every evaluation, Adam only (see :func:`stylize`).
 
     Returns
     -------
     StyleResult
         ``gram_errors`` says how close each layer's Gram matrix came to the texture's.
     """
-    _check_common(model, optimizer, max_evals, normalize, lr)
+    _check_common(model, optimizer, max_evals, normalize, lr, jitter_pixels)
     texture = check_images(texture, "texture", model=model, pixel_range=True).detach()
     if texture.shape[0] != 1:
         raise ValueError(f"give one texture image, got a batch of {texture.shape[0]}")
@@ -560,7 +594,8 @@ def synthesize(
     with guarded(model, what="synthesize"), layer_outputs(model, layers) as extract:
         grams = _targets(extract, texture, layers, normalize)
         terms = {"style": style(layers, grams, layer_weights, normalize)}
-        x, losses = _optimise(model, extract, terms, start, optimizer, max_evals, lr, progress, f"texture ({optimizer})")
+        x, losses = _optimise(model, extract, terms, start, optimizer, max_evals, lr, progress, f"texture ({optimizer})",
+                              jitter_pixels, seed)
         seconds = time.perf_counter() - t0
         values, errors = _final(extract, x, terms, layers, grams, normalize)
     return StyleResult(image=x.clamp(0, 1), losses=losses, terms=values, gram_errors=errors, optimizer=optimizer, seconds=seconds)
@@ -617,3 +652,92 @@ class RandomTextureNet(nn.Module):
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, channels per size={self.convs[0].out_channels}"
 
+
+
+# ==============================================================================================
+# a style picture with brush strokes, drawn from a seed
+
+# a night-sky palette of blues, a turquoise and yellows (sRGB): strong contrasts at the stroke scale
+_PALETTE = ((22, 42, 96), (38, 74, 150), (70, 120, 190), (120, 170, 215), (36, 120, 130),
+            (226, 196, 72), (240, 222, 140), (200, 130, 40), (250, 246, 220))
+
+
+def _flow_angle(rng: np.random.Generator, size: int):
+    """A smooth random field of stroke directions: a sum of a few sinusoids and two swirls."""
+    freqs = rng.uniform(0.5, 2.5, (4, 2)) * 2 * np.pi / size
+    phases, amps = rng.uniform(0, 2 * np.pi, 4), rng.uniform(0.4, 1.0, 4)
+    centres = rng.uniform(0.2, 0.8, (2, 2)) * size
+
+    def angle(x: float, y: float) -> float:
+        a = sum(amp * np.sin(fx * x + fy * y + ph) for (fx, fy), ph, amp in zip(freqs, phases, amps))
+        for cx, cy in centres:  # swirls: strokes go round these points
+            a += 1.5 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (0.04 * size * size)) * (
+                np.arctan2(y - cy, x - cx) + np.pi / 2 - a)
+        return float(a)
+
+    return angle
+
+
+def _stroke_path(angle, x: float, y: float, length: float, step: float) -> np.ndarray:
+    points = [(x, y)]
+    for _ in range(max(2, int(length / step))):
+        a = angle(x, y)
+        x, y = x + step * np.cos(a), y + step * np.sin(a)
+        points.append((x, y))
+    return np.array(points)  # (P, 2)
+
+
+def _draw_stroke(draw, rng: np.random.Generator, path: np.ndarray, colour, width: float, scale: int) -> None:
+    """One stroke as a few parallel bristle lines of slightly different shades."""
+    d = np.gradient(path, axis=0)
+    normal = np.stack([-d[:, 1], d[:, 0]], 1) / np.linalg.norm(d, axis=1, keepdims=True).clip(1e-6)
+    n_bristles = max(3, int(width / 1.2))
+    line_width = max(1, round(1.4 * scale * width / n_bristles))  # neighbouring bristles overlap a little
+    for offset in np.linspace(-width / 2, width / 2, n_bristles):
+        shade = np.clip(np.array(colour) * rng.uniform(0.8, 1.15) + rng.normal(0, 8, 3), 0, 255).astype(int)
+        points = (path + offset * normal) * scale
+        draw.line([tuple(p) for p in points.tolist()], fill=tuple(shade.tolist()), width=line_width,
+                  joint="curve")
+
+
+def brush_strokes(size: int = 256, seed: int = 0, n_strokes: int | None = None) -> torch.Tensor:
+    """A painting-like style picture drawn from a seed: curved, bristled brush strokes in a night-sky palette.
+
+    The strokes follow a smooth random flow field (sinusoids and two swirls, in the manner of an
+    impressionist sky), each stroke a few parallel bristle lines in slightly different shades, so
+    the picture has what style transfer should copy: oriented strokes of a few pixels' width with
+    sharp colour contrasts (Gatys et al. 2016 used paintings such as van Gogh's *The Starry
+    Night*; this is a procedurally drawn stand-in with no licence question). Drawn at twice the size
+    and downsampled (antialiasing). The same seed gives the same picture.
+
+    Parameters
+    ----------
+    size : int
+        Side of the square picture in pixels (>= 32).
+    seed : int
+    n_strokes : int, optional
+        Default: enough strokes to cover the canvas several times (``size**2 / 40``).
+
+    Returns
+    -------
+    Tensor (1, 3, size, size) in [0, 1], on the CPU.
+    """
+    size = positive_int(size, "size")
+    if size < 32:
+        raise ValueError(f"size must be at least 32 pixels, got {size}")
+    n_strokes = positive_int(n_strokes if n_strokes is not None else max(1, size * size // 40), "n_strokes")
+    rng = np.random.default_rng(int(seed))
+    scale = 2
+    canvas = Image.new("RGB", (size * scale, size * scale), _PALETTE[1])
+    draw = ImageDraw.Draw(canvas)
+    angle = _flow_angle(rng, size)
+    region = _flow_angle(rng, size)  # a second smooth field picks the hue family by place
+    for _ in range(n_strokes):
+        x, y = rng.uniform(-8, size + 8, 2)
+        warm = np.sin(region(x, y)) > 0.55  # yellow patches (stars, moon) inside a blue sky
+        family = (5, 6, 7, 8) if warm else (0, 1, 2, 3, 4)
+        colour = _PALETTE[family[int(rng.integers(len(family)))]]
+        path = _stroke_path(angle, x, y, rng.uniform(8, 22), 2.0)
+        _draw_stroke(draw, rng, path, colour, rng.uniform(3, 6), scale)
+    picture = np.asarray(canvas.resize((size, size), Image.LANCZOS), dtype=np.float32) / 255.0
+    return torch.from_numpy(picture.copy()).permute(2, 0, 1)[None].clamp(0, 1)

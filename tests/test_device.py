@@ -460,6 +460,7 @@ NO_TENSOR = {
     "cam.CAMS", "lrp.RULES", "adversarial.ATTACKS",  # registries: names to classes / rules
     "adversarial.check_eps", "adversarial.check_loss", "adversarial.AttackConfig", "adversarial.SphereResult", "adversarial.NoiseAttackResult", "robustness.Sweep",
     "robustness.TransferResult", "dream.DreamResult", "style.DEFAULT_LAYERS", "style.NORMALIZATIONS",
+    "style.brush_strokes",  # draws a CPU picture from a seed, like load_image: no model, nothing to follow
     "style.StyleResult", "hooks.check_layer_name", "hooks.resolve_layers",
     "geometry.EmpiricalReceptiveField", "geometry.ReceptiveField", "geometry.UnitWindows",
     "geometry.UnsupportedLayerError", "geometry.analytic_fields", "geometry.input_hw", "geometry.per_dimension",

@@ -12,6 +12,7 @@ from coursekit.style import (
     DEFAULT_LAYERS,
     RandomTextureNet,
     StyleResult,
+    brush_strokes,
     content,
     content_loss,
     default_layers,
@@ -278,6 +279,10 @@ def test_bad_arguments_are_clear_errors_and_leave_the_model_alone():
         stylize(net, x, x, style_layers=["7x"], content_layer="3", progress=False, max_evals=2)
     with pytest.raises(TypeError):
         stylize("net", x, x, **kw)
+    with pytest.raises(ValueError, match="L-BFGS"):
+        stylize(net, x, x, jitter_pixels=1, **kw)  # random shifts: a loss that changes between evaluations
+    with pytest.raises(ValueError, match="jitter_pixels"):
+        synthesize(net, x, layers=["1"], optimizer="adam", jitter_pixels=-1, max_evals=2, progress=False)
     assert not before.differences(model_state(net))
 
 
@@ -304,3 +309,54 @@ def test_layer_outputs_stops_after_the_deepest_layer():
     with pytest.raises(ValueError, match="at least one"):
         with layer_outputs(net, []):
             pass
+
+
+# ----------------------------------------------------------------------------------------------
+# random shifts against the stride-2 checkerboard, and the brush-stroke painting
+
+
+def test_random_shifts_shift_what_the_network_sees_and_still_match_the_texture():
+    """jitter_pixels: every evaluation sees the picture shifted by a seeded random offset (the shift of
+    coursekit.maximize.jitter, drawn from the seed + 1 generator); the Gram matrices still converge."""
+    from coursekit.devices import cpu_generator
+    from coursekit.image_params import jitter
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU()).eval().requires_grad_(False)
+    texture = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    seen = []
+    handle = net[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        r = synthesize(net, texture, layers=["1"], optimizer="adam", lr=0.05, max_evals=80, jitter_pixels=2,
+                       progress=False, seed=2)
+    finally:
+        handle.remove()
+    start = (0.5 + 0.1 * torch.randn(1, 3, 32, 32, generator=cpu_generator(2))).clamp(0, 1)  # the noise start, seed 2
+    # the first evaluation (after the texture's own forward pass) saw the starting noise, shifted
+    expected = jitter(2)(start, cpu_generator(3))
+    torch.testing.assert_close(seen[1].contiguous(), expected.contiguous())
+    assert not torch.equal(seen[1], start)
+    again = synthesize(net, texture, layers=["1"], optimizer="adam", lr=0.05, max_evals=80, jitter_pixels=2,
+                       progress=False, seed=2)
+    assert torch.equal(r.image, again.image)  # seeded
+    assert float(r.gram_errors["1"]) < 0.1
+    assert float(r.best_so_far()[-1]) < 0.1 * float(r.losses[0, 0])
+
+
+def _neighbour_correlation(picture: torch.Tensor) -> float:
+    """Correlation of horizontally neighbouring pixels (about 0 for noise, near 1 for smooth strokes)."""
+    a, b = picture[..., :, 1:].flatten(), picture[..., :, :-1].flatten()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def test_brush_strokes_is_seeded_painted_and_checked():
+    a, b, c = brush_strokes(96, seed=0), brush_strokes(96, seed=0), brush_strokes(96, seed=1)
+    assert a.shape == (1, 3, 96, 96) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    shuffled = a.flatten(2)[..., torch.randperm(96 * 96, generator=torch.Generator().manual_seed(0))].view_as(a)
+    assert _neighbour_correlation(a) > 0.5 and abs(_neighbour_correlation(shuffled)) < 0.1  # strokes, not noise
+    assert float(a.std()) > 0.15  # strong colour contrasts, not a flat wash
+    with pytest.raises(ValueError, match="size"):
+        brush_strokes(16)
+    with pytest.raises(ValueError, match="n_strokes"):
+        brush_strokes(64, n_strokes=0)
