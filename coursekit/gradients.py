@@ -32,8 +32,16 @@ from ._reference import reference
 from .batching import batches, rows
 from .devices import cpu_generator
 from .guard import guarded
-from .hooks import get_layer, record
-from .inputs import check_images, check_model, number, positive_int, target_indices, target_scores
+from .hooks import get_layer, layer_outputs, record
+from .inputs import (
+    Unit,
+    check_images,
+    check_model,
+    number,
+    positive_int,
+    target_indices,
+    target_scores,
+)
 from .rules import Canonizer, Composite
 
 __all__ = ["gradient", "layer_gradient", "smooth", "integrate", "path_points", "broadcast_baseline",
@@ -72,8 +80,10 @@ def gradient(
         and left exactly as it was (see :func:`coursekit.guard.guarded`).
     x : Tensor (N, C, H, W)
         Images; not modified (the gradient is taken w.r.t. a fresh copy). float64 is converted.
-    target : int, sequence of int, Tensor (N,), or callable ``output -> (N,)``
-        The score per image (:func:`coursekit.inputs.target_scores`).
+    target : int, sequence of int, Tensor (N,), callable ``output -> (N,)``, or Unit
+        The score per image (:func:`coursekit.inputs.target_scores`), or a hidden unit
+        (:class:`coursekit.inputs.Unit`: a channel of a layer, or one neuron); for a unit the forward
+        pass stops at its layer.
     composite : Composite, optional
         Modified backward rules (guided backprop, DeconvNet, LRP); plain gradient when None.
     canonizers : sequence of Canonizer
@@ -117,7 +127,11 @@ def _scores_and_grad(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     """d target_scores / d x; the caller has frozen the parameters."""
     xi = fast_layout(x.detach()).requires_grad_(True)  # fresh leaf, never written: x is untouched
     with torch.enable_grad():
-        scores = target_scores(model(xi), target)  # (N,)
+        if isinstance(target, Unit):  # a hidden unit: run the model only as far as its layer
+            with layer_outputs(model, [target.layer]) as run:
+                scores = target.scores(run(xi)[target.layer])  # (N,)
+        else:
+            scores = target_scores(model(xi), target)  # (N,)
         if not scores.requires_grad:
             raise ValueError("the target score does not depend on the input (is the target a constant?)")
         (grad,) = torch.autograd.grad(scores.sum(), xi)  # images are independent: sum = per image

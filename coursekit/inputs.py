@@ -7,9 +7,14 @@
   model, the batch is also moved to the model's device, so every method follows the model.
 * :func:`target_indices` / :func:`target_scores` — ``target`` is a class index, one index per image,
   or a callable ``output -> (N,)``; the scalar per image that a method explains, maximises or attacks.
+* :class:`Unit` — a hidden unit (a channel of a layer, or one neuron of it) as the target of the
+  gradient methods (:func:`coursekit.gradients.gradient`), which read the layer's output instead of
+  the logits.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,7 +23,7 @@ from torch import nn
 from .devices import model_device
 
 __all__ = ["check_model", "check_images", "model_dtype", "target_indices", "target_scores", "positive_int",
-           "non_negative_int", "number", "int_pair", "check_class_range"]
+           "non_negative_int", "number", "int_pair", "check_class_range", "Unit"]
 
 
 def check_model(model) -> nn.Module:
@@ -147,13 +152,69 @@ def int_pair(value, what: str, minimum: int = 1) -> tuple[int, int]:
 # targets
 
 
+@dataclass(frozen=True)
+class Unit:
+    """A hidden unit as the target of an attribution: what in the input drives this unit?
+
+    The score of image ``n`` is channel ``channel`` of ``layer``'s output, averaged over all
+    positions (the unit a channel visualisation maximises), or taken at one ``position``
+    ``(y, x)`` (one neuron). Zeiler & Fergus (2014, "Visualizing and understanding convolutional
+    networks") project single activations of hidden layers back to the pixels this way, with
+    DeconvNet; Springenberg et al. (2015, "Striving for simplicity") do the same with guided
+    backpropagation. Accepted by every method built on :func:`coursekit.gradients.gradient`
+    (the input gradient, gradient x input, guided backprop, DeconvNet, SmoothGrad, integrated
+    gradients); methods that read the model's output (occlusion, deletion curves, CAMs) refuse it.
+
+    Parameters
+    ----------
+    layer : str
+        A layer name, e.g. ``"net.blocks.3"`` (``net.`` optional for coursekit models).
+    channel : int
+        Channel (or, for a ``(N, K)`` output, unit) index, 0-based.
+    position : (int, int), optional
+        Row and column in the layer's output; None averages over all positions.
+    """
+
+    layer: str
+    channel: int
+    position: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.layer, str) or not self.layer:
+            raise TypeError(f"Unit.layer must be a layer name such as 'net.blocks.3', got {self.layer!r}")
+        if isinstance(self.channel, bool) or not isinstance(self.channel, (int, np.integer)) or self.channel < 0:
+            raise ValueError(f"Unit.channel must be a channel index >= 0, got {self.channel!r}")
+        if self.position is not None:
+            pos = self.position
+            if (not isinstance(pos, (tuple, list)) or len(pos) != 2
+                    or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in pos)):
+                raise ValueError(f"Unit.position must be None or a pair (y, x) of indices >= 0, got {pos!r}")
+            object.__setattr__(self, "position", (int(pos[0]), int(pos[1])))
+        object.__setattr__(self, "channel", int(self.channel))
+
+    def scores(self, activation: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` (or ``(N, C)``) output of the layer -> the unit's score ``(N,)``."""
+        if activation.dim() < 2 or self.channel >= activation.shape[1]:
+            raise ValueError(f"channel {self.channel} out of range: layer {self.layer!r} has output shape "
+                             f"{tuple(activation.shape)}")
+        a = activation[:, self.channel]  # (N, H, W) or (N,)
+        if self.position is None:
+            return a.reshape(a.shape[0], -1).mean(dim=1)
+        if a.dim() != 3:
+            raise ValueError(f"a position needs a spatial output; layer {self.layer!r} has shape {tuple(activation.shape)}")
+        y, x = self.position
+        if y >= a.shape[1] or x >= a.shape[2]:
+            raise ValueError(f"position {self.position} is outside layer {self.layer!r}'s {a.shape[1]} x {a.shape[2]} map")
+        return a[:, y, x]
+
+
 def target_indices(target, n: int, repeats: int = 1, what: str = "target", device=None):
     """Normalise ``target`` for a batch of ``n`` images, each repeated ``repeats`` times (image-major).
 
-    Returns the callable unchanged, or a LongTensor ``(n * repeats,)`` of class indices on ``device``
-    (default: where a tensor ``target`` lives, else the CPU).
+    Returns the callable (or :class:`Unit`) unchanged, or a LongTensor ``(n * repeats,)`` of class
+    indices on ``device`` (default: where a tensor ``target`` lives, else the CPU).
     """
-    if callable(target) and not isinstance(target, torch.Tensor):
+    if isinstance(target, Unit) or (callable(target) and not isinstance(target, torch.Tensor)):
         return target
     if isinstance(target, bool) or target is None:
         raise TypeError(f"{what} must be a class index or a callable output -> score, got {target!r}")
@@ -199,6 +260,9 @@ def target_scores(output: torch.Tensor, target) -> torch.Tensor:
     """
     n = output.shape[0]
     target = target_indices(target, n, device=output.device)
+    if isinstance(target, Unit):
+        raise TypeError(f"{target} is a hidden unit: only the gradient methods (input gradient, guided backprop, "
+                        "DeconvNet, SmoothGrad, integrated gradients) explain one; this method reads the model's output")
     if callable(target):
         s = target(output)
         if not isinstance(s, torch.Tensor):

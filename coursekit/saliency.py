@@ -22,6 +22,10 @@ method                    returns         idea
 
 :func:`to_map` turns a ``(N, C, H, W)`` attribution into one ``(N, H, W)`` map per image.
 
+``target`` may also be a hidden unit, :class:`Unit` ``(layer, channel, position=None)``: the gradient
+methods (all but occlusion) then explain that unit's activation instead of a class score, as Zeiler &
+Fergus (2014) and Springenberg et al. (2015) did for single units of hidden layers.
+
 Contract shared by every function: ``model`` is any ``nn.Module`` that maps ``(N, C, H, W)``
 images in [0, 1] to logits ``(N, K)`` (a :class:`~coursekit.models.CourseModel` or a plain
 network). The model is left exactly as it was (mode, ``requires_grad``, ``inplace`` flags, no
@@ -52,13 +56,14 @@ from ._reference import reference
 from .batching import batches
 from .gradients import broadcast_baseline, fast_layout, gradient, integrate, smooth
 from .guard import guarded
-from .inputs import check_images, check_model, positive_int, target_indices, target_scores
+from .inputs import Unit, check_images, check_model, positive_int, target_indices, target_scores
 from .maps import REDUCTIONS, to_map  # re-exported: lecture 3 reaches them as coursekit.saliency.*
 from .progress import progress_bar
 from .rules import DECONVNET, GUIDED
 
 __all__ = [
     "REDUCTIONS",
+    "Unit",
     "deconvnet",
     "gradient_x_input",
     "guided_backprop",

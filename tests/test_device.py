@@ -255,6 +255,8 @@ CALLS = {
     "saliency.occlusion": lambda e: lambda: S.occlusion(e.fashion, e.x, 1, patch=8, stride=8, progress=False),
     "saliency.smoothgrad": lambda e: lambda: S.smoothgrad(e.fashion, e.x, 1, n_samples=3, seed=0),
     "saliency.smoothgrad[global]": lambda e: lambda: S.smoothgrad(e.fashion, e.x, 1, n_samples=3),
+    "saliency.Unit": lambda e: lambda: S.guided_backprop(e.fashion, e.x, S.Unit("features.6", 3)),  # a hidden unit as target
+    "saliency.Unit[neuron]": lambda e: lambda: S.input_gradient(e.fashion, e.x, S.Unit("features.6", 3, (5, 5))),
     "saliency.to_map": lambda e: lambda: S.to_map(e.small),
     "cam.GradCAM": lambda e: lambda: cam.GradCAM(e.fashion)(e.x, 1),
     "cam.GradCAMPlusPlus": lambda e: lambda: cam.GradCAMPlusPlus(e.fashion)(e.x, 1),

@@ -369,3 +369,88 @@ def test_exercise_references_can_be_blocked(fashion, xs, fn):
     with blocked([key]):
         with pytest.raises(ReferenceBlocked):
             fn(fashion, xs, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# a hidden unit as the target (Unit: a channel of a layer, or one neuron of it)
+
+
+def _manual_unit_backward(net, x, channel, position, rule):
+    """Slow reference: the score is TinyNet's act2 output at ``channel`` (mean, or one position);
+    backpropagate by hand with the ReLU rules (act2's own rule included: the unit is read after it)."""
+    x = x.detach().clone().requires_grad_(True)
+    z1 = net.conv(x)
+    a1 = F.relu(z1) if isinstance(net.act1, nn.ReLU) else F.relu6(z1)
+    z2 = net.conv2(a1)
+    upper1 = float("inf") if isinstance(net.act1, nn.ReLU) else 6.0
+    g_a2 = torch.zeros_like(z2)
+    if position is None:
+        g_a2[:, channel] = 1.0 / (z2.shape[2] * z2.shape[3])
+    else:
+        g_a2[:, channel, position[0], position[1]] = 1.0
+    on2, on1 = (z2 > 0) & (z2 < 6), (z1 > 0) & (z1 < upper1)
+    if rule == "plain":
+        g_z2 = g_a2 * on2
+    else:
+        g_z2 = g_a2.clamp(min=0) * (on2 if rule == "guided" else 1)
+    g_a1 = torch.autograd.grad(z2, a1, g_z2, retain_graph=True)[0]
+    if rule == "plain":
+        g_z1 = g_a1 * on1
+    else:
+        g_z1 = g_a1.clamp(min=0) * (on1 if rule == "guided" else 1)
+    return torch.autograd.grad(z1, x, g_z1)[0]
+
+
+@pytest.mark.parametrize("position", [None, (2, 3)])
+def test_unit_target_matches_hand_backward(position):
+    net, x = TinyNet(act=nn.ReLU6), tiny_input(2)
+    before = snapshot(net)
+    unit = S.Unit("act2", 1, position)
+    for fn, rule in ((S.input_gradient, "plain"), (S.guided_backprop, "guided"), (S.deconvnet, "deconvnet")):
+        torch.testing.assert_close(fn(net, x, unit), _manual_unit_backward(net, x, 1, position, rule),
+                                   atol=1e-10, rtol=1e-8)
+    assert same_state(before, snapshot(net))
+
+
+def test_unit_target_stops_the_forward_pass_at_its_layer():
+    net, x = TinyNet(), tiny_input(2)
+
+    def boom(*args):
+        raise AssertionError("the classifier ran")
+
+    net.fc.forward = boom  # an instance attribute: the layers after the unit must not run
+    assert S.guided_backprop(net, x, S.Unit("conv2", 0)).shape == x.shape
+    del net.fc.forward
+
+
+def test_unit_target_in_smoothgrad_and_integrated_gradients(fashion, xs):
+    unit = S.Unit("features.6", 3)
+    grad = S.input_gradient(fashion, xs, unit)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(S.smoothgrad(fashion, xs, unit, noise_level=0.0, n_samples=2), grad)
+    ig = S.integrated_gradients(fashion, xs, S.Unit("features.6", 3, (5, 5)), steps=64)
+    with torch.no_grad():  # completeness for a unit: sum = unit(x) - unit(black)
+        sub = nn.Sequential(fashion.normalize, *list(fashion.net.features)[:7])
+        gap = sub(xs)[:, 3, 5, 5] - sub(torch.zeros_like(xs))[:, 3, 5, 5]
+    torch.testing.assert_close(ig.sum(dim=(1, 2, 3)), gap, atol=2e-2, rtol=2e-2)
+
+
+def test_unit_target_bad_input(fashion, xs):
+    before = snapshot(fashion)
+    with pytest.raises(ValueError, match="channel 64 out of range"):
+        S.guided_backprop(fashion, xs, S.Unit("features.6", 64))
+    with pytest.raises(ValueError, match="outside"):
+        S.input_gradient(fashion, xs, S.Unit("features.6", 0, (14, 0)))
+    with pytest.raises(ValueError, match="has no layer named"):
+        S.deconvnet(fashion, xs, S.Unit("features.99", 0))
+    with pytest.raises(ValueError, match="spatial"):
+        S.input_gradient(fashion, xs, S.Unit("classifier.2", 0, (0, 0)))
+    with pytest.raises(ValueError, match="channel index"):
+        S.Unit("features.6", -1)
+    with pytest.raises(ValueError, match="position"):
+        S.Unit("features.6", 0, (1,))
+    with pytest.raises(TypeError, match="layer name"):
+        S.Unit(6, 0)
+    with pytest.raises(TypeError, match="hidden unit"):
+        S.occlusion(fashion, xs, S.Unit("features.6", 0), patch=8, stride=8, progress=False)
+    assert same_state(before, snapshot(fashion))
