@@ -66,7 +66,7 @@ from .progress import progress_bar
 from .registry import Registry
 
 __all__ = [  # + every registered attack
-    "ATTACKS", "LogitsExpectedWarning", "check_eps", "check_loss", "attack_objective", "margin",
+    "ATTACKS", "LogitsExpectedWarning", "check_eps", "check_loss", "check_kappa", "attack_objective", "margin",
     "AttackConfig",
     "predict_labels", "accuracy", "plot_perturbation", "random_sphere", "SphereResult", "NoiseLayer",
     "noise_attack", "NoiseAttackResult", "quantize_8bit", "evolve_fooling_images",
@@ -157,29 +157,51 @@ def _targets(target, y: torch.Tensor, explicit_labels: bool) -> torch.Tensor | N
 # losses on logits
 
 
-def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``max_{j != y} z_j - z_y`` per image (Carlini & Wagner 2017): > 0 exactly when misclassified.
+def check_kappa(kappa, loss: str = "margin") -> float:
+    """Carlini & Wagner's confidence ``kappa`` >= 0 (``inf``: no cap); only the margin loss has one."""
+    if kappa is None:
+        return math.inf
+    kappa = number(kappa, "kappa", minimum=0.0, unit="a logit difference, Carlini & Wagner's confidence")
+    if loss != "margin" and math.isfinite(kappa):
+        raise ValueError(f"kappa={kappa!r} caps the margin loss only; pass loss='margin' (got loss={loss!r})")
+    return kappa
+
+
+def margin(logits: torch.Tensor, labels: torch.Tensor, kappa: float | None = None) -> torch.Tensor:
+    """``min(max_{j != y} z_j - z_y, kappa)`` per image (Carlini & Wagner 2017): > 0 exactly when misclassified.
+
+    The loss ``f_6`` of Carlini & Wagner (2017, "Towards evaluating the robustness of neural
+    networks", sec. V.A), written as a value to ascend. With the cap ``kappa`` (their confidence), an
+    image whose wrong class leads by ``kappa`` or more gets a zero gradient: the attack stops pushing it
+    and spends its budget elsewhere. ``kappa=0`` stops at the decision boundary (their minimal
+    examples), a larger ``kappa`` asks for confident mistakes (which transfer better); None: no cap.
 
     logits (N, K), labels (N,) -> (N,)
     """
     z_y = logits.gather(1, labels[:, None])[:, 0]  # (N,)
     others = logits.scatter(1, labels[:, None], float("-inf"))  # the true class masked out
-    return others.max(1).values - z_y
+    value = others.max(1).values - z_y
+    kappa = check_kappa(kappa)
+    return value if math.isinf(kappa) else value.clamp(max=kappa)
 
 
 def attack_objective(logits: torch.Tensor, labels: torch.Tensor, loss: str = "ce",
-                     target: torch.Tensor | None = None) -> torch.Tensor:
+                     target: torch.Tensor | None = None, kappa: float | None = None) -> torch.Tensor:
     """The value per image that an attack *ascends*.
 
     untargeted: ``CE(z, y)`` or ``margin(z, y)``; targeted at ``t``: ``-CE(z, t)`` or ``-margin(z, t)``
-    (towards the target, i.e. ``z_t - max_{j != t} z_j``).
+    (towards the target, i.e. ``z_t - max_{j != t} z_j``). ``kappa`` caps the margin value from above
+    (Carlini & Wagner's confidence, :func:`margin`): ``min(value, kappa)``; only with ``loss="margin"``.
 
     logits (N, K), labels (N,), target (N,) or None -> (N,)
     """
     check_loss(loss)
-    if target is None:
-        return F.cross_entropy(logits, labels, reduction="none") if loss == "ce" else margin(logits, labels)
-    return -F.cross_entropy(logits, target, reduction="none") if loss == "ce" else -margin(logits, target)
+    kappa = check_kappa(kappa, loss)
+    if loss == "ce":
+        return (F.cross_entropy(logits, labels, reduction="none") if target is None
+                else -F.cross_entropy(logits, target, reduction="none"))
+    value = margin(logits, labels) if target is None else -margin(logits, target)
+    return value if math.isinf(kappa) else value.clamp(max=kappa)
 
 
 def _fooled(logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -224,6 +246,8 @@ class AttackConfig:
         :class:`coursekit.optimize.MomentumSignStep` with this momentum decay (Dong et al. 2018).
     early_stop : bool
         Freeze every image at its first fooling iterate and drop it from the batch (see :func:`pgd`).
+    kappa : float
+        Cap of the margin loss (Carlini & Wagner's confidence, :func:`margin`); ``inf``: none.
     """
 
     eps: float
@@ -233,6 +257,11 @@ class AttackConfig:
     loss: str = "ce"
     decay: float | None = None
     early_stop: bool = False
+    kappa: float = math.inf
+
+    def objective(self, logits: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """:func:`attack_objective` with this configuration's loss and cap: logits (N, K) -> (N,)."""
+        return attack_objective(logits, labels, self.loss, target, None if math.isinf(self.kappa) else self.kappa)
 
     def optimizer(self, origin: torch.Tensor) -> Optimizer:
         """A fresh optimiser (fresh state) for one run from the clean images ``origin`` (N, C, H, W)."""
@@ -289,9 +318,9 @@ def _run_attack(model, x, y, t, start, config: AttackConfig):
             _warn_if_probabilities(logits)
             first.append(True)
         if idx is None:
-            return attack_objective(logits, y, config.loss, t)
+            return config.objective(logits, y, t)
         ta = None if t is None else t[idx]
-        obj = attack_objective(logits, y[idx], config.loss, ta)  # (n_active,)
+        obj = config.objective(logits, y[idx], ta)  # (n_active,)
         frozen.freeze(idx, _fooled(logits.detach(), y[idx], ta), obj, x_adv)
         return frozen.value.index_put((idx,), obj)  # (N,): only the active images carry a gradient
 
@@ -301,22 +330,22 @@ def _run_attack(model, x, y, t, start, config: AttackConfig):
 
     ascend(value, [x_adv], config.optimizer(x), config.steps, progress=False, on_value=stop,
            after_step=None if frozen is None else lambda step: frozen.restore(x_adv))
-    return _final_state(model, x_adv.detach(), y, t, config.loss, frozen)
+    return _final_state(model, x_adv.detach(), y, t, config, frozen)
 
 
 @torch.no_grad()
-def _final_state(model, x_adv, y, t, loss, frozen):
+def _final_state(model, x_adv, y, t, config: AttackConfig, frozen):
     """(x_adv, fooled (N,), objective (N,)) after the last step; done images keep their frozen values."""
     if frozen is None:
         logits = model(x_adv)
-        return x_adv, _fooled(logits, y, t), attack_objective(logits, y, loss, t)
+        return x_adv, _fooled(logits, y, t), config.objective(logits, y, t)
     fooled, obj = ~frozen.active, frozen.value.clone()
     idx = frozen.active.nonzero()[:, 0]
     if len(idx):  # the images still correct after the last step
         logits = model(x_adv[idx])
         ta = None if t is None else t[idx]
         fooled[idx] = _fooled(logits, y[idx], ta)
-        obj[idx] = attack_objective(logits, y[idx], loss, ta)
+        obj[idx] = config.objective(logits, y[idx], ta)
     return x_adv, fooled, obj
 
 
@@ -333,12 +362,14 @@ def _labels_and_targets(model, x, labels, target, batch_size):
     return y, t
 
 
-def _attack_config(x, eps, norm, steps, step_size, default_step, loss, decay, early_stop) -> AttackConfig:
+def _attack_config(x, eps, norm, steps, step_size, default_step, loss, decay, early_stop,
+                   kappa=None) -> AttackConfig:
     """The checked :class:`AttackConfig` of an iterative attack; ``default_step(eps, steps)`` when no step_size."""
     eps = check_eps(eps, norm, x[0].numel())
     steps = positive_int(steps, "steps")
     step_size = default_step(eps, steps) if step_size is None else check_eps(step_size, norm, x[0].numel(), "step_size")
-    return AttackConfig(eps, steps, step_size, norm, check_loss(loss), decay, bool(early_stop))
+    return AttackConfig(eps, steps, step_size, norm, check_loss(loss), decay, bool(early_stop),
+                        check_kappa(kappa, loss))
 
 
 def _attack(model, x, y, t, config: AttackConfig, *, start=None, restarts=1, batch_size=None, progress=False,
@@ -377,7 +408,7 @@ def _optional_batch_size(batch_size):
 def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, steps: int = 10,
         step_size: float | None = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
         loss: str = "ce", target=None, seed: int | None = 0, batch_size: int | None = None,
-        early_stop: bool = False, progress: bool = False) -> torch.Tensor:
+        early_stop: bool = False, progress: bool = False, kappa: float | None = None) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018): sign (L-inf) or normalised (L2) steps on the
     loss, each followed by the projection onto the eps-ball around ``x`` and the [0, 1] box.
 
@@ -402,6 +433,9 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
         with the highest loss). A restart only attacks the images that no earlier restart fooled.
     loss : {"ce", "margin"}
         Cross-entropy or the Carlini-Wagner margin, both on logits.
+    kappa : float, optional
+        Only with ``loss="margin"``: Carlini & Wagner's confidence, the margin capped at ``kappa``
+        (:func:`margin`); an image is no longer pushed once the wrong class leads by ``kappa``.
     target : int, sequence or Tensor (N,), optional
         Targeted attack: push every image towards this class (must differ from the true label).
     seed : int or None
@@ -422,7 +456,8 @@ def pgd(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *,
     """
     check_model(model)
     x = check_images(x, model=model, pixel_range=True).detach()
-    config = _attack_config(x, eps, norm, steps, step_size, lambda e, n: 2.5 * e / n, loss, None, early_stop)
+    config = _attack_config(x, eps, norm, steps, step_size, lambda e, n: 2.5 * e / n, loss, None, early_stop,
+                            kappa)
     restarts = positive_int(restarts, "restarts")
     batch_size = _optional_batch_size(batch_size)
     gen = cpu_generator(seed if seed is not None else int(torch.randint(0, 2**62, (), device="cpu")))
@@ -446,7 +481,8 @@ def bim(model, x, labels=None, eps: float = 8 / 255, *, steps: int = 10, step_si
 @reference
 def mifgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, steps: int = 10,
            step_size: float | None = None, decay: float = 1.0, norm: str = "linf", loss: str = "ce", target=None,
-           batch_size: int | None = None, early_stop: bool = False, progress: bool = False) -> torch.Tensor:
+           batch_size: int | None = None, early_stop: bool = False, progress: bool = False,
+           kappa: float | None = None) -> torch.Tensor:
     """The momentum iterative fast gradient sign method, MI-FGSM (Dong et al. 2018, "Boosting
     adversarial attacks with momentum").
 
@@ -458,7 +494,7 @@ def mifgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255,
 
     Parameters
     ----------
-    model, x, labels, eps, steps, norm, loss, target, batch_size, progress
+    model, x, labels, eps, steps, norm, loss, kappa, target, batch_size, progress
         As in :func:`pgd`.
     step_size : float, optional
         Default ``eps / steps`` (Dong et al.'s ``alpha = eps / T``).
@@ -475,7 +511,7 @@ def mifgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255,
     check_model(model)
     x = check_images(x, model=model, pixel_range=True).detach()
     decay = number(decay, "decay", minimum=0.0, unit="Dong et al. use 1.0")
-    config = _attack_config(x, eps, norm, steps, step_size, lambda e, n: e / n, loss, decay, early_stop)
+    config = _attack_config(x, eps, norm, steps, step_size, lambda e, n: e / n, loss, decay, early_stop, kappa)
     batch_size = _optional_batch_size(batch_size)
     with guarded(model, what="mifgsm"):
         y, t = _labels_and_targets(model, x, labels, target, batch_size)
@@ -485,23 +521,27 @@ def mifgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255,
 @ATTACKS.register
 @reference
 def fgsm(model: nn.Module, x: torch.Tensor, labels=None, eps: float = 8 / 255, *, loss: str = "ce",
-         target=None, batch_size: int | None = None) -> torch.Tensor:
+         target=None, batch_size: int | None = None, kappa: float | None = None) -> torch.Tensor:
     """The fast gradient sign method (Goodfellow et al. 2015): ``clamp(x + eps * sign(grad), 0, 1)``.
 
     One step of size ``eps`` from ``x`` (targeted: a step *down* the loss of the target class),
     :func:`coursekit.attack_steps.fgsm_step`, the step that :mod:`coursekit.robustness` and
-    :mod:`coursekit.train` take too. Parameters as in :func:`pgd`. Returns (N, C, H, W) in [0, 1].
+    :mod:`coursekit.train` take too. Parameters as in :func:`pgd` (``kappa``: an image already
+    misclassified by a margin of ``kappa`` or more has a zero gradient and does not move). Returns
+    (N, C, H, W) in [0, 1].
     """
     check_model(model)
     x = check_images(x, model=model, pixel_range=True).detach()
     eps = check_eps(eps)
     check_loss(loss)
+    kappa = check_kappa(kappa, loss)
     batch_size = _optional_batch_size(batch_size)
     with guarded(model, what="fgsm"):
         y, t = _labels_and_targets(model, x, labels, target, batch_size)
         out = []
         for a, b in batches(len(x), batch_size):
-            objective = partial(attack_objective, labels=y[a:b], loss=loss, target=rows(t, a, b))
+            objective = partial(attack_objective, labels=y[a:b], loss=loss, target=rows(t, a, b),
+                                kappa=None if math.isinf(kappa) else kappa)
             adv, logits = fgsm_step(model, x[a:b], objective, eps, eps=eps)
             if not out:
                 _warn_if_probabilities(logits)
@@ -580,7 +620,7 @@ def plot_perturbation(ax, x_adv: torch.Tensor, x: torch.Tensor, *, vmax: float |
 
 
 # ----------------------------------------------------------------------------------------------
-# the seeds' experiments
+# experiments of Szegedy et al. (2014), Fleuret (2018), Nguyen et al. (2015)
 
 
 @dataclass
@@ -598,12 +638,14 @@ class SphereResult:
 
 @torch.no_grad()
 def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 1000, *, batch_size: int = 100,
-                  seed: int = 0, clamp: bool = False) -> SphereResult:
+                  seed: int = 0, clamp: bool = False, progress: bool = False) -> SphereResult:
     """Classify ``n`` points drawn uniformly on the L2 sphere of ``radius`` around one image.
 
-    Szegedy et al. (2014) / Fleuret's slides: at twice the distance of an adversarial example, random
-    directions change nothing. ``clamp=True`` clamps the points to [0, 1] (they then leave the sphere);
-    the centre must then lie in [0, 1] itself (a ValueError for 0-255 pixels or a normalised image).
+    Szegedy et al. (2014) and Fleuret (2018, "8.4 Optimizing inputs"): at twice the distance of an
+    adversarial example, random directions change nothing. ``clamp=True`` clamps the points to [0, 1]
+    (they then leave the sphere); the centre must then lie in [0, 1] itself (a ValueError for 0-255
+    pixels or a normalised image). ``progress=True`` shows a bar over the batches (hidden in headless
+    runs, :func:`coursekit.progress.progress_bar`).
 
     x (1, C, H, W) -> SphereResult (labels (n,))
     """
@@ -617,7 +659,8 @@ def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 100
     with guarded(model, what="random_sphere"):
         label = int(model(x).argmax(1))
         labels = []
-        for a, b in batches(n, batch_size):
+        for a, b in progress_bar(list(batches(n, batch_size)), desc="random sphere", progress=progress,
+                                 unit="batch"):
             d = torch.randn((b - a, *x.shape[1:]), generator=gen, device="cpu").to(x)
             pts = x + float(radius) * d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # (b-a, C, H, W)
             labels.append(model(pts.clamp(0, 1) if clamp else pts).argmax(1).cpu())
@@ -627,8 +670,9 @@ def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 100
 class NoiseLayer(nn.Module):
     """A trainable additive noise in front of a frozen model: ``clamp(x + noise, 0, 1)``.
 
-    The Keras notebook's ``AddNoise`` layer (seed 004); the noise is the only parameter. Like any
-    ``nn.Module`` it is made on ``device`` (default: torch's default device) and moves with ``.to``.
+    The ``AddNoise`` layer of the lecture slides *Ceci n'est pas un chat* (in Keras); the noise is the
+    only parameter. Like any ``nn.Module`` it is made on ``device`` (default: torch's default device)
+    and moves with ``.to``.
     """
 
     def __init__(self, shape: Sequence[int], device: str | torch.device | None = None,
@@ -653,7 +697,8 @@ class NoiseAttackResult:
 def noise_attack(model: nn.Module, x: torch.Tensor, target, *, l2_weight: float = 0.1, lr: float = 0.01,
                  max_steps: int = 300, patience: int = 10, min_delta: float = 1e-4,
                  progress: bool = False) -> NoiseAttackResult:
-    """Train a :class:`NoiseLayer` so that ``model`` sees ``target`` (seed 004's dog-to-cat noise).
+    """Train a :class:`NoiseLayer` so that ``model`` sees ``target`` (the dog-to-cat noise of the
+    lecture slides *Ceci n'est pas un chat*).
 
     Minimises ``l2_weight * ||noise||^2 - log p(target | clamp(x + noise))`` with Adam and stops
     early when the loss has not improved by ``min_delta`` for ``patience`` steps; the best noise is

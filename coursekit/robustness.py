@@ -258,7 +258,7 @@ def transfer_matrix(models: Mapping[str, nn.Module], x: torch.Tensor, labels,
 
 
 # ----------------------------------------------------------------------------------------------
-# adversarial training (Goodfellow et al. 2015, seed 003)
+# adversarial training (Goodfellow, Shlens & Szegedy 2015)
 
 
 def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float = 0.5) -> torch.Tensor:

@@ -132,6 +132,64 @@ def test_margin_and_objectives():
     assert torch.allclose(A.attack_objective(z, y, "margin", t), -A.margin(z, t))
 
 
+def test_margin_kappa_caps_the_value_and_zeroes_the_gradient():
+    z = torch.tensor([[2.0, 1.0, -1.0], [0.0, 3.0, 1.0], [0.0, 0.5, 1.0]], requires_grad=True)
+    y = torch.tensor([0, 2, 2])
+    plain = A.margin(z, y)  # -1, 2, -0.5
+    capped = A.margin(z, y, kappa=0.5)
+    assert torch.allclose(capped, torch.tensor([-1.0, 0.5, -0.5]))
+    assert torch.equal(A.margin(z, y, kappa=None), plain)
+    (g,) = torch.autograd.grad(capped.sum(), z)
+    assert torch.equal(g[1], torch.zeros(3))  # beyond the cap: no push (Carlini & Wagner's confidence)
+    assert torch.equal(g[0], torch.tensor([-1.0, 1.0, 0.0]))  # below it: the plain margin's gradient
+    t = torch.tensor([1, 0, 0])
+    want = (-A.margin(z, t)).clamp(max=0.25)  # targeted: z_t - max_{j != t} z_j, capped
+    assert torch.allclose(A.attack_objective(z, y, "margin", t, kappa=0.25), want)
+    assert torch.allclose(A.attack_objective(z, y, "margin", kappa=0.5), capped)
+
+
+def test_kappa_is_checked():
+    z, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="kappa"):
+        A.margin(z, y, kappa=-1)
+    with pytest.raises(ValueError, match="loss='margin'"):
+        A.attack_objective(z, y, "ce", kappa=1.0)
+    with pytest.raises(ValueError, match="kappa must be a finite number"):
+        A.margin(z, y, kappa="1")
+
+
+def test_pgd_with_kappa_matches_a_hand_loop(fashion, batch):
+    """The slow reference: BIM on ``min(margin, kappa)`` written out; kappa=0 stops every image at the boundary."""
+    x, y = batch
+    eps, steps, alpha, kappa = 0.1, 6, 0.03, 0.0
+    xa = x.clone()
+    for _ in range(steps):
+        xi = xa.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(A.margin(fashion(xi), y).clamp(max=kappa).sum(), xi)
+        xa = (x + (xa + alpha * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    got = _unchanged(fashion, lambda: A.pgd(fashion, x, y, eps, steps=steps, step_size=alpha, loss="margin",
+                                            kappa=kappa, random_start=False))
+    assert torch.allclose(got, xa, atol=1e-6)
+    uncapped = A.pgd(fashion, x, y, eps, steps=steps, step_size=alpha, loss="margin", random_start=False)
+    m_capped, m_free = A.margin(fashion(got), y), A.margin(fashion(uncapped), y)
+    assert (m_capped <= m_free + 1e-5).all() and (m_capped < m_free - 1e-3).any()  # the cap stops the push
+    with pytest.raises(ValueError, match="loss='margin'"):
+        A.pgd(fashion, x, y, eps, kappa=1.0)
+
+
+def test_fgsm_with_kappa_leaves_confident_mistakes_alone(fashion, batch):
+    x, y = batch
+    wrong = (y + 1) % 10  # labels the network disagrees with: most margins are already large
+    m = A.margin(fashion(x), wrong)
+    kappa = float(m.median())
+    got = A.fgsm(fashion, x, wrong, 0.05, loss="margin", kappa=kappa)
+    beyond = m > kappa
+    assert beyond.any() and torch.equal(got[beyond], x[beyond])  # zero gradient: sign 0, no step
+    free = A.fgsm(fashion, x, wrong, 0.05, loss="margin")
+    below = m < kappa  # (at the cap itself the clamp lets the gradient through)
+    assert torch.equal(got[below], free[below])
+
+
 # -- FGSM ----------------------------------------------------------------------------------------
 
 
@@ -464,6 +522,9 @@ def test_random_sphere_points_lie_on_the_sphere(batch):
     assert pts.shape == (70, 1, 28, 28) and res.labels.shape == (70,)
     assert torch.allclose((pts - x).flatten(1).norm(dim=1), torch.full((70,), 0.5), atol=1e-5)
     assert res.changed == int((res.labels != res.label).sum())
+    seen.clear()
+    shown = A.random_sphere(Recorder().eval(), x, 0.5, n=70, batch_size=32, progress=True)  # same draws, with a bar
+    assert torch.equal(shown.labels, res.labels)
     with pytest.raises(ValueError, match="one image"):
         A.random_sphere(Recorder().eval(), batch[0][:2], 0.5)
     with pytest.raises(ValueError, match="radius"):

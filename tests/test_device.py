@@ -460,7 +460,7 @@ NO_TENSOR = {
     "clever_hans.WATERMARK", "clever_hans.WATERMARK_CLASS", "clever_hans.WATERMARK_FRACTION",
     "clever_hans.WATERMARK_BOX", "clever_hans.SpectralAnalysis", "adversarial.LogitsExpectedWarning",
     "cam.CAMS", "lrp.RULES", "adversarial.ATTACKS",  # registries: names to classes / rules
-    "adversarial.check_eps", "adversarial.check_loss", "adversarial.AttackConfig", "adversarial.SphereResult", "adversarial.NoiseAttackResult", "robustness.Sweep",
+    "adversarial.check_eps", "adversarial.check_loss", "adversarial.check_kappa", "adversarial.AttackConfig", "adversarial.SphereResult", "adversarial.NoiseAttackResult", "robustness.Sweep",
     "robustness.TransferResult", "dream.DreamResult", "style.DEFAULT_LAYERS", "style.NORMALIZATIONS",
     "style.brush_strokes",  # draws a CPU picture from a seed, like load_image: no model, nothing to follow
     "style.StyleResult", "hooks.check_layer_name", "hooks.resolve_layers",
