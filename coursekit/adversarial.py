@@ -670,8 +670,8 @@ def random_sphere(model: nn.Module, x: torch.Tensor, radius: float, n: int = 100
 class NoiseLayer(nn.Module):
     """A trainable additive noise in front of a frozen model: ``clamp(x + noise, 0, 1)``.
 
-    The ``AddNoise`` layer of the lecture slides *Ceci n'est pas un chat* (in Keras); the noise is the
-    only parameter. Like any ``nn.Module`` it is made on ``device`` (default: torch's default device)
+    The ``AddNoise`` layer of *Ceci n'est pas un chat* (School of AI Angers, undated; in Keras); the noise
+    is the only parameter. Like any ``nn.Module`` it is made on ``device`` (default: torch's default device)
     and moves with ``.to``.
     """
 
@@ -697,8 +697,8 @@ class NoiseAttackResult:
 def noise_attack(model: nn.Module, x: torch.Tensor, target, *, l2_weight: float = 0.1, lr: float = 0.01,
                  max_steps: int = 300, patience: int = 10, min_delta: float = 1e-4,
                  progress: bool = False) -> NoiseAttackResult:
-    """Train a :class:`NoiseLayer` so that ``model`` sees ``target`` (the dog-to-cat noise of the
-    lecture slides *Ceci n'est pas un chat*).
+    """Train a :class:`NoiseLayer` so that ``model`` sees ``target`` (the dog-to-cat noise of
+    *Ceci n'est pas un chat*, School of AI Angers, undated).
 
     Minimises ``l2_weight * ||noise||^2 - log p(target | clamp(x + noise))`` with Adam and stops
     early when the loss has not improved by ``min_delta`` for ``patience`` steps; the best noise is

@@ -660,20 +660,27 @@ def _row_axes(fig, gs, row: int, n: int):
     return [fig.add_subplot(gs[row, j]) for j in range(n)]
 
 
+def _inspector_style(t: torch.Tensor, signed: bool) -> dict:
+    """``imshow`` colours of an inspector row: zero-centred ``RdBu_r`` when ``signed`` or any value is
+    negative (a convolution's output, the logits), else grey from the row's minimum to its maximum."""
+    if signed or float(t.min()) < 0:
+        lim = float(t.abs().max()) or 1.0
+        return {"cmap": "RdBu_r", "vmin": -lim, "vmax": lim}
+    return {"cmap": "gray", "vmin": float(t.min()), "vmax": float(t.max())}
+
+
 def _draw_maps(axes, maps: torch.Tensor, signed: bool, label: str):  # maps (K, h, w)
     """One row of maps on a shared scale (signed: zero-centred ``RdBu_r``) with a colour bar.
 
     Values below zero make the row signed whatever ``signed`` says (a convolution's output).
     """
-    signed = signed or float(maps.min()) < 0
-    lim = float(maps.abs().max()) or 1.0
-    lo, hi = (-lim, lim) if signed else (float(maps.min()), float(maps.max()))
+    style = _inspector_style(maps, signed)
     im = None
     for k, ax in enumerate(axes):
         ax.set_xticks([])
         ax.set_yticks([])
         if k < maps.shape[0]:
-            im = ax.imshow(maps[k].cpu().numpy(), cmap="RdBu_r" if signed else "gray", vmin=lo, vmax=hi, interpolation="nearest")
+            im = ax.imshow(maps[k].cpu().numpy(), interpolation="nearest", **style)
         else:
             ax.axis("off")
     axes[0].set_ylabel(label, fontsize=9)
@@ -685,10 +692,7 @@ def _draw_maps(axes, maps: torch.Tensor, signed: bool, label: str):  # maps (K, 
 def _draw_wide(ax, t: torch.Tensor, signed: bool, label: str, class_names=None) -> None:  # t (K,) or (out, in)
     t = t.detach().cpu().float()
     t = t[None] if t.dim() == 1 else t.flatten(1)
-    signed = signed or float(t.min()) < 0  # e.g. the logits
-    lim = float(t.abs().max()) or 1.0
-    lo, hi = (-lim, lim) if signed else (float(t.min()), float(t.max()))
-    im = ax.imshow(t.numpy(), cmap="RdBu_r" if signed else "gray", vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
+    im = ax.imshow(t.numpy(), aspect="auto", interpolation="nearest", **_inspector_style(t, signed))  # e.g. the logits
     ax.set_yticks([])
     ax.set_ylabel(label, fontsize=9)
     ax.tick_params(labelsize=8)

@@ -59,7 +59,7 @@ from .geometry import (  # re-exported: lecture 1 reaches the receptive-field co
     unit_windows,
 )
 from .guard import guarded
-from .hooks import get_layer, record, resolve_layers
+from .hooks import get_layer, layer_outputs, resolve_layers
 from .inputs import check_images, check_model, int_pair, number, positive_int
 from .plotting import draw_image
 
@@ -285,9 +285,8 @@ def effective_receptive_field(model: nn.Module, layer: str | nn.Module, images: 
     with guarded(model, what="effective_receptive_field"):
         for a, b in batches(x.shape[0], batch_size):
             xi = x[a:b].clone().requires_grad_(True)
-            with record(model, [name]) as rec, torch.enable_grad():
-                model(xi)
-            out = rec.outputs.get(name)
+            with layer_outputs(model, [name]) as run, torch.enable_grad():
+                out = run(xi).get(name)  # the forward pass stops at the layer: nothing above it is needed
             if out is None or out.dim() != 4:
                 raise ValueError(f"layer {name!r} does not output a feature map (N, K, h, w); choose a convolutional layer")
             h, w = out.shape[-2:]
