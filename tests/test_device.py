@@ -446,7 +446,7 @@ NO_TENSOR = {
     "lrp.check_explainable",  # read the module tree: which batch-norms / skips no canonizer covers
     "models.MODEL_NAMES", "models.CourseModel", "models.WeightsNotAvailableError", "models.load_model",
     "models.fetch_weights", "models.imagenet_classes", "hooks.UnknownLayerError", "hooks.get_layer",
-    "hooks.LayerInfo", "images.SAMPLE_IMAGES", "images.sample_image", "plotting.notebook_figures",
+    "hooks.LayerInfo", "images.SAMPLE_IMAGES", "images.sample_image", "plotting.notebook_figures", "plotting.figure_png",
     "plotting.curve_style", "plotting.legend_below", "filters.EmpiricalReceptiveField", "filters.LayerRecord",
     "filters.EffectiveReceptiveField", "filters.LearntFilters", "receptive_fields.EffectiveReceptiveField",
     "filters.ReceptiveField", "filters.conv_output_size", "filters.conv_param_count", "filters.receptive_field_size",

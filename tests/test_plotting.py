@@ -65,3 +65,82 @@ def test_curve_styles_differ_and_legend_goes_below():
     fig.canvas.draw()
     assert legend.get_window_extent().y1 < ax.get_window_extent().y0
     plt.close(fig)
+
+
+def _noise_figure(seed=0):
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(1, 3, figsize=(6, 2), dpi=100)
+    for ax, cmap in zip(axes, ["magma", "RdBu_r", "viridis"]):
+        im = ax.imshow(np.abs(rng.standard_normal((64, 64))), cmap=cmap)
+        fig.colorbar(im, ax=ax)
+        ax.set_title(cmap)
+    return fig
+
+
+def _decode(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+def test_figure_png_palette_is_exact_when_few_colours_and_close_otherwise():
+    import matplotlib.pyplot as plt
+
+    from coursekit.plotting import figure_png
+
+    fig = _noise_figure()
+    full, pal = figure_png(fig), figure_png(fig, colors=256)
+    exact, reduced = _decode(full), _decode(pal)
+    assert reduced.shape == exact.shape
+    assert len(np.unique(reduced.reshape(-1, 3), axis=0)) <= 256
+    err = np.abs(reduced - exact).max(-1)
+    assert 0 < err.mean() < 8 and err.max() < 64  # a palette, not lossless, but no gross errors
+    assert len(pal) < len(full) / 2
+    plt.close(fig)
+    # a figure of 3 flat colours is stored exactly
+    fig, ax = plt.subplots(figsize=(2, 2), dpi=50)
+    ax.imshow(np.array([[0, 1], [2, 0]]), cmap="viridis", interpolation="nearest")
+    ax.axis("off")
+    np.testing.assert_array_equal(_decode(figure_png(fig, colors=16)), _decode(figure_png(fig)))
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("bad", [1, 257, 2.5, True, "256"])
+def test_figure_png_rejects_bad_palette_sizes(bad):
+    import matplotlib.pyplot as plt
+
+    from coursekit.plotting import figure_png, notebook_figures
+
+    fig = _noise_figure()
+    with pytest.raises(ValueError, match="colors"):
+        figure_png(fig, colors=bad)
+    with pytest.raises(ValueError, match="colors"):
+        notebook_figures(png_colors=bad)
+    plt.close(fig)
+
+
+def test_notebook_figures_palette_png_reaches_the_inline_formatter():
+    import base64
+
+    import matplotlib.pyplot as plt
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from coursekit.plotting import notebook_figures
+
+    shell = InteractiveShell.instance()
+    try:
+        with pytest.raises(ValueError, match="one format"):
+            notebook_figures(jpeg_quality=80, png_colors=256)
+        notebook_figures(dpi=100, png_colors=64)
+        fig = _noise_figure()
+        data, _ = shell.display_formatter.format(fig)
+        png = base64.b64decode(data["image/png"])
+        assert len(np.unique(_decode(png).reshape(-1, 3), axis=0)) <= 64
+        assert "image/jpeg" not in data
+        plt.close(fig)
+    finally:
+        InteractiveShell.clear_instance()
