@@ -1,7 +1,7 @@
 """Training from scratch and transfer learning (lecture 0b): a fit loop a student can read in one screen.
 
 * :func:`split_fashion_mnist` — a seeded train / validation / test split with no image in two parts.
-* :func:`small_cnn` — the deck's small CNN (seed 004), sized for 28 x 28 Fashion-MNIST.
+* :func:`small_cnn` — a small three-block CNN, sized for 28 x 28 Fashion-MNIST.
 * :func:`fit` — train / validate each epoch into a :class:`History`, with callbacks
   (:class:`EarlyStopping`, Prechelt 1998; :class:`LivePlot`), a tqdm.auto progress bar,
   optional augmentation (:class:`FlipShift`) and the model's own dropout (Srivastava et al. 2014).
@@ -110,15 +110,15 @@ def split_fashion_mnist(n_val: int = 1000, n_test: int = 2000, seed: int = 0, so
         if n_val + n_test >= len(y_test):
             raise ValueError(f"n_val + n_test = {n_val + n_test} leaves no training image of the {len(y_test)} "
                              "shipped ones: ask for fewer")
-        perm = torch.randperm(len(y_test), generator=gen)
+        perm = torch.randperm(len(y_test), generator=gen, device="cpu")
         test, val, train = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
         return Split(_pair(x_test, y_test, train), _pair(x_test, y_test, val), _pair(x_test, y_test, test),
                      f"the {len(y_test)} shipped Fashion-MNIST images, split once (seed {seed})")
     x_train, y_train = full
     if n_val >= len(y_train) or n_test > len(y_test):
         raise ValueError(f"n_val = {n_val} (of {len(y_train)}) or n_test = {n_test} (of {len(y_test)}) is too large")
-    perm = torch.randperm(len(y_train), generator=gen)
-    test = torch.randperm(len(y_test), generator=gen)[:n_test]
+    perm = torch.randperm(len(y_train), generator=gen, device="cpu")
+    test = torch.randperm(len(y_test), generator=gen, device="cpu")[:n_test]
     return Split(_pair(x_train, y_train, perm[n_val:]), _pair(x_train, y_train, perm[:n_val]),
                  _pair(x_test, y_test, test),
                  f"train/validation from the {len(y_train)}-image training split, test from the official test split")
@@ -134,14 +134,14 @@ def stratified_subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0) -
     if n > len(y):
         raise ValueError(f"n = {n} is more than the {len(y)} images given")
     gen = cpu_generator(seed)
-    order = torch.randperm(len(y), generator=gen)  # (N,)
+    order = torch.randperm(len(y), generator=gen, device="cpu").to(y.device)  # (N,) drawn on the CPU, on y's device
     # rank of each image inside its class (in permuted order); taking ranks 0, 1, ... round-robin balances classes
     ys = y[order]
-    rank = torch.zeros(len(y), dtype=torch.long)
+    rank = torch.zeros(len(y), dtype=torch.long, device=y.device)
     for c in ys.unique():
         members = (ys == c).nonzero().flatten()
-        rank[members] = torch.arange(len(members))
-    chosen = order[torch.argsort(rank * len(y) + torch.arange(len(y)), stable=True)[:n]]
+        rank[members] = torch.arange(len(members), device=y.device)
+    chosen = order[torch.argsort(rank * len(y) + torch.arange(len(y), device=y.device), stable=True)[:n]]
     return x[chosen].contiguous(), y[chosen].contiguous()
 
 
@@ -150,8 +150,9 @@ def stratified_subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int = 0) -
 
 
 def small_cnn(width: int = 16, dropout: float = 0.0, num_classes: int = 10) -> nn.Sequential:
-    """The deck's small CNN (three conv-ReLU-pool blocks then a dense layer), for 28 x 28 grey images.
+    """A small CNN (three conv-ReLU-pool blocks then a dense layer), for 28 x 28 grey images.
 
+    Made on PyTorch's default device (the CPU), as ``nn.Conv2d`` is: move it with ``.to(device)``.
     ``dropout`` > 0 puts an ``nn.Dropout`` (Srivastava et al. 2014) before the last layer: active in
     train mode, the identity in eval mode.
     """
@@ -181,11 +182,11 @@ class FlipShift:
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, s = x.shape[0], self.max_shift
         if self.flip:
-            flip = torch.rand(n, generator=generator) < 0.5  # (N,)
+            flip = torch.rand(n, generator=generator, device="cpu") < 0.5  # (N,)
             x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
         if s:
             padded = F.pad(x, (s, s, s, s))  # (N, C, H+2s, W+2s)
-            dy, dx = (torch.randint(0, 2 * s + 1, (2,), generator=generator)).tolist()  # one shift per batch
+            dy, dx = (torch.randint(0, 2 * s + 1, (2,), generator=generator, device="cpu")).tolist()  # one shift per batch
             x = padded[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
         return x
 
@@ -394,7 +395,7 @@ def train_epoch(model, optimizer, x, y, batch_size, augment, gen) -> tuple[float
     """One pass over ``(x, y)`` in shuffled batches, in train mode; returns (mean loss, accuracy)."""
     device = model_device(model)
     model.train()
-    order = torch.randperm(len(y), generator=gen)  # a new shuffle every epoch
+    order = torch.randperm(len(y), generator=gen, device="cpu")  # a new shuffle every epoch
     loss_sum, correct = 0.0, 0
     for i in range(0, len(y), batch_size):
         idx = order[i:i + batch_size]
@@ -515,24 +516,32 @@ class TransferNet(nn.Module):
 
 
 def transfer_model(backbone: nn.Module | str = "efficientnet_lite0", num_classes: int = 10, hidden: int = 128,
-                   dropout: float = 0.0, size: int = 64, seed: int = 0) -> TransferNet:
+                   dropout: float = 0.0, size: int = 64, seed: int = 0,
+                   device: str | torch.device | None = None) -> TransferNet:
     """A frozen ImageNet backbone plus a head ``Linear(D, hidden) - ReLU - Dropout - Linear(hidden, K)``
-    (the deck's VGG16 recipe, Yosinski et al. 2014). ``hidden=0``: a linear head."""
+    (the classic recipe of a frozen VGG16 and a new dense head; Yosinski et al. 2014, "How
+    transferable are features in deep neural networks?"). ``hidden=0``: a linear head.
+
+    ``device``: where a backbone given by name is loaded (:func:`coursekit.load_model`; ``None``: its
+    default, the CPU). The head is made on the CPU from ``seed`` (the same weights on every device)
+    and moved to the backbone's device."""
     if isinstance(backbone, str):
         from .models import load_model
 
-        backbone = load_model(backbone)
+        backbone = load_model(backbone) if device is None else load_model(backbone, device=device)
+    elif device is not None:
+        raise ValueError("device only applies to a backbone given by name; move a model with .to(device)")
     features = FrozenFeatures(backbone, size)
     dim = backbone.net.num_features
     hidden = positive_int(hidden, "hidden", minimum=0)
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout is a probability in [0, 1), got {dropout!r}")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # drawn on the CPU: the same head everywhere
         torch.manual_seed(seed)
         k = positive_int(num_classes, "num_classes")
         head = (nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(float(dropout)), nn.Linear(hidden, k))
                 if hidden else nn.Linear(dim, k))
-    return TransferNet(features, head)
+    return TransferNet(features, head.to(model_device(backbone)))
 
 
 @torch.no_grad()
@@ -542,14 +551,16 @@ def extract_features(features: nn.Module, x: torch.Tensor, batch_size: int = 50,
     the whole :class:`TransferNet` (without augmentation), and many times faster.
 
     ``batch_size`` 50: EfficientNet-Lite0 at 48 x 48 on one CPU thread took 0.9 s per 500 images at
-    batch 50, 1.2-1.3 s at 100 and 1.3-1.4 s at 250 (measured on the course machine, 2026-12-07)."""
+    batch 50, 1.2-1.3 s at 100 and 1.3-1.4 s at 250 (measured on the course machine, 2026-12-07).
+    ``x`` may be on the CPU: each batch is moved to the model's device, where the features are returned."""
     check_model(features)
     batch_size = positive_int(batch_size, "batch_size")
+    device = model_device(features)
     was = features.training
     features.eval()
     try:
-        out = [features(x[i:i + batch_size]) for i in progress_bar(range(0, len(x), batch_size), progress=progress,
-                                                                   desc="features", leave=False)]
+        out = [features(x[i:i + batch_size].to(device))
+               for i in progress_bar(range(0, len(x), batch_size), progress=progress, desc="features", leave=False)]
     finally:
         features.train(was)
     return torch.cat(out)
@@ -571,6 +582,7 @@ def confusion_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_cla
     finally:
         for m, t in zip(model.modules(), was):
             m.training = t
+    y = y.cpu()  # labels may live on the model's device
     k = int(num_classes or max(int(y.max()), int(pred.max())) + 1)
     return np.bincount(y.numpy() * k + pred.numpy(), minlength=k * k).reshape(k, k)
 

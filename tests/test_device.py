@@ -34,6 +34,7 @@ from coursekit import (
     clever_hans,
     dream,
     faithfulness,
+    fit,
     filters,
     maximize,
     representations,
@@ -338,6 +339,21 @@ CALLS = {
     "adversarial.quantize_8bit": lambda e: lambda: A.quantize_8bit(e.x),
     "adversarial.evolve_fooling_images": lambda e: lambda: A.evolve_fooling_images(e.fashion, [1, 2], (1, 28, 28),
                                                                                  population=4, generations=2),
+    # fit (lecture 0b): training and transfer follow the model's device; data may stay on the CPU
+    "fit.stratified_subset": lambda e: lambda: fit.stratified_subset(e.x12, e.y12, 4, seed=0),
+    "fit.FlipShift": lambda e: lambda: fit.FlipShift(max_shift=2)(e.x, torch.Generator().manual_seed(0)),
+    "fit.fit": lambda e: (lambda m: lambda: fit.fit(m, (e.x12, e.y12), (e.x, e.y), epochs=1, batch_size=4,
+                                                     augment=fit.FlipShift(max_shift=1),
+                                                     callbacks=[fit.EarlyStopping(patience=1)], progress=False))(
+        _fresh_fashion_net()),
+    "fit.train_epoch": lambda e: (lambda m: lambda: fit.train_epoch(
+        m, torch.optim.SGD(m.parameters(), lr=0.01), e.x, e.y, 2, None, torch.Generator().manual_seed(0)))(
+        _fresh_fashion_net()),
+    "fit.evaluate": lambda e: lambda: fit.evaluate(e.fashion, e.x, e.y),
+    "fit.confusion_matrix": lambda e: lambda: fit.confusion_matrix(e.fashion, e.x, e.y, 10),
+    "fit.transfer_model": lambda e: lambda: (lambda m: m(_on(m, e.x)))(fit.transfer_model(e.effnet, hidden=8, size=32)),
+    "fit.extract_features": lambda e: lambda: fit.extract_features(fit.transfer_model(e.effnet, size=32).features,
+                                                                   e.x, batch_size=2, progress=False),
     "robustness.eps_sweep": lambda e: lambda: robustness.eps_sweep(e.fashion, e.x, e.y, [0.0, 0.05], progress=False),
     "robustness.eps_sweep[pgd]": lambda e: lambda: robustness.eps_sweep(e.fashion, e.x, e.y, [0.05], "pgd", steps=2,
                                                                         progress=False),
@@ -467,12 +483,18 @@ NO_TENSOR = {
     "geometry.EmpiricalReceptiveField", "geometry.ReceptiveField", "geometry.UnitWindows",
     "geometry.UnsupportedLayerError", "geometry.analytic_fields", "geometry.input_hw", "geometry.per_dimension",
     "geometry.collapse_pair",  # module-geometry arithmetic: names and numbers, no tensor
+    "fit.split_fashion_mnist",  # the dataset on the CPU, like fashion_mnist: the training loop moves each batch
+    "fit.small_cnn",  # a new model on PyTorch's default device, as nn.Conv2d makes: the caller moves it
+    "fit.History", "fit.Callback", "fit.EarlyStopping", "fit.LivePlot", "fit.Split",  # containers and callbacks:
+    "fit.plot_history", "fit.plot_confusion",  # numbers and numpy arrays (EarlyStopping's weights: in fit.fit)
+    "fit.FrozenFeatures", "fit.TransferNet",  # nn.Modules made by transfer_model (called there)
 }
 LECTURE_MODULES = ("models", "hooks", "images", "plotting", "maps", "geometry", "filters", "receptive_fields", "maximize",
+                   "fit",
                    "representations", "saliency", "cam", "sanity", "faithfulness", "lrp", "clever_hans",
                    "adversarial", "robustness", "dream", "style")
 # Not in LECTURE_MODULES: widgets (draws what its caller computes), checks (exercise checks on small
-# CPU tensors), train (a command-line script), offline_html (no tensors), and the plumbing (guard,
+# CPU tensors), train (a command-line script; fit, its engine, is listed), offline_html (no tensors), and the plumbing (guard,
 # inputs, gradients, rules, optimize, objectives, image_params, progress), which every entry above runs.
 
 
@@ -614,7 +636,7 @@ FOLLOW_THE_INPUT = {
     "adversarial.quantize_8bit", "robustness.plot_sweeps", "dream.dream_step", "style.content_loss",
     "style.gram_matrix", "style.gram_errors", "style.style_loss", "style.tv_loss", "representations.nearest_neighbours",
     "adversarial.margin", "adversarial.attack_objective", "clever_hans.SpectralAnalysis[cluster_means]",
-    "style.StyleResult[best_so_far]",
+    "style.StyleResult[best_so_far]", "fit.stratified_subset", "fit.FlipShift",
 }
 # module-level tensors: each must be moved to the data's device where it is used
 MODULE_CONSTANTS = {"clever_hans": ["WATERMARK"], "image_params": ["_COLOR_SQRT"], "objectives": ["_LAPLACIAN"]}

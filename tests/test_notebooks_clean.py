@@ -79,3 +79,14 @@ def test_lectures_end_with_what_to_remember_and_the_exercises(path):
     dpi = re.findall(r"notebook_figures\(\s*dpi=(\d+)|rcParams\[\"figure\.dpi\"\]\s*=\s*(\d+)", code)
     assert dpi and all(int(a or b) >= 100 for a, b in dpi), \
         f"{path.name}: draw figures at >= 100 dpi (coursekit.plotting.notebook_figures), found {dpi}"
+
+
+@pytest.mark.parametrize("path", LECTURES, ids=[p.stem for p in LECTURES])
+def test_lectures_take_a_device_parameter(path):
+    """Issue 16: every lecture runs on a GPU when there is one: DEVICE = "auto" in its parameters cell, resolved."""
+    nb = nbformat.read(path, as_version=4)
+    params = [c.source for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    assert any(re.search(r'^DEVICE = "auto"', s, re.M) for s in params), \
+        f'{path.name}: no DEVICE = "auto" in a cell tagged "parameters"'
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "resolve_device(DEVICE)" in code, f"{path.name}: DEVICE is never resolved (ck.resolve_device(DEVICE))"
