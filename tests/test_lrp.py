@@ -160,6 +160,23 @@ def test_gamma_by_hand_with_and_without_relevance_at_negative_outputs(relu_behin
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("size", [(9, 10), (16, 16), (7, 12)])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv2d_same_product_equals_autograd(size, groups):
+    """timm's Conv2dSame (TensorFlow "same" padding): the explicit padded product, cropped, is autograd's gradient."""
+    from timm.layers import Conv2dSame
+
+    from coursekit.lrp.rules import _vjp
+
+    torch.manual_seed(2)
+    conv = Conv2dSame(4, 8, 3, stride=2, groups=groups).requires_grad_(False)
+    x = torch.randn(2, 4, *size, requires_grad=True)
+    out = conv(x)
+    s = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, x, s)
+    torch.testing.assert_close(_vjp(conv, x.detach(), conv.weight, s), expected)
+
+
 def test_flat_and_wsquare_by_hand():
     r = torch.tensor([[1.0, 2.0]])
     torch.testing.assert_close(rel_through(L.Flat(), r_out=r), (r / 3).sum(1, keepdim=True).expand(1, 3), atol=1e-5, rtol=1e-5)

@@ -166,6 +166,8 @@ def _vjp(module: nn.Module, x: torch.Tensor, weight, s: torch.Tensor) -> torch.T
     """``J^T s`` of the layer's linear part at ``x`` (weights ``weight``): ``sum_j w_ij s_j``."""
     if _fast(module):
         return _fast_vjp(module, x.shape, weight, s)
+    if _tf_same(module):
+        return _same_vjp(module, x, weight, s)
     xi = x.detach().requires_grad_(True)
     with torch.enable_grad():
         z = _forward(module, xi, weight, None)
@@ -179,6 +181,22 @@ def _fast_vjp(module: nn.Module, shape, weight, s: torch.Tensor) -> torch.Tensor
         return s @ weight  # (N, out) @ (out, in) -> (N, in)
     grad = _CONV[type(module)][1]
     return grad(shape, weight, s, module.stride, module.padding, module.dilation, module.groups)
+
+
+def _tf_same(module: nn.Module) -> bool:
+    """timm's ``Conv2dSame``: TensorFlow "same" zero padding computed from the input size, then a plain convolution."""
+    return type(module).__name__ == "Conv2dSame" and type(module).__module__.startswith("timm.") \
+        and isinstance(module, nn.Conv2d)
+
+
+def _same_vjp(module: nn.Module, x: torch.Tensor, weight, s: torch.Tensor) -> torch.Tensor:
+    """``J^T s`` of a ``Conv2dSame``: the padded input's product, cropped (autograd's steps, without its forward)."""
+    pads = [max((-(-size // st) - 1) * st + (k - 1) * d + 1 - size, 0)
+            for size, k, st, d in zip(x.shape[-2:], weight.shape[-2:], module.stride, module.dilation)]
+    shape = (*x.shape[:-2], x.shape[-2] + pads[0], x.shape[-1] + pads[1])
+    g = torch.nn.grad.conv2d_input(shape, weight, s, module.stride, 0, module.dilation, module.groups)
+    top, left = pads[0] // 2, pads[1] // 2
+    return g[..., top:top + x.shape[-2], left:left + x.shape[-1]]
 
 
 # ----------------------------------------------------------------------------------------------
