@@ -299,8 +299,10 @@ class _Frozen:
         x_adv[done] = self.iterate[done]
 
 
-def _run_attack(model, x, y, t, start, config: AttackConfig):
+def _run_attack(model, x, y, t, start, config: AttackConfig, final: bool = True):
     """One attack run on a batch from ``start``; returns (x_adv, fooled (N,), objective (N,)).
+
+    ``final=False``: (x_adv, None, None), without the forward pass that scores the last iterate.
 
     x, start (N, C, H, W); y (N,); t (N,) or None. With ``config.early_stop``, an image that fools
     the model is frozen at that iterate (:class:`_Frozen`: explicitly, whatever the optimiser does) and
@@ -330,6 +332,8 @@ def _run_attack(model, x, y, t, start, config: AttackConfig):
 
     ascend(value, [x_adv], config.optimizer(x), config.steps, progress=False, on_value=stop,
            after_step=None if frozen is None else lambda step: frozen.restore(x_adv))
+    if not final and frozen is None:
+        return x_adv.detach(), None, None
     return _final_state(model, x_adv.detach(), y, t, config, frozen)
 
 
@@ -381,6 +385,7 @@ def _attack(model, x, y, t, config: AttackConfig, *, start=None, restarts=1, bat
     jobs = [(a, b, r) for a, b in batches(len(x), batch_size) for r in range(restarts)]
     best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     best_value = torch.full((len(x),), -math.inf, dtype=x.dtype, device=x.device)  # x has the model's dtype
+    single = restarts == 1 and not config.early_stop  # one run: its last iterate is the answer, no scoring pass
     for a, b, r in progress_bar(jobs, desc=desc, progress=progress, leave=False):
         xb = x[a:b]
         begin = start(xb) if start is not None else xb
@@ -390,7 +395,11 @@ def _attack(model, x, y, t, config: AttackConfig, *, start=None, restarts=1, bat
             todo, xb, begin = todo[keep], xb[keep], begin[keep]
             if not len(todo):
                 continue
-        adv, fooled, value = _run_attack(model, xb, y[todo], None if t is None else t[todo], begin, config)
+        adv, fooled, value = _run_attack(model, xb, y[todo], None if t is None else t[todo], begin, config,
+                                         final=not single)
+        if single:
+            out[todo] = adv
+            continue
         # keep: fooled beats not fooled; among the not fooled, the higher objective
         better = (fooled & ~best_fooled[todo]) | ((fooled == best_fooled[todo]) & (value > best_value[todo]))
         out[todo[better]] = adv[better]

@@ -109,6 +109,74 @@ def test_zbox_by_hand():
     torch.testing.assert_close(rel_through(L.ZBox(low, high), r_out=r), expected)
 
 
+_ZBOX_LAYERS = [
+    lambda: nn.Conv2d(3, 8, 3, padding=1),
+    lambda: nn.Conv2d(3, 8, 5, stride=2, padding=2, bias=False),
+    lambda: nn.Conv2d(2, 4, 3, stride=(1, 2), padding=(0, 1), dilation=2),
+    lambda: nn.Conv1d(3, 5, 4, stride=2, padding=1),
+    lambda: nn.Conv3d(2, 3, 3, padding=1),
+    lambda: nn.Linear(6, 4),
+    lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2),  # grouped: the generic path
+]
+
+
+@pytest.mark.parametrize("bounds", ["number", "per channel", "per pixel"])
+@pytest.mark.parametrize("make", _ZBOX_LAYERS)
+def test_fused_zbox_equals_the_generic_terms(make, bounds):
+    """z^B's one forward on the stacked bounds and one stacked J^T s give the three terms' relevance."""
+    torch.manual_seed(0)
+    layer = make().requires_grad_(False)
+    c = layer.weight.shape[1] * (getattr(layer, "groups", 1))
+    spatial = {nn.Linear: (), nn.Conv1d: (9,), nn.Conv2d: (9, 10), nn.Conv3d: (5, 6, 7)}[type(layer)]
+    x = torch.rand(3, c, *spatial) * 2 - 0.5
+    low, high = {"number": (-0.5, 1.5), "per channel": (-0.5 - torch.rand(c), 1.5 + torch.rand(c)),
+                 "per pixel": (-0.5 - torch.rand(1, c, *spatial), 1.5 + torch.rand(1, c, *spatial))}[bounds]
+    rule = L.ZBox(low, high)
+    generic = L.LRPRule(rule.groups, stabilizer=rule.stabilizer, bias=True)
+    out = layer(x)
+    r = torch.randn_like(out)
+    (fused,) = rule.backward(layer, (x,), out, r)
+    (expected,) = generic.backward(layer, (x,), out, r)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused.sum(), expected.sum(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("relu_behind", [True, False])
+def test_gamma_by_hand_with_and_without_relevance_at_negative_outputs(relu_behind):
+    """Behind a ReLU the negative outputs get no relevance and gamma's mirror group is skipped (exactly)."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, padding=1).requires_grad_(False)
+    x = torch.rand(2, 4, 7, 7)
+    out = conv(x)
+    r = torch.rand_like(out) * (out > 0) if relu_behind else torch.randn_like(out)
+    gamma, w, b = 0.25, conv.weight, conv.bias
+    expected = torch.zeros_like(x)
+    for part, mask in ((lambda t: t.clamp(min=0), out > 0), (lambda t: t.clamp(max=0), out < 0)):
+        wg, bg = w + gamma * part(w), b + gamma * part(b)
+        z = torch.nn.functional.conv2d(x, wg, bg, padding=1)
+        s = r / (z + 1e-6 * torch.where(z >= 0, 1.0, -1.0)) * mask
+        expected += x * torch.nn.grad.conv2d_input(x.shape, wg, s, padding=1)
+    (got,) = L.Gamma(gamma).backward(conv, (x,), out, r)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("size", [(9, 10), (16, 16), (7, 12)])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv2d_same_product_equals_autograd(size, groups):
+    """timm's Conv2dSame (TensorFlow "same" padding): the explicit padded product, cropped, is autograd's gradient."""
+    from timm.layers import Conv2dSame
+
+    from coursekit.lrp.rules import _vjp
+
+    torch.manual_seed(2)
+    conv = Conv2dSame(4, 8, 3, stride=2, groups=groups).requires_grad_(False)
+    x = torch.randn(2, 4, *size, requires_grad=True)
+    out = conv(x)
+    s = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, x, s)
+    torch.testing.assert_close(_vjp(conv, x.detach(), conv.weight, s), expected)
+
+
 def test_flat_and_wsquare_by_hand():
     r = torch.tensor([[1.0, 2.0]])
     torch.testing.assert_close(rel_through(L.Flat(), r_out=r), (r / 3).sum(1, keepdim=True).expand(1, 3), atol=1e-5, rtol=1e-5)

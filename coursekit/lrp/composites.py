@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
 from ..registry import Registry
@@ -134,7 +135,8 @@ class LRPComposite(Composite):
 
         ``passes=False`` records only the layers whose rule may change the total: not those that keep
         their plain gradient (max pooling, reshapes; observing them costs a second pass) nor those
-        that relay relevance unchanged (ReLU, the normalisation).
+        that relay relevance unchanged (ReLU, the normalisation), and sums each tensor in its memory
+        order (no channels-last copy; the sums then differ from ``passes=True`` in float rounding only).
         """
         return self._copy(_record=store, _record_passes=passes)
 
@@ -178,22 +180,27 @@ class LRPComposite(Composite):
             if isinstance(rule, Pass) and leaf and self._record_passes and not isinstance(module, (nn.Identity, nn.Dropout)):
                 rule = _Recorded(GradientRule(), name, self._record)
             elif isinstance(rule, BackwardRule) and (self._record_passes or not isinstance(rule, Relay)):
-                rule = _Recorded(rule, name, self._record)
+                rule = _Recorded(rule, name, self._record, exact=self._record_passes)
         return rule
 
 
 class _Recorded(BackwardRule):
     """A rule that also writes the relevance sums at its output and inputs (for conservation plots)."""
 
-    def __init__(self, inner: BackwardRule, layer: str, store: list):
-        self.inner, self.layer, self.store = inner, layer, store
+    def __init__(self, inner: BackwardRule, layer: str, store: list, exact: bool = True):
+        self.inner, self.layer, self.store, self.exact = inner, layer, store, exact
         self.name = inner.name
+
+    def _sums(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if self.exact:  # in the (N, C, H, W) order, whatever the memory layout (conservation tables print these)
+            return t.flatten(1).sum(1)
+        return t.sum(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t  # no channels-last copy (lrp's check)
 
     def backward(self, module, inputs, output, grad_out):
         grads = self.inner.backward(module, inputs, output, grad_out)
-        per_sample = [g.detach().flatten(1).sum(1) for g in grads if g is not None]  # (N,) each
-        self.store.append((self.layer, type(module).__name__, repr(self.inner),
-                           grad_out.detach().flatten(1).sum(1), sum(per_sample)))
+        per_sample = [self._sums(g) for g in grads if g is not None]  # (N,) each
+        self.store.append((self.layer, type(module).__name__, repr(self.inner), self._sums(grad_out), sum(per_sample)))
         return grads
 
 

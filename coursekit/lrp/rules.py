@@ -61,7 +61,7 @@ def stabilize(z: torch.Tensor, epsilon: float, relative: bool = False) -> torch.
     if epsilon == 0:
         return z.masked_fill(z == 0, float("inf"))
     eps = epsilon * z.pow(2).mean(dim=tuple(range(1, z.dim())), keepdim=True).sqrt() if relative else epsilon
-    return z + eps * (2 * (z >= 0).to(z) - 1)
+    return torch.where(z >= 0, z + eps, z - eps)  # = z + eps * (+1 or -1), bit for bit, in fewer passes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,16 +164,39 @@ def _forward(module: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
 
 def _vjp(module: nn.Module, x: torch.Tensor, weight, s: torch.Tensor) -> torch.Tensor:
     """``J^T s`` of the layer's linear part at ``x`` (weights ``weight``): ``sum_j w_ij s_j``."""
-    if type(module) is nn.Linear:
-        return s @ weight  # (N, out) @ (out, in) -> (N, in)
     if _fast(module):
-        grad = _CONV[type(module)][1]
-        return grad(x.shape, weight, s, module.stride, module.padding, module.dilation, module.groups)
+        return _fast_vjp(module, x.shape, weight, s)
+    if _tf_same(module):
+        return _same_vjp(module, x, weight, s)
     xi = x.detach().requires_grad_(True)
     with torch.enable_grad():
         z = _forward(module, xi, weight, None)
         (g,) = torch.autograd.grad(z, xi, s)
     return g
+
+
+def _fast_vjp(module: nn.Module, shape, weight, s: torch.Tensor) -> torch.Tensor:
+    """``J^T s`` of a plain Linear / Conv layer with weights ``weight`` and inputs of ``shape``."""
+    if type(module) is nn.Linear:
+        return s @ weight  # (N, out) @ (out, in) -> (N, in)
+    grad = _CONV[type(module)][1]
+    return grad(shape, weight, s, module.stride, module.padding, module.dilation, module.groups)
+
+
+def _tf_same(module: nn.Module) -> bool:
+    """timm's ``Conv2dSame``: TensorFlow "same" zero padding computed from the input size, then a plain convolution."""
+    return type(module).__name__ == "Conv2dSame" and type(module).__module__.startswith("timm.") \
+        and isinstance(module, nn.Conv2d)
+
+
+def _same_vjp(module: nn.Module, x: torch.Tensor, weight, s: torch.Tensor) -> torch.Tensor:
+    """``J^T s`` of a ``Conv2dSame``: the padded input's product, cropped (autograd's steps, without its forward)."""
+    pads = [max((-(-size // st) - 1) * st + (k - 1) * d + 1 - size, 0)
+            for size, k, st, d in zip(x.shape[-2:], weight.shape[-2:], module.stride, module.dilation)]
+    shape = (*x.shape[:-2], x.shape[-2] + pads[0], x.shape[-1] + pads[1])
+    g = torch.nn.grad.conv2d_input(shape, weight, s, module.stride, 0, module.dilation, module.groups)
+    top, left = pads[0] // 2, pads[1] // 2
+    return g[..., top:top + x.shape[-2], left:left + x.shape[-1]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,46 +235,88 @@ class LRPRule(BackwardRule):
 
     @reference  # the engine of every LRP rule: exercise set 04_lrp blocks it
     def backward(self, module, inputs, output, grad_out):
-        """Relevance at the inputs from relevance ``grad_out`` at the output (the gradient trick)."""
+        """Relevance at the inputs from relevance ``grad_out`` at the output (the gradient trick).
+
+        A group whose outputs receive no relevance (``where="negative"`` behind a ReLU, whose
+        negative outputs pass none on) is skipped: its terms would add exactly zero.
+        """
         xs = [t.detach() for t in inputs]
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None) if self.bias else None
         weight = weight.detach() if isinstance(weight, torch.Tensor) else None
         bias = bias.detach() if isinstance(bias, torch.Tensor) else None
-        relevance = [torch.zeros_like(x) for x in xs]
+        fused = self._fused_backward(module, xs, output, grad_out, weight, bias)
+        if fused is not None:
+            return fused
+        relevance = [None] * len(xs)
         for group in self.groups:
-            if group.scale == 0:
+            mask = _group_mask(group, output, grad_out)
+            if mask is False:
                 continue
-            parts, z = [], None
-            for term in group.terms:
-                tx = [term.input(x) for x in xs]
-                w = term.weight(weight) if weight is not None else None
-                b = term.bias(bias) if (bias is not None and term.bias is not None) else None
-                if b is None and all(not t.any() for t in tx):
-                    continue  # a zero input without bias adds nothing (e.g. x- after a ReLU)
-                if (term.unmodified and weight is not None and self.bias) or term.op is _own_map:
-                    zk = output.detach()  # the layer's own output: no second forward
-                elif term.op is not None:
-                    zk = term.op(module, *tx)
-                elif weight is None:
-                    zk = module.forward(*tx)
-                else:
-                    zk = _forward(module, tx[0], w, b)
-                z = term.sign * zk if z is None else z + term.sign * zk
-                parts.append((term, tx, w))
+            parts, z = self._terms(group, module, xs, output, weight, bias)
             if z is None:
                 continue
             s = grad_out / stabilize(z, self.stabilizer, self.relative)  # (N, out...)
-            if group.where != "all":
-                s = s * ((output > 0) if group.where == "positive" else (output < 0)).to(s)
+            if mask is not None:
+                s.mul_(mask)
             for term, tx, w in parts:
-                if weight is not None:
-                    grads = [_vjp(module, tx[0], w, s)]
-                else:
-                    grads = _param_free_vjp(module, term, tx, s)
+                grads = [_vjp(module, tx[0], w, s)] if weight is not None else _param_free_vjp(module, term, tx, s)
+                coef = group.scale * term.sign
                 for i, (t, g) in enumerate(zip(tx, grads)):
-                    relevance[i] = relevance[i] + (group.scale * term.sign) * t * g
-        return tuple(relevance)
+                    contribution = (t if coef == 1 else coef * t) * g
+                    relevance[i] = contribution if relevance[i] is None else relevance[i].add_(contribution)
+        return tuple(torch.zeros_like(x) if r is None else r for x, r in zip(xs, relevance))
+
+    def _terms(self, group: Group, module, xs, output, weight, bias):
+        """The group's terms that contribute ``(term, modified inputs, modified weight)`` and their summed outputs."""
+        parts, z = [], None
+        for term in group.terms:
+            tx = [term.input(x) for x in xs]
+            w = term.weight(weight) if weight is not None else None
+            b = term.bias(bias) if (bias is not None and term.bias is not None) else None
+            if b is None and all(not t.any() for t in tx):
+                continue  # a zero input without bias adds nothing (e.g. x- after a ReLU)
+            if (term.unmodified and weight is not None and self.bias) or term.op is _own_map:
+                zk = output.detach()  # the layer's own output: no second forward
+            elif term.op is not None:
+                zk = term.op(module, *tx)
+            elif weight is None:
+                zk = module.forward(*tx)
+            else:
+                zk = _forward(module, tx[0], w, b)
+            z = _signed_sum(z, term.sign, zk)
+            parts.append((term, tx, w))
+        return parts, z
+
+    def _fused_backward(self, module, xs, output, grad_out, weight, bias):
+        """A rule-specific faster path with the same result, or None (the generic terms)."""
+        return None
+
+
+def _signed_sum(z, sign: float, zk: torch.Tensor) -> torch.Tensor:
+    """``z + sign * zk`` (``sign * zk`` when ``z`` is None), without multiplying by 1 or -1."""
+    if z is None:
+        return zk if sign == 1 else sign * zk
+    if sign == 1:
+        return z + zk
+    return z - zk if sign == -1 else z + sign * zk
+
+
+def _group_mask(group: Group, output: torch.Tensor, grad_out: torch.Tensor):
+    """The group's output mask (None: all outputs), or False when no relevance reaches its outputs.
+
+    False is exact: ``s = R / z`` is then zero wherever the mask lets it through, and every term of
+    the group adds ``x * J^T 0 = 0``. Behind a ReLU the outputs below zero receive no relevance (the
+    next layer's inputs are zero there), so LRP-gamma's mirror-image group costs nothing.
+    """
+    if group.scale == 0:
+        return False
+    if group.where == "all":
+        return None
+    mask = (output > 0) if group.where == "positive" else (output < 0)
+    if not bool(torch.logical_and(grad_out != 0, mask).any()):
+        return False
+    return mask
 
 
 def _param_free_vjp(module, term: Term, tx, s):
@@ -381,6 +446,29 @@ class ZBox(LRPRule):
 
     def _upper(self, x):
         return self._bound(self._bounds[1], x)
+
+    def _fused_backward(self, module, xs, output, grad_out, weight, bias):
+        """z^B's three terms in one forward on the bounds and one vector-Jacobian product.
+
+        The bounds are the same for every image, so their term ``l w+ + h w-`` is one convolution of
+        a single stacked image ``[l, h]`` with the stacked weights ``[w+, w-]``, broadcast over the
+        batch; the three products ``J^T s`` (weights ``w``, ``w+``, ``w-``) are one transposed
+        convolution with the weights stacked along the input channels. Equal to the generic terms up
+        to float rounding (tests/test_lrp.py compares them); other layers take the generic path.
+        """
+        if weight is None or len(xs) != 1 or not _fast(module) or getattr(module, "groups", 1) != 1 \
+                or (type(module) is nn.Linear and xs[0].dim() != 2):
+            return None
+        x = xs[0]
+        low, high = self._lower(x[:1]), self._upper(x[:1])  # (1, C, ...) views
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        bound_bias = None if bias is None else bias.clamp(min=0) + bias.clamp(max=0)
+        zb = _forward(module, torch.cat([low, high], 1), torch.cat([w_pos, w_neg], 1), bound_bias)
+        s = grad_out / stabilize(output.detach() - zb, self.stabilizer)
+        shape = (x.shape[0], 3 * x.shape[1], *x.shape[2:])
+        g = _fast_vjp(module, shape, torch.cat([weight, w_pos, w_neg], 1), s)
+        g_x, g_low, g_high = g.split(x.shape[1], dim=1)
+        return (x * g_x - low * g_low - high * g_high,)
 
     def through(self, mean, std) -> ZBox:
         """The same pixel bounds behind a normalisation ``(x - mean) / std``."""
