@@ -309,7 +309,7 @@ def show_effective_receptive_fields(fields: Sequence[EffectiveReceptiveField], f
     The map is a share of the gradient (non-negative), drawn from 0 (``magma``) with a colour bar;
     the solid cyan box is the theoretical field, the dashed squares hold ``fractions`` of the map
     around its centre of mass. A panel whose theoretical box lies inside the image is zoomed in on
-    it (the axes count input pixels). Returns the figure.
+    it (the axes count input pixels, and say so). Returns the figure.
     """
     if not fields or not all(isinstance(f, EffectiveReceptiveField) for f in fields):
         raise TypeError("show_effective_receptive_fields takes a list of effective_receptive_field(...) results")
@@ -339,9 +339,11 @@ def show_effective_receptive_fields(fields: Sequence[EffectiveReceptiveField], f
         ax.set_xlim(view[0], view[1])
         ax.set_ylim(view[2], view[3])
         ax.tick_params(labelsize=7)
+        ax.set_xlabel("x (input pixels)", fontsize=8)
+        ax.set_ylabel("y (input pixels)", fontsize=8)
         ax.set_title(f"{f.layer}, unit {f.unit}" + ("" if view[0] < 0 and view[1] > m.shape[1] - 1 else " (zoomed in)"),
                      fontsize=9)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7.5, frameon=False, ncols=1)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7.5, frameon=False, ncols=1)
     fig.suptitle(title or f"Effective receptive fields: mean |d unit / d image| over {fields[0].images} images", fontsize=10)
     return fig
 

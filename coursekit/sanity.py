@@ -400,8 +400,8 @@ def plot_randomization_maps(result: RandomizationResult, image: int = 0, steps: 
     """The absolute maps of each method (rows) after each randomisation step (columns).
 
     Each map is shown on its own scale, from 0 to its 99th percentile (so that a few extreme pixels
-    do not turn the rest black). ``steps`` picks columns (indices into ``result.steps``).
-    Returns the matplotlib Figure.
+    do not turn the rest black), with one colour bar for that shared 0-1 scale. ``steps`` picks
+    columns (indices into ``result.steps``). Returns the matplotlib Figure.
     """
     import matplotlib.pyplot as plt
 
@@ -409,19 +409,22 @@ def plot_randomization_maps(result: RandomizationResult, image: int = 0, steps: 
         raise ValueError("the result has no maps: run the test with keep_maps=True")
     cols = list(range(len(result.steps))) if steps is None else list(steps)
     methods = list(result.maps)
-    fig, axes = plt.subplots(len(methods), len(cols), figsize=(size * len(cols), size * len(methods) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(methods), len(cols), figsize=(size * len(cols) + 0.8, size * len(methods) + 0.5), squeeze=False,
+                             layout="constrained")
     for r, name in enumerate(methods):
         for c, k in enumerate(cols):
             m = result.maps[name][k][image].cpu().numpy()  # (H, W), non-negative
             top = np.quantile(m, 0.99)
             top = top if top > 0 else m.max()
-            axes[r, c].imshow(np.clip(m / top, 0, 1) if top > 0 else np.zeros_like(m), cmap="gray", vmin=0, vmax=1)
+            im = axes[r, c].imshow(np.clip(m / top, 0, 1) if top > 0 else np.zeros_like(m), cmap="gray", vmin=0, vmax=1)
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if r == 0:
                 axes[r, c].set_title(result.steps[k], fontsize=7, rotation=30)
             if c == 0:
                 axes[r, c].set_ylabel(name, fontsize=8)
+    bar = fig.colorbar(im, ax=axes, shrink=0.5, aspect=30, pad=0.02)  # every panel shares the scale 0 .. 1
+    bar.set_label("|map| / its 99th percentile, per map", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     fig.suptitle("|map| after randomising the layers above each column (left: trained model)", fontsize=10)
-    fig.tight_layout()
     return fig

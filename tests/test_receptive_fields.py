@@ -427,6 +427,7 @@ def test_effective_receptive_field_errors_and_figure(fashion_arch):
     fields = [rf.effective_receptive_field(fashion_arch, n, images) for n in ("features.2", "features.9")]
     fig = rf.show_effective_receptive_fields(fields)
     assert sum(1 for ax in fig.axes if ax.images) == 2
+    assert all("pixels" in ax.get_xlabel() and "pixels" in ax.get_ylabel() for ax in fig.axes if ax.images)
     assert all("theoretical" in " ".join(t.get_text() for t in ax.get_legend().get_texts()) for ax in fig.axes if ax.images)
     with pytest.raises(TypeError):
         rf.show_effective_receptive_fields([])

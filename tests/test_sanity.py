@@ -161,7 +161,8 @@ def test_table_and_plots(fashion, fashion_test):
     assert not torch.equal(res.maps["gradient"][0], res.maps["gradient"][1])
     torch.testing.assert_close(res.maps["edges"][0], res.maps["edges"][2])
     fig = sanity.plot_randomization_maps(res, image=1)
-    assert len(fig.axes) == 2 * 3
+    assert len(fig.axes) == 2 * 3 + 1  # the maps and one shared colour bar
+    assert "99th percentile" in fig.axes[-1].get_ylabel()  # the bar says what the scale is
     with pytest.raises(ValueError, match="ssim"):
         sanity.plot_randomization(res, metric="ssim")
 
