@@ -144,3 +144,22 @@ def test_notebook_figures_palette_png_reaches_the_inline_formatter():
         plt.close(fig)
     finally:
         InteractiveShell.clear_instance()
+
+
+def test_figure_png_dithering_is_a_choice():
+    import matplotlib.pyplot as plt
+
+    from coursekit.plotting import figure_png
+
+    fig = _noise_figure(1)
+    exact = _decode(figure_png(fig))
+    dithered, banded = _decode(figure_png(fig, colors=16)), _decode(figure_png(fig, colors=16, dither=False))
+    for im in (dithered, banded):
+        assert len(np.unique(im.reshape(-1, 3), axis=0)) <= 16
+    assert not np.array_equal(dithered, banded)
+    # dithering spreads the error: local means (8x8 blocks) stay closer to the figure's
+    def blocks(a):
+        h, w = (a.shape[0] // 8) * 8, (a.shape[1] // 8) * 8
+        return a[:h, :w].reshape(h // 8, 8, w // 8, 8, 3).mean((1, 3))
+    assert np.abs(blocks(dithered) - blocks(exact)).mean() < np.abs(blocks(banded) - blocks(exact)).mean()
+    plt.close(fig)
