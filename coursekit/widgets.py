@@ -282,18 +282,18 @@ class Explorer:
     def displays(self) -> list[dict]:
         """Widget mode: every output shown, in order: the widget, the style, the picture.
 
-        The picture's output is a PNG (``image/png``, which every renderer shows, also in an
-        untrusted notebook) and a plain line; the style (``text/html``) hides it next to the live
-        widget and hides the widget's error in a reopened notebook (see the module's
-        ``_SNAPSHOT_STYLE``). Without a picture, only the widget.
+        The picture's output is an image, which every renderer shows, also in an untrusted
+        notebook (PNG, or JPEG where that is less than half the size, as for a photo), and a plain
+        line; the style (``text/html``) hides it next to the live widget and hides the widget's
+        error in a reopened notebook (see the module's ``_SNAPSHOT_STYLE``). Without a picture,
+        only the widget.
         """
         widget = self.mimebundle()
         if self.picture is None:
             return [widget]
         style = {"text/html": _SNAPSHOT_STYLE, "text/plain": ""}
-        picture = {"image/png": base64.b64encode(self.picture).decode("ascii"),
-                   "text/plain": self.description}
-        return [widget, style, picture]
+        mime, data = _compact(self.picture)
+        return [widget, style, {mime: base64.b64encode(data).decode("ascii"), "text/plain": self.description}]
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -363,57 +363,45 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
     return _live_explorer(draw, ctrls, size, title)
 
 
-def _view_png(draw, controls: list[Control], values: Mapping[str, Any], size: float, title: str | None) -> bytes:
-    """One view of the live explorer, drawn and encoded as PNG at the figure's dpi (closed from pyplot)."""
+def _compact(png: bytes) -> tuple[str, bytes]:
+    """``("image/png", png)``, or ``("image/jpeg", ...)`` (quality 90, on white) when that is less
+    than half the size: a view of a photo or a heat map is about a quarter of its PNG as JPEG."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGBA")
+    flat = Image.new("RGBA", image.size, "white")
+    flat.alpha_composite(image)
+    buffer = io.BytesIO()
+    flat.convert("RGB").save(buffer, format="JPEG", quality=90)
+    jpeg = buffer.getvalue()
+    return ("image/jpeg", jpeg) if 2 * len(jpeg) < len(png) else ("image/png", png)
+
+
+def _live_explorer(draw, controls: list[Control], size: float, title: str | None) -> Explorer:
+    """The widget mode of :func:`explorer`: controls above an output that redraws on every change."""
+    import ipywidgets as w
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(size * 1.25, size))
-    try:
+    built = {c.name: c.build() for c in controls}
+    first_view: list[bytes] = []
+
+    def redraw(**values):
+        fig, ax = plt.subplots(figsize=(size * 1.25, size))
         draw(ax, **values)
         if title:
             fig.suptitle(_fill_title(title, controls, values))  # a template follows the controls
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")
-    finally:
-        plt.close(fig)  # not shown again by the inline backend at the end of the cell
-    return buffer.getvalue()
+        if not first_view:  # the picture a saved notebook keeps (see Explorer)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", bbox_inches="tight")
+            first_view.append(buffer.getvalue())
+        plt.show()
 
-
-def _png_output(png: bytes, text: str) -> dict:
-    return {"output_type": "display_data", "metadata": {},
-            "data": {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": text}}
-
-
-def _live_explorer(draw, controls: list[Control], size: float, title: str | None) -> Explorer:
-    """The widget mode of :func:`explorer`: controls above an output that redraws on every change.
-
-    The first view is put into the output widget's ``outputs`` directly: drawn inside ``with out:``
-    during the cell's execution, JupyterLab showed it twice, in the widget and as an output of the
-    cell (the widget's capture of that execution's messages starts only once its model exists in
-    the browser). Later views are drawn inside ``with out:``, so that what ``draw`` prints and its
-    errors show in the widget.
-    """
-    import ipywidgets as w
-    from IPython.display import Image, clear_output, display
-
-    built = {c.name: c.build() for c in controls}
-    out = w.Output()
-
-    def redraw(change=None):
-        values = {name: widget.value for name, widget in built.items()}
-        with out:
-            clear_output(wait=True)
-            display(Image(_view_png(draw, controls, values, size, title)))
-
-    first = _view_png(draw, controls, {name: widget.value for name, widget in built.items()}, size, title)
-    out.outputs = (_png_output(first, "<Figure>"),)
-    for widget in built.values():
-        widget.observe(redraw, "value")
+    out = w.interactive_output(redraw, built)  # draws the first view now
     shown = ", ".join(f"{c.name}={_short(c.default)}" for c in controls)
     first_title = _fill_title(title, controls, {c.name: c.default for c in controls})
     description = (f"Explorer{': ' + first_title if first_title else ''} (live controls need a running kernel; "
                    f"the picture shows {shown})")
     box = w.VBox([w.HBox(list(built.values())), out])
     box.add_class(_LIVE_CLASS)  # the saved picture's style recognises the live view by it
-    return Explorer(widget=box, picture=first, description=description)
+    return Explorer(widget=box, picture=first_view[0] if first_view else None, description=description)

@@ -97,11 +97,11 @@ def test_static_errors():
         explorer(draw, CONTROLS, mode="live")
 
 
-def test_widget_mode_builds_controls_and_redraws_on_change():
+def test_widget_mode_builds_controls_and_redraws_on_change(monkeypatch):
     import matplotlib.pyplot as plt
 
+    monkeypatch.setattr(plt, "show", lambda *a, **k: None)
     draw = Recorder()
-    figures = plt.get_fignums()
     view = explorer(draw, CONTROLS, mode="widget")
     assert view.mode == "widget" and view.figure is None
     assert repr(view) == "Explorer(widget, controls=['image', 'method', 'alpha'])"
@@ -113,7 +113,6 @@ def test_widget_mode_builds_controls_and_redraws_on_change():
     assert draw.calls == [{"image": "cat", "method": "gc", "alpha": 0.0}]  # drawn once with the defaults
     controls[1].value = "sg"
     assert draw.calls[-1] == {"image": "cat", "method": "sg", "alpha": 0.0}
-    assert plt.get_fignums() == figures  # every view is closed (the inline backend would show it again)
 
 
 def _has_arguments(css: str) -> list[str]:
@@ -148,16 +147,32 @@ def test_widget_mode_keeps_a_picture_for_static_renderers(monkeypatch):
     assert "VBox" not in bundle["text/plain"]
     assert "image=cat" in bundle["text/plain"] and "demo" in bundle["text/plain"]
     assert set(picture) == {"image/png", "text/plain"} and base64.b64decode(picture["image/png"]) == view.picture
+    assert picture["text/plain"] == bundle["text/plain"]
     assert style["text/plain"] == "" and style["text/html"].startswith("<style")
     assert "coursekit-explorer" in view.widget._dom_classes  # what the style recognises the live view by
     assert [b for b, _ in shown] == view.displays()
-    # the first view is the output widget's content from the start, not a message it has to capture
-    [first] = view.widget.children[1].outputs
-    assert base64.b64decode(first["data"]["image/png"]) == view.picture
     view.widget.children[0].children[0].value = "coffee"  # a later change does not replace the saved picture
     assert base64.b64decode(view.displays()[2]["image/png"]) == view.picture
     with pytest.raises(ValueError, match="static"):
         explorer(Recorder(), {"image": ["a"]}, mode="static").mimebundle()
+
+
+def test_a_photo_is_saved_as_jpeg_a_plot_as_png():
+    """The saved picture is small: a line plot stays PNG (smaller, sharp), a view of a photo-like image
+    becomes JPEG when that is less than half the size (measured: 301x310 px, PNG 113 kB, JPEG 27 kB)."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    plot = explorer(Recorder(), CONTROLS, mode="widget")
+    assert list(plot.displays()[2])[0] == "image/png"
+    astronaut = data.astronaut()[::2, ::2]
+    photo = explorer(lambda ax, k: ax.imshow(astronaut[::k, ::k]), {"k": [1, 2]}, mode="widget")
+    mime, data = widgets._compact(photo.picture)
+    assert mime == "image/jpeg" and 2 * len(data) < len(photo.picture)
+    assert Image.open(io.BytesIO(data)).size == Image.open(io.BytesIO(photo.picture)).size
+    assert list(photo.displays()[2])[0] == "image/jpeg"
 
 
 def test_snapshot_style_rules():
@@ -246,14 +261,10 @@ def test_control_repr():
 def test_a_title_template_follows_the_controls(monkeypatch):
     """Issue 20: a fixed title ('... of the cat photo') stayed over the espresso after the dropdown
     changed. A title naming controls in braces is filled in with the shown values at every redraw."""
+    import matplotlib.pyplot as plt
+
     titles = []
-    savefig = matplotlib.figure.Figure.savefig
-
-    def record(fig, *args, **kwargs):
-        titles.append(fig._suptitle.get_text())
-        return savefig(fig, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    monkeypatch.setattr(plt, "show", lambda *a, **k: titles.append(plt.gcf()._suptitle.get_text()))
     controls = {"image": ["cat", "coffee"], "rank": {"top-1 class": 1, "top-2 class": 2}, "alpha": (0.0, 1.0, 0.1)}
     view = explorer(Recorder(), controls, mode="widget", title="{image}: LRP for its {rank}, alpha {alpha}")
     assert titles == ["cat: LRP for its top-1 class, alpha 0"]
