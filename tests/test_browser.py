@@ -189,15 +189,15 @@ def test_explorer_redraws_when_a_control_changes(browser, lab):
                  for outputs in [c.get("outputs", [])] for i, o in enumerate(outputs)
                  if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert explorers, "the saved notebook has no explorer output"
-    for widget_output, picture_output in explorers:  # the widget, its style, then its picture
-        assert picture_output["data"].get("image/png"), "a saved explorer has no picture"
+    for widget_output, picture_output in explorers:  # the widget, its style, then its picture (PNG or JPEG)
+        assert {"image/png", "image/jpeg"} & set(picture_output["data"]), "a saved explorer has no picture"
         assert "VBox(" not in "".join(widget_output["data"].get("text/plain", "")), widget_output["data"]["text/plain"]
     import nbformat
 
     from coursekit.offline_html import offline_html
 
     html = offline_html(nbformat.reads(json.dumps(saved), as_version=4))  # a static renderer: no widget state
-    picture_b64 = "".join(explorers[-1][1]["data"]["image/png"]).strip()
+    picture_b64 = "".join(next(v for k, v in explorers[-1][1]["data"].items() if k.startswith("image/"))).strip()
     assert picture_b64[:200] in html, "the static rendering does not show the explorer's picture"
 
 
@@ -234,7 +234,7 @@ STUDENT_CELLS = [
 
 # per cell: the text shown, the pictures shown (natural width > 0) and how many of them are in a live explorer
 CELL_VIEW = """
-const cell = document.querySelectorAll('.jp-Notebook-cell')[arguments[0]];
+const cell = window.jupyterapp.shell.currentWidget.content.node.querySelectorAll('.jp-Notebook-cell')[arguments[0]];
 const shown = e => e.offsetParent !== null && getComputedStyle(e).visibility !== 'hidden';
 const images = Array.from(cell.querySelectorAll('.jp-OutputArea img')).filter(i => shown(i) && i.naturalWidth > 0);
 return [cell.querySelector('.jp-OutputArea').innerText, images.length,
@@ -273,7 +273,9 @@ def test_a_copy_saved_after_a_live_run_reopens_with_pictures(browser, lab, monke
     nb = nbformat.read(path, as_version=4)
     assert [len(c.outputs) for c in nb.cells] == [0, 3, 1]  # widget, style, picture; the bar's final line
     untrusted = path.with_name("someone_elses_copy.ipynb")
-    shutil.copy(path, untrusted)
+    other = nbformat.read(path, as_version=4)
+    other.cells.append(nbformat.v4.new_markdown_cell("A copy from another machine."))  # a content not signed here
+    nbformat.write(other, untrusted)
     NotebookNotary(data_dir=str(lab[2] / ".data")).sign(nb)  # as JupyterLab does when it saves
     nbformat.write(nb, path)
     for name, trusted in ((path.name, True), (untrusted.name, False)):
