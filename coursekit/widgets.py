@@ -218,6 +218,25 @@ def _fill_title(title: str | None, controls: list[Control], values: Mapping[str,
         raise ValueError(f"the title {title!r} cannot be filled in: {error}") from None
 
 
+# The live view's box carries this class; the style below hides the saved picture next to it.
+_LIVE_CLASS = "coursekit-explorer"
+_STYLE_CLASS = "coursekit-explorer-style"
+# JupyterLab renders one format of each output, and for a widget view that is the widget renderer, which
+# says "Error displaying widget: model not found" when the notebook is reopened without the kernel's
+# widgets (@jupyter-widgets/jupyterlab-manager 5: no fallback to another format of the bundle). So the
+# picture is an output of its own, after this style (applied in a trusted notebook, as every notebook
+# saved from JupyterLab is): while the live widget is in the output area, the picture is hidden; when
+# it is not, the widget renderer's text-only node (the error, or "Loading widget...") is hidden.
+_SNAPSHOT_STYLE = (
+    f'<style class="{_STYLE_CLASS}">'
+    f".jp-OutputArea-child:has(.{_STYLE_CLASS}) {{ display: none; }}\n"
+    f".jp-OutputArea:has(.{_LIVE_CLASS}) > .jp-OutputArea-child:has(.{_STYLE_CLASS}) + .jp-OutputArea-child "
+    "{ display: none; }\n"
+    f".jp-OutputArea:has(.{_STYLE_CLASS}) > .jp-OutputArea-child > .jp-OutputArea-output.lm-Panel:not(:has(*)) "
+    "{ display: none; }</style>"
+)
+
+
 class Explorer:
     """What :func:`explorer` returns: the live widget or the static figure, displayed once.
 
@@ -234,10 +253,13 @@ class Explorer:
 
     As the last expression of a notebook cell it shows itself (``_ipython_display_``). The static
     figure is detached from pyplot, so the inline backend does not show it a second time. In
-    widget mode the output holds the live widget *and* :attr:`picture`: a notebook saved after a
-    live run then still shows the explorer's first view wherever widgets cannot run (GitHub,
-    nbviewer, nbconvert without widget state), and a one-line description instead of
-    ``VBox(children=...)`` in a terminal.
+    widget mode it shows three outputs (:meth:`displays`): the live widget (with a one-line
+    description instead of ``VBox(children=...)`` for a terminal), a style, and :attr:`picture`.
+    A notebook saved after a live run (a student's copy, saved without widget state) then shows the
+    explorer's first view when it is reopened: in JupyterLab, where the style hides the widget
+    renderer's "model not found" error (and, while the widget is live, the picture), and on GitHub,
+    nbviewer or nbconvert, which show the picture and ignore the style. The picture stays the
+    first view: JupyterLab applies a display update only while the cell that made it is running.
     """
 
     def __init__(self, widget=None, figure=None, picture: bytes | None = None, description: str = "Explorer"):
@@ -250,14 +272,28 @@ class Explorer:
         return "widget" if self.widget is not None else "static"
 
     def mimebundle(self) -> dict:
-        """Widget mode: the display data, widget view + PNG picture + a plain-text line."""
+        """Widget mode: the live output's display data, the widget view and a plain-text line."""
         if self.widget is None:
             raise ValueError("a static Explorer is shown as its figure, it has no widget bundle")
         bundle = dict(self.widget._repr_mimebundle_())  # the widget-view JSON (and a VBox repr)
         bundle["text/plain"] = self.description
-        if self.picture is not None:
-            bundle["image/png"] = base64.b64encode(self.picture).decode("ascii")
         return bundle
+
+    def displays(self) -> list[dict]:
+        """Widget mode: every output shown, in order: the widget, the style, the picture.
+
+        The picture's output is an image, which every renderer shows, also in an untrusted
+        notebook (PNG, or JPEG where that is less than half the size, as for a photo), and a plain
+        line; the style (``text/html``) hides it next to the live widget and hides the widget's
+        error in a reopened notebook (see the module's ``_SNAPSHOT_STYLE``). Without a picture,
+        only the widget.
+        """
+        widget = self.mimebundle()
+        if self.picture is None:
+            return [widget]
+        style = {"text/html": _SNAPSHOT_STYLE, "text/plain": ""}
+        mime, data = _compact(self.picture)
+        return [widget, style, {mime: base64.b64encode(data).decode("ascii"), "text/plain": self.description}]
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -265,7 +301,8 @@ class Explorer:
         if self.widget is None:
             display(self.figure)
         else:
-            display(self.mimebundle(), raw=True)
+            for bundle in self.displays():
+                display(bundle, raw=True)
 
     def __repr__(self) -> str:
         if self.figure is not None:
@@ -323,17 +360,36 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
         plt.close(fig)  # shown once, by Explorer._ipython_display_, not again by the inline backend
         return Explorer(figure=fig)
 
+    return _live_explorer(draw, ctrls, size, title)
+
+
+def _compact(png: bytes) -> tuple[str, bytes]:
+    """``("image/png", png)``, or ``("image/jpeg", ...)`` (quality 90, on white) when that is less
+    than half the size: a view of a photo or a heat map is about a quarter of its PNG as JPEG."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGBA")
+    flat = Image.new("RGBA", image.size, "white")
+    flat.alpha_composite(image)
+    buffer = io.BytesIO()
+    flat.convert("RGB").save(buffer, format="JPEG", quality=90)
+    jpeg = buffer.getvalue()
+    return ("image/jpeg", jpeg) if 2 * len(jpeg) < len(png) else ("image/png", png)
+
+
+def _live_explorer(draw, controls: list[Control], size: float, title: str | None) -> Explorer:
+    """The widget mode of :func:`explorer`: controls above an output that redraws on every change."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
-    built = {c.name: c.build() for c in ctrls}
+    built = {c.name: c.build() for c in controls}
     first_view: list[bytes] = []
 
     def redraw(**values):
         fig, ax = plt.subplots(figsize=(size * 1.25, size))
         draw(ax, **values)
         if title:
-            fig.suptitle(_fill_title(title, ctrls, values))  # a template follows the controls
+            fig.suptitle(_fill_title(title, controls, values))  # a template follows the controls
         fig.tight_layout()
         if not first_view:  # the picture a saved notebook keeps (see Explorer)
             buffer = io.BytesIO()
@@ -342,9 +398,10 @@ def explorer(draw: Callable[..., Any], controls: Mapping[str, Any], static: Mapp
         plt.show()
 
     out = w.interactive_output(redraw, built)  # draws the first view now
-    shown = ", ".join(f"{c.name}={_short(c.default)}" for c in ctrls)
-    first_title = _fill_title(title, ctrls, {c.name: c.default for c in ctrls})
+    shown = ", ".join(f"{c.name}={_short(c.default)}" for c in controls)
+    first_title = _fill_title(title, controls, {c.name: c.default for c in controls})
     description = (f"Explorer{': ' + first_title if first_title else ''} (live controls need a running kernel; "
                    f"the picture shows {shown})")
-    return Explorer(widget=w.VBox([w.HBox(list(built.values())), out]), picture=first_view[0] if first_view else None,
-                    description=description)
+    box = w.VBox([w.HBox(list(built.values())), out])
+    box.add_class(_LIVE_CLASS)  # the saved picture's style recognises the live view by it
+    return Explorer(widget=box, picture=first_view[0] if first_view else None, description=description)

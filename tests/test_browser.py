@@ -68,8 +68,9 @@ def lab(tmp_path_factory):
     shutil.copy(LECTURE, work / LECTURE.name)
     shutil.copy(EXERCISE, work / EXERCISE.name)
     port, token = _free_port(), secrets.token_hex(16)
+    # its own data folder: the notebook signatures that make a copy trusted (see _sign) stay in the test
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(work / ".runtime"), JUPYTER_CONFIG_DIR=str(work / ".config"),
-               COURSEKIT_THREADS="1")
+               JUPYTER_DATA_DIR=str(work / ".data"), COURSEKIT_THREADS="1")
     for var in ("COURSEKIT_STATIC", "MPLBACKEND"):  # a live explorer and the inline backend (conftest sets Agg)
         env.pop(var, None)
     log = open(work / "lab.log", "w")
@@ -184,18 +185,19 @@ def test_explorer_redraws_when_a_control_changes(browser, lab):
     _wait(lambda: saved_path.stat().st_mtime != mtime and not browser.execute_script(
         "return window.jupyterapp.shell.currentWidget.context.model.dirty;"), 30, "the notebook to be saved")
     saved = json.loads(saved_path.read_text())
-    widget_outputs = [o for c in saved["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
-                      if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-    assert widget_outputs, "the saved notebook has no explorer output"
-    for output in widget_outputs:
-        assert output["data"].get("image/png"), "a saved explorer has no picture"
-        assert "VBox(" not in "".join(output["data"].get("text/plain", "")), output["data"]["text/plain"]
+    explorers = [(o, outputs[i + 2]) for c in saved["cells"] if c["cell_type"] == "code"
+                 for outputs in [c.get("outputs", [])] for i, o in enumerate(outputs)
+                 if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert explorers, "the saved notebook has no explorer output"
+    for widget_output, picture_output in explorers:  # the widget, its style, then its picture (PNG or JPEG)
+        assert {"image/png", "image/jpeg"} & set(picture_output["data"]), "a saved explorer has no picture"
+        assert "VBox(" not in "".join(widget_output["data"].get("text/plain", "")), widget_output["data"]["text/plain"]
     import nbformat
 
     from coursekit.offline_html import offline_html
 
     html = offline_html(nbformat.reads(json.dumps(saved), as_version=4))  # a static renderer: no widget state
-    picture_b64 = "".join(widget_outputs[-1]["data"]["image/png"]).strip()
+    picture_b64 = "".join(next(v for k, v in explorers[-1][1]["data"].items() if k.startswith("image/"))).strip()
     assert picture_b64[:200] in html, "the static rendering does not show the explorer's picture"
 
 
@@ -222,3 +224,73 @@ return c.outputs.toJSON().map(o => (o.text || '') + ((o.data && o.data['text/pla
     # and the page shows it (the notebook scrolls to the cell it ran)
     shown = " ".join(e.text for e in browser.find_elements("css selector", ".jp-OutputArea-output"))
     assert "not implemented yet" in shown, "the verdict is in the notebook model but not on the page"
+
+
+STUDENT_CELLS = [
+    "import time\nimport numpy as np\nfrom coursekit.widgets import explorer\nfrom coursekit.progress import progress_bar",
+    "def draw(ax, k):\n    ax.imshow(np.eye(8) * k, vmin=0, vmax=3)\n\nexplorer(draw, {'k': [1, 2, 3]}, title='k = {k}')",
+    "for i in progress_bar(range(30), desc='steps'):\n    time.sleep(0.01)",
+]
+
+# per cell: the text shown, the pictures shown (natural width > 0) and how many of them are in a live explorer
+CELL_VIEW = """
+const cell = window.jupyterapp.shell.currentWidget.content.node.querySelectorAll('.jp-Notebook-cell')[arguments[0]];
+const shown = e => e.offsetParent !== null && getComputedStyle(e).visibility !== 'hidden';
+const images = Array.from(cell.querySelectorAll('.jp-OutputArea img')).filter(i => shown(i) && i.naturalWidth > 0);
+return [cell.querySelector('.jp-OutputArea').innerText, images.length,
+        images.filter(i => i.closest('.coursekit-explorer')).length];
+"""
+
+
+def _student_copy(folder: Path, monkeypatch) -> Path:
+    """A small notebook with an explorer and a progress bar, run live (no COURSEKIT_STATIC) by nbclient
+    and saved without widget state: the outputs a student's copy keeps, without its kernel's widgets."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in STUDENT_CELLS])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    for var in ("COURSEKIT_STATIC", "MPLBACKEND", "TQDM_DISABLE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("COURSEKIT_THREADS", "1")
+    # store_widget_state=False fails in nbclient 0.11 on an output widget (KeyError): store it, then drop it
+    NotebookClient(nb, timeout=120, kernel_name="python3", store_widget_state=True).execute()
+    nb.metadata.pop("widgets", None)
+    path = folder / "student_copy.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_a_copy_saved_after_a_live_run_reopens_with_pictures(browser, lab, monkeypatch):
+    """Issue 20: reopened in JupyterLab, a copy saved after a live run showed "Error displaying widget:
+    model not found" where the explorer and the progress bar were. Now it shows the explorer's picture
+    and the bar's final line, trusted (saved by JupyterLab, which signs it) or not (someone else's
+    copy); run again, the explorer shows its live widget and no second picture."""
+    import nbformat
+    from nbformat.sign import NotebookNotary
+
+    path = _student_copy(lab[2], monkeypatch)
+    nb = nbformat.read(path, as_version=4)
+    assert [len(c.outputs) for c in nb.cells] == [0, 3, 1]  # widget, style, picture; the bar's final line
+    untrusted = path.with_name("someone_elses_copy.ipynb")
+    other = nbformat.read(path, as_version=4)
+    other.cells.append(nbformat.v4.new_markdown_cell("A copy from another machine."))  # a content not signed here
+    nbformat.write(other, untrusted)
+    NotebookNotary(data_dir=str(lab[2] / ".data")).sign(nb)  # as JupyterLab does when it saves
+    nbformat.write(nb, path)
+    for name, trusted in ((path.name, True), (untrusted.name, False)):
+        _open(browser, lab, name)
+        assert browser.execute_script(
+            "return window.jupyterapp.shell.currentWidget.content.model.cells.get(1).trusted;") is trusted
+        text, pictures, live = _wait(lambda: (v := browser.execute_script(CELL_VIEW, 1))[1] and v, 30,
+                                     f"the explorer's saved picture in {name}")
+        assert (pictures, live) == (1, 0), f"{name}: {pictures} pictures, {live} in a live explorer"
+        assert "model not found" not in text and "Error displaying widget" not in text, f"{name}: {text!r}"
+        bar = browser.execute_script(CELL_VIEW, 2)[0]
+        assert "steps: 100%" in bar and "30/30" in bar, f"{name}: the bar's final line is not shown: {bar!r}"
+        page = browser.find_element("css selector", ".jp-NotebookPanel:not(.lm-mod-hidden)").text
+        assert "model not found" not in page, f"{name}: {page[-500:]!r}"
+    _run(browser, "notebook:run-all-cells", 120, "the student's copy to run")
+    text, pictures, live = _wait(lambda: (v := browser.execute_script(CELL_VIEW, 1))[2] and v, 30,
+                                 "the live explorer")
+    assert (pictures, live) == (1, 1), f"run live: {pictures} pictures shown, {live} in the live explorer"

@@ -115,29 +115,82 @@ def test_widget_mode_builds_controls_and_redraws_on_change(monkeypatch):
     assert draw.calls[-1] == {"image": "cat", "method": "sg", "alpha": 0.0}
 
 
+def _has_arguments(css: str) -> list[str]:
+    """The argument of every ``:has(...)`` in ``css`` (balanced parentheses)."""
+    found, start = [], css.find(":has(")
+    while start >= 0:
+        depth, i = 1, start + len(":has(")
+        while depth:
+            depth += {"(": 1, ")": -1}.get(css[i], 0)
+            i += 1
+        found.append(css[start + len(":has("):i - 1])
+        start = css.find(":has(", start + 1)
+    return found
+
+
 def test_widget_mode_keeps_a_picture_for_static_renderers(monkeypatch):
-    """Saved after a live run, the output must show a picture (not 'VBox(children=...)') where widgets
-    cannot run: the display bundle carries the widget view, a PNG of the first view and a plain line."""
+    """Issue 20: a student's copy saved after a live run (no widget state) showed "Error displaying
+    widget: model not found" in JupyterLab, which renders only the widget view of a bundle. The
+    explorer now shows three outputs: the widget (view + a plain line, no picture: a static renderer
+    would show it twice), a style, and a PNG of the first view."""
     import base64
 
-    import matplotlib.pyplot as plt
-
-    monkeypatch.setattr(plt, "show", lambda *a, **k: None)
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append((obj, raw)))
     view = explorer(Recorder(), CONTROLS, mode="widget", title="demo")
     assert view.picture[:8] == b"\x89PNG\r\n\x1a\n"
     view._ipython_display_()
-    [(bundle, raw)] = shown
-    assert raw
+    assert [raw for _, raw in shown] == [True, True, True]
+    (bundle, _), (style, _), (picture, _) = shown
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == view.widget.model_id
-    assert base64.b64decode(bundle["image/png"]) == view.picture
+    assert set(bundle) == {"application/vnd.jupyter.widget-view+json", "text/plain"}
     assert "VBox" not in bundle["text/plain"]
     assert "image=cat" in bundle["text/plain"] and "demo" in bundle["text/plain"]
-    view.widget.children[0].children[0].value = "coffee"  # a later change does not replace the first view
-    assert base64.b64decode(view.mimebundle()["image/png"]) == view.picture
+    assert set(picture) == {"image/png", "text/plain"} and base64.b64decode(picture["image/png"]) == view.picture
+    assert picture["text/plain"] == bundle["text/plain"]
+    assert style["text/plain"] == "" and style["text/html"].startswith("<style")
+    assert "coursekit-explorer" in view.widget._dom_classes  # what the style recognises the live view by
+    assert [b for b, _ in shown] == view.displays()
+    view.widget.children[0].children[0].value = "coffee"  # a later change does not replace the saved picture
+    assert base64.b64decode(view.displays()[2]["image/png"]) == view.picture
     with pytest.raises(ValueError, match="static"):
         explorer(Recorder(), {"image": ["a"]}, mode="static").mimebundle()
+
+
+def test_a_photo_is_saved_as_jpeg_a_plot_as_png():
+    """The saved picture is small: a line plot stays PNG (smaller, sharp), a view of a photo-like image
+    becomes JPEG when that is less than half the size (measured at 100 dpi: PNG 112 kB, JPEG 26 kB)."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    plot = explorer(Recorder(), CONTROLS, mode="widget")
+    assert list(plot.displays()[2])[0] == "image/png"
+    astronaut = data.astronaut()[::2, ::2]
+    photo = explorer(lambda ax, k: ax.imshow(astronaut[::k, ::k]), {"k": [1, 2]}, mode="widget")
+    mime, data = widgets._compact(photo.picture)
+    assert mime == "image/jpeg" and 2 * len(data) < len(photo.picture)
+    assert Image.open(io.BytesIO(data)).size == Image.open(io.BytesIO(photo.picture)).size
+    assert list(photo.displays()[2])[0] == "image/jpeg"
+
+
+def test_snapshot_style_rules():
+    """The style's rules, as the browser reads them: a ``:has()`` inside another one makes a rule
+    invalid and the browser drops it (that hid nothing: found in Chromium). Each rule is scoped to an
+    output area that holds the style; the live view is recognised by the box's class."""
+    css = widgets._SNAPSHOT_STYLE
+    assert css.startswith('<style class="coursekit-explorer-style">') and css.endswith("</style>")
+    arguments = _has_arguments(css)
+    assert arguments and not [a for a in arguments if ":has(" in a]
+    rules = [r.strip() for r in css[css.index(">") + 1:-len("</style>")].split("}") if r.strip()]
+    assert len(rules) == 3 and all(r.endswith("{ display: none;") for r in rules)
+    hide_style, hide_picture, hide_error = (r.split("{")[0].strip() for r in rules)
+    assert hide_style == ".jp-OutputArea-child:has(.coursekit-explorer-style)"
+    assert hide_picture.startswith(".jp-OutputArea:has(.coursekit-explorer) >")  # only next to the live widget
+    assert hide_picture.endswith("+ .jp-OutputArea-child")  # the output right after the style: the picture
+    assert hide_error.startswith(".jp-OutputArea:has(.coursekit-explorer-style) >")
+    assert hide_error.endswith(".lm-Panel:not(:has(*))")  # the widget renderer's node with text only
 
 
 def test_static_grid_titles_clear_the_pictures():
