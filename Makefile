@@ -56,8 +56,10 @@ course: $(VENV)/.installed
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/
 
+# PYTEST_ARGS: extra pytest options, e.g. make test PYTEST_ARGS=--durations=0 (every test's and cell's time)
+PYTEST_ARGS ?=
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -n $(JOBS) --dist loadscope $(NBVAL) $(TEST_PATHS)
+	$(PY) -m pytest -n $(JOBS) --dist loadscope $(NBVAL) $(PYTEST_ARGS) $(TEST_PATHS)
 
 # The quick loop has nothing that waits: one worker per core (a third on 2 cores made it 231 s against 179 s).
 QUICK_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 8 ] && n=8; echo $$n)
