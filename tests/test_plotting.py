@@ -126,24 +126,26 @@ def test_figure_png_rejects_bad_palette_sizes(bad):
 def test_notebook_figures_palette_png_reaches_the_inline_formatter():
     import base64
 
+    import matplotlib
     import matplotlib.pyplot as plt
     from IPython.core.interactiveshell import InteractiveShell
 
     from coursekit.plotting import notebook_figures
 
-    shell = InteractiveShell.instance()
-    try:
-        with pytest.raises(ValueError, match="one format"):
-            notebook_figures(jpeg_quality=80, png_colors=256)
-        notebook_figures(dpi=100, png_colors=64)
-        fig = _noise_figure()
-        data, _ = shell.display_formatter.format(fig)
-        png = base64.b64decode(data["image/png"])
-        assert len(np.unique(_decode(png).reshape(-1, 3), axis=0)) <= 64
-        assert "image/jpeg" not in data
-        plt.close(fig)
-    finally:
-        InteractiveShell.clear_instance()
+    with matplotlib.rc_context():  # notebook_figures sets rcParams: keep them to this test
+        shell = InteractiveShell.instance()
+        try:
+            with pytest.raises(ValueError, match="one format"):
+                notebook_figures(jpeg_quality=80, png_colors=256)
+            notebook_figures(dpi=100, png_colors=64)
+            fig = _noise_figure()
+            data, _ = shell.display_formatter.format(fig)
+            png = base64.b64decode(data["image/png"])
+            assert len(np.unique(_decode(png).reshape(-1, 3), axis=0)) <= 64
+            assert "image/jpeg" not in data
+            plt.close(fig)
+        finally:
+            InteractiveShell.clear_instance()
 
 
 def test_figure_png_dithering_is_a_choice():
