@@ -188,10 +188,15 @@ def _fast_vjp(module: nn.Module, like: torch.Tensor, weight, s: torch.Tensor) ->
     """
     if type(module) is nn.Linear:
         return s @ weight  # (N, out) @ (out, in) -> (N, in)
+    return _conv_input_grad(like, weight, s, module.stride, module.padding, module.dilation, module.groups)
+
+
+def _conv_input_grad(like: torch.Tensor, weight, s: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
+    """The convolution's input gradient for output gradient ``s``, in the shape and memory layout of ``like``."""
     zeros = [0] * (like.dim() - 2)
-    return torch.ops.aten.convolution_backward(
-        s, like, weight, None, module.stride, module.padding, module.dilation, False, zeros, module.groups,
-        [True, False, False])[0]
+    padding = [padding] * len(zeros) if isinstance(padding, int) else padding
+    return torch.ops.aten.convolution_backward(s, like, weight, None, stride, padding, dilation, False, zeros, groups,
+                                               [True, False, False])[0]
 
 
 def _empty_like(x: torch.Tensor, shape) -> torch.Tensor:
@@ -212,7 +217,7 @@ def _same_vjp(module: nn.Module, x: torch.Tensor, weight, s: torch.Tensor) -> to
     pads = [max((-(-size // st) - 1) * st + (k - 1) * d + 1 - size, 0)
             for size, k, st, d in zip(x.shape[-2:], weight.shape[-2:], module.stride, module.dilation)]
     shape = (*x.shape[:-2], x.shape[-2] + pads[0], x.shape[-1] + pads[1])
-    g = torch.nn.grad.conv2d_input(shape, weight, s, module.stride, 0, module.dilation, module.groups)
+    g = _conv_input_grad(_empty_like(x, shape), weight, s, module.stride, 0, module.dilation, module.groups)
     top, left = pads[0] // 2, pads[1] // 2
     return g[..., top:top + x.shape[-2], left:left + x.shape[-1]]
 
@@ -268,8 +273,7 @@ class LRPRule(BackwardRule):
             return fused
         relevance = [None] * len(xs)
         memo: dict = {}  # modified inputs, weights and biases: computed once for all groups of this call
-        for group in self.groups:
-            reaching = _group_relevance(group, output, grad_out)
+        for group, reaching in zip(self.groups, _groups_relevance(self.groups, output, grad_out)):
             if reaching is None:
                 continue
             parts, z = self._terms(group, module, xs, output, weight, bias, memo)
@@ -321,25 +325,36 @@ def _signed_sum(z, sign: float, zk: torch.Tensor) -> torch.Tensor:
     return z - zk if sign == -1 else z + sign * zk
 
 
-def _group_relevance(group: Group, output: torch.Tensor, grad_out: torch.Tensor):
-    """``grad_out`` on the group's outputs (zero elsewhere), or None when no relevance reaches them.
+def _groups_relevance(groups, output: torch.Tensor, grad_out: torch.Tensor) -> list:
+    """For each group ``grad_out`` on its outputs (zero elsewhere), or None when no relevance reaches them.
 
     None is exact: ``s = R / z`` is then zero wherever the mask lets it through, and every term of
     the group adds ``x * J^T 0 = 0``. Behind a ReLU the outputs below zero receive no relevance (the
-    next layer's inputs are zero there), so LRP-gamma's mirror-image group costs nothing. Only that
-    group is checked (a host sync): relevance nearly always reaches the positive outputs, and a
-    group computed without any adds exact zeros.
+    next layer's inputs are zero there), so LRP-gamma's mirror-image group costs nothing. Only the
+    negative-output group is tested (relevance nearly always reaches the positive outputs, and a group
+    computed without any adds exact zeros); when the positive group's relevance already equals
+    ``grad_out`` (nothing at outputs <= 0), that test is one comparison.
+
+    The masks are float 1 / 0 (the sign of the clamped output) in a product, not ``torch.where``: equal
+    values (R * 1 = R, R * 0 = 0) in float-only passes, several times faster on the CPU than boolean masks.
     """
-    if group.scale == 0:
-        return None
-    if group.where == "all":
-        return grad_out
-    # the masks as float 1 / 0 (sign of the clamped output), a product instead of torch.where: equal values
-    # (R * 1 = R, R * 0 = 0), in float-only passes, several times faster on the CPU than boolean masks
-    if group.where == "positive":
-        return grad_out * output.detach().clamp(min=0).sign_()
-    reaching = grad_out * output.detach().clamp(max=0).sign_().neg_()
-    return reaching if int(torch.count_nonzero(reaching)) else None
+    out: list = []
+    positive = None
+    output = output.detach()
+    for group in groups:
+        if group.scale == 0:
+            out.append(None)
+        elif group.where == "all":
+            out.append(grad_out)
+        elif group.where == "positive":
+            positive = grad_out * output.clamp(min=0).sign_()
+            out.append(positive)
+        elif positive is not None and torch.equal(positive, grad_out):
+            out.append(None)  # grad_out is zero wherever output <= 0
+        else:
+            reaching = grad_out * output.clamp(max=0).sign_().neg_()
+            out.append(reaching if int(torch.count_nonzero(reaching)) else None)
+    return out
 
 
 def _memo(memo: dict, kind: str, fn: Callable, t: torch.Tensor) -> torch.Tensor:
