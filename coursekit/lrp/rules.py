@@ -144,8 +144,7 @@ def _parameters(module: nn.Module, weight, bias):
         module._parameters.update(saved)
 
 
-_CONV = {nn.Conv1d: (F.conv1d, torch.nn.grad.conv1d_input), nn.Conv2d: (F.conv2d, torch.nn.grad.conv2d_input),
-         nn.Conv3d: (F.conv3d, torch.nn.grad.conv3d_input)}
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
 def _fast(module: nn.Module) -> bool:
@@ -159,7 +158,7 @@ def _forward(module: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
     if type(module) is nn.Linear:
         return F.linear(x, weight, bias)
     if _fast(module):
-        conv = _CONV[type(module)][0]
+        conv = _CONV[type(module)]
         return conv(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
     with _parameters(module, weight, bias):  # e.g. timm's Conv2dSame: its own padding, our weights
         return module.forward(x)  # .forward: the rule's own hook must not fire again
@@ -386,7 +385,7 @@ def _modified_input(memo: dict, fn: Callable, i: int, x: torch.Tensor):
 
 
 def _is_zero(memo: dict, fn: Callable, i: int) -> bool:
-    """Whether the modified input ``t`` is all zero (tested once per backward call)."""
+    """Whether the modified input ``fn(x)`` (from :func:`_modified_input`) is all zero, tested once per backward call."""
     key = ("input", fn, i)
     value, zero = memo[key]
     if zero is None:
