@@ -12,7 +12,9 @@ JOBS ?= $(shell n=$$(( $$(nproc 2>/dev/null || echo 2) + 1 )); \
 	m=$$(awk '/MemAvailable/ {print int($$2 / 3145728)}' /proc/meminfo 2>/dev/null); \
 	[ -n "$$m" ] && [ "$$m" -lt "$$n" ] && n=$$m; [ "$$n" -lt 1 ] && n=1; [ "$$n" -gt 8 ] && n=8; echo $$n)
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900
-# Notebooks first: they are the longest items, so they start while the short tests fill the gaps.
+# Whole modules (a notebook, a test file) go to one worker each (--dist loadscope), longest first: the order
+# tests/scheduling.py sorts them in (--no-loadscope-reorder keeps it; xdist would sort by number of tests), so the
+# lectures start at once and the short tests fill the gaps at the end.
 TEST_PATHS := notebooks solutions tests
 
 .PHONY: course lab test test-quick stability release lint clean help
@@ -59,12 +61,12 @@ lab: $(VENV)/.installed
 # PYTEST_ARGS: extra pytest options, e.g. make test PYTEST_ARGS=--durations=0 (every test's and cell's time)
 PYTEST_ARGS ?=
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -n $(JOBS) --dist loadscope $(NBVAL) $(PYTEST_ARGS) $(TEST_PATHS)
+	$(PY) -m pytest -n $(JOBS) --dist loadscope --no-loadscope-reorder $(NBVAL) $(PYTEST_ARGS) $(TEST_PATHS)
 
 # The quick loop has nothing that waits: one worker per core (a third on 2 cores made it 231 s against 179 s).
 QUICK_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 8 ] && n=8; echo $$n)
 test-quick: $(VENV)/.installed-dev
-	$(PY) -m pytest -n $(QUICK_JOBS) --dist loadscope -m "not slow" tests
+	$(PY) -m pytest -n $(QUICK_JOBS) --dist loadscope --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS) tests
 
 stability: $(VENV)/.installed-dev
 	$(PY) tests/nbstability.py $(NOTEBOOKS) $(sort $(wildcard solutions/*/*.ipynb))
