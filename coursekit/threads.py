@@ -221,7 +221,7 @@ def thread_count(n: int | None) -> Iterator[int]:
     try:
         yield torch.get_num_threads()
     finally:
-        if torch.get_num_threads() != previous:
+        if n is not None:  # also resets the count new threads start with (worker threads may have set theirs)
             torch.set_num_threads(previous)
 
 

@@ -535,12 +535,15 @@ def test_fgsm_sweep_runs_a_channels_last_copy_and_leaves_the_model_alone(fashion
     assert all(p.requires_grad for p in net.parameters()) and not net.training
 
 
-def test_sweep_threads_are_put_back(fashion, fashion_test):
-    x, y = fashion_test[0][:20], fashion_test[1][:20]
+def test_sweep_threads_give_the_same_answers_and_are_put_back(fashion, fashion_test):
+    """threads=2: FGSM's batches shared by two worker threads (PGD: two intra-op threads)."""
+    x, y = fashion_test[0][:90], fashion_test[1][:90]
     n = torch.get_num_threads()
-    one = R.eps_sweep(fashion, x, y, [0.0, 0.1], progress=False, threads=1)
-    two = R.eps_sweep(fashion, x, y, [0.0, 0.1], progress=False, threads=2)
+    one = R.eps_sweep(fashion, x, y, [0.0, 0.05, 0.1], batch_size=20, progress=False)
+    two = R.eps_sweep(fashion, x, y, [0.0, 0.05, 0.1], batch_size=20, progress=False, threads=2)
     assert torch.get_num_threads() == n and torch.equal(one.per_image, two.per_image)
+    pgd = R.eps_sweep(fashion, x[:10], y[:10], [0.05], "pgd", steps=2, seed=0, progress=False, threads=2)
+    assert torch.get_num_threads() == n and pgd.per_image.shape == (1, 10)
     with pytest.raises(ValueError, match="threads"):
         R.eps_sweep(fashion, x, y, [0.1], threads=0)
 
