@@ -155,7 +155,7 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
     than large ones (measured: FGSM sweep of 2000 Fashion-MNIST images, 8.4 s at 50, 14.8 s at 500).
 
     On the CPU the FGSM sweep runs on a channels-last copy of the model (oneDNN's NHWC convolutions,
-    ~1.4x faster for ``fashion_cnn``); ``model`` itself is not touched (same parameters, memory
+    ~1.3x faster for ``fashion_cnn`` on one thread); ``model`` itself is not touched (same parameters, memory
     layout, mode and ``requires_grad`` afterwards). A model that cannot run in that layout (e.g. a
     ``.view`` on a convolution's output) or cannot be copied is run as it is. The answers are the
     plain layout's up to float rounding (none differed on the 10 000 Fashion-MNIST test images).
