@@ -101,10 +101,10 @@ def main(argv=None) -> int:
     for batch in args.batches:
         names = ["floor (1 fwd+bwd + 1 fwd per eps > 0)", "floor, channels-last", "coursekit eps_sweep"]
         sides = {
-            names[0]: lambda: floor(model, x, y, EPS, batch, args.threads),
-            names[1]: lambda: floor_channels_last(twin, x, y, EPS, batch, args.threads),
-            names[2]: lambda: R.eps_sweep(model, x, y, EPS, batch_size=batch, progress=False,
-                                          threads=args.threads).per_image,
+            names[0]: lambda b=batch: floor(model, x, y, EPS, b, args.threads),
+            names[1]: lambda b=batch: floor_channels_last(twin, x, y, EPS, b, args.threads),
+            names[2]: lambda b=batch: R.eps_sweep(model, x, y, EPS, batch_size=b, progress=False,
+                                                  threads=args.threads).per_image,
         }
         if args.only_sweep:
             sides = {names[2]: sides[names[2]]}
