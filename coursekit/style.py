@@ -55,7 +55,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ._reference import reference
 from .devices import cpu_generator
@@ -242,39 +241,6 @@ def content_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (features - target.to(features)).pow(2).flatten(1).mean(1)
 
 
-class _SquaredNeighbourDifferences(torch.autograd.Function):
-    """:func:`tv_loss` at power 2 with its gradient written out (Johnson, Alahi & Fei-Fei 2016's TV term).
-
-    ``L = mean(dx^2) + mean(dy^2)`` per image, ``dx``, ``dy`` the horizontal and vertical neighbour
-    differences; ``dL/dx`` adds ``2 dx / |dx|`` at each difference's right pixel and subtracts it at
-    its left one (the same for ``dy``, rows). One zero tensor and four in-place slice updates, where
-    autograd's backward of the four slices makes a zero tensor per slice and adds them up (style step
-    at 256 px: about 1 ms less, benchmarks/README.md). Equal to autograd's gradient up to float
-    rounding (the order of the additions differs); the value is the same bit for bit.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N,)
-        dx = x[..., :, 1:] - x[..., :, :-1]  # (N, C, H, W-1)
-        dy = x[..., 1:, :] - x[..., :-1, :]  # (N, C, H-1, W)
-        ctx.save_for_backward(x, dx, dy)
-        return dx.square().flatten(1).mean(1) + dy.square().flatten(1).mean(1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, C, H, W)
-        x, dx, dy = ctx.saved_tensors
-        per_image = (-1,) + (1,) * (x.dim() - 1)
-        gx = dx * (2 * grad / dx[0].numel()).view(per_image)
-        gy = dy * (2 * grad / dy[0].numel()).view(per_image)
-        out = torch.zeros_like(x)
-        out[..., :, 1:] += gx
-        out[..., :, :-1] -= gx
-        out[..., 1:, :] += gy
-        out[..., :-1, :] -= gy
-        return out
-
-
 @reference
 def tv_loss(x: torch.Tensor, power: float = 2.0) -> torch.Tensor:
     """Total variation: ``mean |x[.., i, j+1] - x[.., i, j]|^p + mean |x[.., i+1, j] - x[.., i, j]|^p``.
@@ -296,10 +262,10 @@ def tv_loss(x: torch.Tensor, power: float = 2.0) -> torch.Tensor:
     x = _check_features(x, "x")
     if not power > 0:
         raise ValueError(f"power must be positive (2: squared differences, 1: absolute), got {power!r}")
-    if power == 2:  # |d|^2 = d * d: the same value bit for bit, and a one-pass backward
-        return _SquaredNeighbourDifferences.apply(x)
     dx = x[..., :, 1:] - x[..., :, :-1]  # (N, C, H, W-1)
     dy = x[..., 1:, :] - x[..., :-1, :]  # (N, C, H-1, W)
+    if power == 2:  # |d|^2 = d * d, value and gradient bit for bit, without abs's two passes (forward, backward)
+        return dx.square().flatten(1).mean(1) + dy.square().flatten(1).mean(1)
     return dx.abs().pow(power).flatten(1).mean(1) + dy.abs().pow(power).flatten(1).mean(1)
 
 
