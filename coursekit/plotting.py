@@ -123,6 +123,9 @@ def show_overlays(image, heatmaps: dict, ncols: int | None = None, suptitle: str
     return fig
 
 
+PALETTE_SAMPLE = 65536  # pixels a palette is chosen from (figure_png)
+
+
 def figure_png(fig, colors: int | None = None, dither: bool = True) -> bytes:
     """Encode a matplotlib figure as PNG bytes, losslessly or with an adaptive palette.
 
@@ -137,6 +140,13 @@ def figure_png(fig, colors: int | None = None, dither: bool = True) -> bytes:
     ``dither=False`` maps each pixel to its nearest palette colour instead: smaller files where a
     figure has many speckled maps (lecture 3's at 72 colours: 1.9 MB against 3.0 MB dithered), at
     the price of posterised bands on photos (83 kB on the figure above, largest error 14).
+
+    The palette is chosen from a fixed random sample of ``PALETTE_SAMPLE`` pixels (256 per colour),
+    then every pixel is mapped to it. Choosing it from all pixels made figures most of a notebook's
+    time spent on figures (lecture 01: 11.5 of 50.8 s of CPU). Measured on a 1121 x 529 figure of two
+    photos and eight magma maps, 256 colours, all pixels against the sample: 1.2-2.3 s against
+    0.65-0.74 s of CPU per figure (0.47 s of it matplotlib's drawing), mean error 3.94 / 3.72 levels
+    dithered and 3.47 / 3.44 undithered, largest 36 / 46 and 16 / 20, files within 1 % of each other.
     """
     import io
 
@@ -147,18 +157,22 @@ def figure_png(fig, colors: int | None = None, dither: bool = True) -> bytes:
     fig.savefig(buf, format="png", bbox_inches="tight", facecolor="white")
     if colors is None:
         return buf.getvalue()
-    rgb = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))  # (H, W, 3) uint8
-    packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]  # (H, W)
-    codes, index = np.unique(packed.ravel(), return_inverse=True)
-    if len(codes) <= colors:  # few enough colours: an exact palette, nothing lost
+    image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    rgb = np.asarray(image)  # (H, W, 3) uint8
+    if image.getcolors(colors) is not None:  # few enough colours: an exact palette, nothing lost
+        packed = (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]  # (H, W)
+        codes, index = np.unique(packed.ravel(), return_inverse=True)
         palette = np.stack([codes >> 16, (codes >> 8) & 255, codes & 255], axis=1).astype(np.uint8)  # (n, 3)
         paletted = Image.fromarray(index.reshape(rgb.shape[:2]).astype(np.uint8), mode="P")
         paletted.putpalette(palette.ravel().tolist())
-    else:  # a palette that covers the figure's colours, then Floyd-Steinberg dithering against it
-        image = Image.fromarray(rgb)
-        palette_image = image.quantize(colors=colors, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
-        paletted = (image.quantize(palette=palette_image, dither=Image.Dither.FLOYDSTEINBERG) if dither
-                    else palette_image)
+    else:  # a palette that covers the figure's colours, then each pixel mapped to it (dithered or nearest)
+        pixels = rgb.reshape(-1, 3)  # (H*W, 3)
+        if len(pixels) > PALETTE_SAMPLE:  # the palette from a fixed random sample of the pixels: see the docstring
+            pixels = pixels[np.random.default_rng(0).choice(len(pixels), PALETTE_SAMPLE, replace=False)]
+        palette = Image.fromarray(pixels[None]).quantize(colors=colors, method=Image.Quantize.MAXCOVERAGE,
+                                                        dither=Image.Dither.NONE)
+        paletted = image.quantize(palette=palette,
+                                  dither=Image.Dither.FLOYDSTEINBERG if dither else Image.Dither.NONE)
     out = io.BytesIO()
     paletted.save(out, format="png", optimize=True)
     return out.getvalue()

@@ -343,7 +343,9 @@ def show_effective_receptive_fields(fields: Sequence[EffectiveReceptiveField], f
         ax.set_ylabel("y (input pixels)", fontsize=8)
         ax.set_title(f"{f.layer}, unit {f.unit}" + ("" if view[0] < 0 and view[1] > m.shape[1] - 1 else " (zoomed in)"),
                      fontsize=9)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7.5, frameon=False, ncols=1)
+        # on a dark frame: the white mass squares and the cyan box show in the legend as on the map
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7.5, ncols=1, frameon=True,
+                  facecolor="0.15", edgecolor="0.15", framealpha=1.0, labelcolor="white")
     fig.suptitle(title or f"Effective receptive fields: mean |d unit / d image| over {fields[0].images} images", fontsize=10)
     return fig
 

@@ -160,6 +160,52 @@ def test_gamma_by_hand_with_and_without_relevance_at_negative_outputs(relu_behin
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("inputs", ["signed", "non-positive", "zero"])
+def test_gamma_by_hand_with_signed_and_zero_inputs(inputs):
+    """Both sign parts of the input, each group's terms: the per-call sharing of x+, x- and the weights is exact."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 6, 3, padding=1).requires_grad_(False)
+    x = {"signed": torch.randn(2, 4, 7, 7), "non-positive": -torch.rand(2, 4, 7, 7),
+         "zero": torch.zeros(2, 4, 7, 7)}[inputs]
+    out = conv(x)
+    r = torch.randn_like(out)
+    gamma, w, b = 0.25, conv.weight, conv.bias
+    up = lambda t: t + gamma * t.clamp(min=0)  # noqa: E731
+    down = lambda t: t + gamma * t.clamp(max=0)  # noqa: E731
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    expected = torch.zeros_like(x)
+    for (wp, bp, wn), mask in (((up, up, down), out > 0), ((down, down, up), out < 0)):
+        z = torch.nn.functional.conv2d(xp, wp(w), bp(b), padding=1) + torch.nn.functional.conv2d(xn, wn(w), padding=1)
+        s = r / (z + 1e-6 * torch.where(z >= 0, 1.0, -1.0)) * mask
+        expected += xp * torch.nn.grad.conv2d_input(x.shape, wp(w), s, padding=1)
+        expected += xn * torch.nn.grad.conv2d_input(x.shape, wn(w), s, padding=1)
+    (got,) = L.Gamma(gamma).backward(conv, (x,), out, r)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(3, 8, 3, padding=1), lambda: nn.Conv2d(8, 8, 3, stride=2, groups=8),
+                                  lambda: nn.Conv2d(8, 4, 1), lambda: nn.Conv2d(2, 4, 3, stride=(1, 2), dilation=2),
+                                  lambda: nn.Conv1d(3, 5, 4, stride=2, padding=1), lambda: nn.Conv3d(2, 3, 3, padding=1)])
+def test_product_keeps_the_input_layout(make):
+    """``J^T s`` equals torch's conv*_input, and a channels-last input gives a channels-last product (no copies)."""
+    from coursekit.lrp.rules import _vjp
+
+    torch.manual_seed(4)
+    conv = make().requires_grad_(False)
+    spatial = {nn.Conv1d: (11,), nn.Conv2d: (9, 12), nn.Conv3d: (5, 6, 7)}[type(conv)]
+    x = torch.randn(2, conv.in_channels, *spatial)
+    s = torch.randn_like(conv(x))
+    grad = {nn.Conv1d: torch.nn.grad.conv1d_input, nn.Conv2d: torch.nn.grad.conv2d_input,
+            nn.Conv3d: torch.nn.grad.conv3d_input}[type(conv)]
+    expected = grad(x.shape, conv.weight, s, conv.stride, conv.padding, conv.dilation, conv.groups)
+    torch.testing.assert_close(_vjp(conv, x, conv.weight, s), expected)
+    if x.dim() == 4:
+        x_cl, s_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, s))
+        got = _vjp(conv, x_cl, conv.weight, s_cl)
+        torch.testing.assert_close(got, expected)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("size", [(9, 10), (16, 16), (7, 12)])
 @pytest.mark.parametrize("groups", [1, 4])
 def test_conv2d_same_product_equals_autograd(size, groups):

@@ -60,8 +60,11 @@ def stabilize(z: torch.Tensor, epsilon: float, relative: bool = False) -> torch.
     """
     if epsilon == 0:
         return z.masked_fill(z == 0, float("inf"))
-    eps = epsilon * z.pow(2).mean(dim=tuple(range(1, z.dim())), keepdim=True).sqrt() if relative else epsilon
-    return torch.where(z >= 0, z + eps, z - eps)  # = z + eps * (+1 or -1), bit for bit, in fewer passes
+    eps = epsilon * z.pow(2).mean(dim=tuple(range(1, z.dim())), keepdim=True).sqrt() if relative \
+        else z.new_tensor(epsilon)
+    # + eps where z >= 0 (-0.0 + 0.0 is +0.0: sign(-0) = +1 too), else + (-eps), which is z - eps bit for bit
+    # (IEEE); float-only passes: torch.where with a boolean mask is several times slower on the CPU
+    return z + torch.copysign(eps, z + 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,8 +144,7 @@ def _parameters(module: nn.Module, weight, bias):
         module._parameters.update(saved)
 
 
-_CONV = {nn.Conv1d: (F.conv1d, torch.nn.grad.conv1d_input), nn.Conv2d: (F.conv2d, torch.nn.grad.conv2d_input),
-         nn.Conv3d: (F.conv3d, torch.nn.grad.conv3d_input)}
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
 def _fast(module: nn.Module) -> bool:
@@ -156,7 +158,7 @@ def _forward(module: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
     if type(module) is nn.Linear:
         return F.linear(x, weight, bias)
     if _fast(module):
-        conv = _CONV[type(module)][0]
+        conv = _CONV[type(module)]
         return conv(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
     with _parameters(module, weight, bias):  # e.g. timm's Conv2dSame: its own padding, our weights
         return module.forward(x)  # .forward: the rule's own hook must not fire again
@@ -165,7 +167,7 @@ def _forward(module: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
 def _vjp(module: nn.Module, x: torch.Tensor, weight, s: torch.Tensor) -> torch.Tensor:
     """``J^T s`` of the layer's linear part at ``x`` (weights ``weight``): ``sum_j w_ij s_j``."""
     if _fast(module):
-        return _fast_vjp(module, x.shape, weight, s)
+        return _fast_vjp(module, x, weight, s)
     if _tf_same(module):
         return _same_vjp(module, x, weight, s)
     xi = x.detach().requires_grad_(True)
@@ -175,12 +177,32 @@ def _vjp(module: nn.Module, x: torch.Tensor, weight, s: torch.Tensor) -> torch.T
     return g
 
 
-def _fast_vjp(module: nn.Module, shape, weight, s: torch.Tensor) -> torch.Tensor:
-    """``J^T s`` of a plain Linear / Conv layer with weights ``weight`` and inputs of ``shape``."""
+def _fast_vjp(module: nn.Module, like: torch.Tensor, weight, s: torch.Tensor) -> torch.Tensor:
+    """``J^T s`` of a plain Linear / Conv layer with weights ``weight``, shaped and laid out as the input ``like``.
+
+    The convolution's input-gradient kernel is called with ``like`` itself (its values are not read):
+    the kernel takes the memory layout from it, so a channels-last input gives a channels-last product
+    without copies (``torch.nn.grad.conv2d_input`` passes an expanded dummy that asks for NCHW, and the
+    kernels then copied ``s`` and the product between layouts).
+    """
     if type(module) is nn.Linear:
         return s @ weight  # (N, out) @ (out, in) -> (N, in)
-    grad = _CONV[type(module)][1]
-    return grad(shape, weight, s, module.stride, module.padding, module.dilation, module.groups)
+    return _conv_input_grad(like, weight, s, module.stride, module.padding, module.dilation, module.groups)
+
+
+def _conv_input_grad(like: torch.Tensor, weight, s: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
+    """The convolution's input gradient for output gradient ``s``, in the shape and memory layout of ``like``."""
+    zeros = [0] * (like.dim() - 2)
+    padding = [padding] * len(zeros) if isinstance(padding, int) else padding
+    return torch.ops.aten.convolution_backward(s, like, weight, None, stride, padding, dilation, False, zeros, groups,
+                                               [True, False, False])[0]
+
+
+def _empty_like(x: torch.Tensor, shape) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` in ``x``'s memory layout (channels-last stays channels-last)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return x.new_empty(shape)
 
 
 def _tf_same(module: nn.Module) -> bool:
@@ -194,7 +216,7 @@ def _same_vjp(module: nn.Module, x: torch.Tensor, weight, s: torch.Tensor) -> to
     pads = [max((-(-size // st) - 1) * st + (k - 1) * d + 1 - size, 0)
             for size, k, st, d in zip(x.shape[-2:], weight.shape[-2:], module.stride, module.dilation)]
     shape = (*x.shape[:-2], x.shape[-2] + pads[0], x.shape[-1] + pads[1])
-    g = torch.nn.grad.conv2d_input(shape, weight, s, module.stride, 0, module.dilation, module.groups)
+    g = _conv_input_grad(_empty_like(x, shape), weight, s, module.stride, 0, module.dilation, module.groups)
     top, left = pads[0] // 2, pads[1] // 2
     return g[..., top:top + x.shape[-2], left:left + x.shape[-1]]
 
@@ -249,16 +271,14 @@ class LRPRule(BackwardRule):
         if fused is not None:
             return fused
         relevance = [None] * len(xs)
-        for group in self.groups:
-            mask = _group_mask(group, output, grad_out)
-            if mask is False:
+        memo: dict = {}  # modified inputs, weights and biases: computed once for all groups of this call
+        for group, reaching in zip(self.groups, _groups_relevance(self.groups, output, grad_out)):
+            if reaching is None:
                 continue
-            parts, z = self._terms(group, module, xs, output, weight, bias)
+            parts, z = self._terms(group, module, xs, output, weight, bias, memo)
             if z is None:
                 continue
-            s = grad_out / stabilize(z, self.stabilizer, self.relative)  # (N, out...)
-            if mask is not None:
-                s.mul_(mask)
+            s = reaching / stabilize(z, self.stabilizer, self.relative)  # (N, out...); 0 where masked
             for term, tx, w in parts:
                 grads = [_vjp(module, tx[0], w, s)] if weight is not None else _param_free_vjp(module, term, tx, s)
                 coef = group.scale * term.sign
@@ -267,15 +287,17 @@ class LRPRule(BackwardRule):
                     relevance[i] = contribution if relevance[i] is None else relevance[i].add_(contribution)
         return tuple(torch.zeros_like(x) if r is None else r for x, r in zip(xs, relevance))
 
-    def _terms(self, group: Group, module, xs, output, weight, bias):
+    def _terms(self, group: Group, module, xs, output, weight, bias, memo: dict | None = None):
         """The group's terms that contribute ``(term, modified inputs, modified weight)`` and their summed outputs."""
         parts, z = [], None
+        memo = {} if memo is None else memo
         for term in group.terms:
-            tx = [term.input(x) for x in xs]
-            w = term.weight(weight) if weight is not None else None
-            b = term.bias(bias) if (bias is not None and term.bias is not None) else None
-            if b is None and all(not t.any() for t in tx):
+            inputs = [_modified_input(memo, term.input, i, x) for i, x in enumerate(xs)]
+            w = _memo(memo, "weight", term.weight, weight) if weight is not None else None
+            b = _memo(memo, "bias", term.bias, bias) if (bias is not None and term.bias is not None) else None
+            if b is None and all(_is_zero(memo, term.input, i) for i in range(len(xs))):
                 continue  # a zero input without bias adds nothing (e.g. x- after a ReLU)
+            tx = [t if t is not None else torch.zeros_like(x) for (t, _), x in zip(inputs, xs)]
             if (term.unmodified and weight is not None and self.bias) or term.op is _own_map:
                 zk = output.detach()  # the layer's own output: no second forward
             elif term.op is not None:
@@ -302,21 +324,74 @@ def _signed_sum(z, sign: float, zk: torch.Tensor) -> torch.Tensor:
     return z - zk if sign == -1 else z + sign * zk
 
 
-def _group_mask(group: Group, output: torch.Tensor, grad_out: torch.Tensor):
-    """The group's output mask (None: all outputs), or False when no relevance reaches its outputs.
+def _groups_relevance(groups, output: torch.Tensor, grad_out: torch.Tensor) -> list:
+    """For each group ``grad_out`` on its outputs (zero elsewhere), or None when no relevance reaches them.
 
-    False is exact: ``s = R / z`` is then zero wherever the mask lets it through, and every term of
+    None is exact: ``s = R / z`` is then zero wherever the mask lets it through, and every term of
     the group adds ``x * J^T 0 = 0``. Behind a ReLU the outputs below zero receive no relevance (the
-    next layer's inputs are zero there), so LRP-gamma's mirror-image group costs nothing.
+    next layer's inputs are zero there), so LRP-gamma's mirror-image group costs nothing. Only the
+    negative-output group is tested (relevance nearly always reaches the positive outputs, and a group
+    computed without any adds exact zeros); when the positive group's relevance already equals
+    ``grad_out`` (nothing at outputs <= 0), that test is one comparison.
+
+    The masks are float 1 / 0 (the sign of the clamped output) in a product, not ``torch.where``: equal
+    values (R * 1 = R, R * 0 = 0) in float-only passes, several times faster on the CPU than boolean masks.
     """
-    if group.scale == 0:
-        return False
-    if group.where == "all":
-        return None
-    mask = (output > 0) if group.where == "positive" else (output < 0)
-    if not bool(torch.logical_and(grad_out != 0, mask).any()):
-        return False
-    return mask
+    out: list = []
+    positive = None
+    output = output.detach()
+    for group in groups:
+        if group.scale == 0:
+            out.append(None)
+        elif group.where == "all":
+            out.append(grad_out)
+        elif group.where == "positive":
+            positive = grad_out * output.clamp(min=0).sign_()
+            out.append(positive)
+        elif positive is not None and torch.equal(positive, grad_out):
+            out.append(None)  # grad_out is zero wherever output <= 0
+        else:
+            reaching = grad_out * output.clamp(max=0).sign_().neg_()
+            out.append(reaching if int(torch.count_nonzero(reaching)) else None)
+    return out
+
+
+def _memo(memo: dict, kind: str, fn: Callable, t: torch.Tensor) -> torch.Tensor:
+    """``fn(t)`` computed once per backward call (the groups of LRP-gamma share their modified weights)."""
+    key = (kind, fn)
+    if key not in memo:
+        memo[key] = fn(t)
+    return memo[key]
+
+
+def _modified_input(memo: dict, fn: Callable, i: int, x: torch.Tensor):
+    """``(fn(x) or None when it is known to be all zero, known-zero flag or None)``, once per backward call.
+
+    For the sign parts ``x+`` and ``x-`` one pass over ``x`` (its minimum and maximum) says which is zero
+    and which is ``x`` itself, so a non-negative input (behind a ReLU) costs no clamp and no zero test.
+    """
+    key = ("input", fn, i)
+    if key not in memo:
+        if (fn is _pos or fn is _neg) and x.numel():
+            signs = ("signs", i)
+            if signs not in memo:  # amin / amax: vectorised reductions (aminmax copied channels-last inputs)
+                memo[signs] = (bool(x.amin() >= 0), bool(x.amax() <= 0))  # NaN: neither, as before
+            nonneg, nonpos = memo[signs]
+            keep, zero = (nonneg, nonpos) if fn is _pos else (nonpos, nonneg)
+            memo[key] = (None if zero else x if keep else fn(x), zero)
+        else:
+            memo[key] = (fn(x), None)
+    return memo[key]
+
+
+def _is_zero(memo: dict, fn: Callable, i: int) -> bool:
+    """Whether the modified input ``fn(x)`` (from :func:`_modified_input`) is all zero, tested once per backward call."""
+    key = ("input", fn, i)
+    value, zero = memo[key]
+    if zero is None:
+        zero = not int(torch.count_nonzero(value))  # faster than .any() on the CPU
+        memo[key] = (value, zero)
+    return zero
 
 
 def _param_free_vjp(module, term: Term, tx, s):
@@ -466,7 +541,7 @@ class ZBox(LRPRule):
         zb = _forward(module, torch.cat([low, high], 1), torch.cat([w_pos, w_neg], 1), bound_bias)
         s = grad_out / stabilize(output.detach() - zb, self.stabilizer)
         shape = (x.shape[0], 3 * x.shape[1], *x.shape[2:])
-        g = _fast_vjp(module, shape, torch.cat([weight, w_pos, w_neg], 1), s)
+        g = _fast_vjp(module, _empty_like(x, shape), torch.cat([weight, w_pos, w_neg], 1), s)
         g_x, g_low, g_high = g.split(x.shape[1], dim=1)
         return (x * g_x - low * g_low - high * g_high,)
 
