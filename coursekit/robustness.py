@@ -23,8 +23,11 @@ on the CPU and moved, so a seed gives the same draws on every device.
 
 from __future__ import annotations
 
+import copy
+import pickle
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -41,6 +44,7 @@ from .guard import guarded
 from .inputs import check_images, check_model, number, positive_int, target_indices
 from .optimize import sign_step
 from .progress import progress_bar
+from .threads import thread_count
 
 __all__ = ["Sweep", "eps_sweep", "plot_sweeps", "transfer_matrix", "TransferResult", "adversarial_loss",
            "train_classifier"]
@@ -137,7 +141,8 @@ def plot_sweeps(sweeps: Sequence[Sweep], ax=None, *, mark_eps: float | None = No
 
 @reference
 def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[float], attack: str = "fgsm", *,
-              batch_size: int = 50, progress: bool = True, name: str | None = None, **attack_kw) -> Sweep:
+              batch_size: int = 50, progress: bool = True, name: str | None = None, threads: int | None = None,
+              **attack_kw) -> Sweep:
     """Accuracy under ``attack`` for every epsilon, on a whole test set, batched.
 
     FGSM's direction ``sign(grad)`` does not depend on epsilon, so it is computed once per batch
@@ -148,6 +153,19 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
     only for the images that still resist). Epsilon 0 is the clean accuracy.
     ``batch_size`` 50: on one CPU thread, small batches of small images run faster per image
     than large ones (measured: FGSM sweep of 2000 Fashion-MNIST images, 8.4 s at 50, 14.8 s at 500).
+
+    On the CPU the FGSM sweep runs on a channels-last copy of the model (oneDNN's NHWC convolutions,
+    ~1.3x faster for ``fashion_cnn`` on one thread); ``model`` itself is not touched (same parameters, memory
+    layout, mode and ``requires_grad`` afterwards). A model that cannot run in that layout (e.g. a
+    ``.view`` on a convolution's output) or cannot be copied is run as it is. The answers are the
+    plain layout's up to float rounding (none differed on the 10 000 Fashion-MNIST test images).
+
+    ``threads``: how many CPU threads the sweep may use; None keeps the course's count
+    (:mod:`coursekit.threads`: one thread on a two-core machine). FGSM on the CPU shares its batches
+    among that many worker threads, each running torch on one thread (fashion_cnn, 2000 images, two
+    idle cores: 3.9 s against 4.5 s for two intra-op threads at their best batch size); PGD, and
+    FGSM on other devices, set torch's intra-op thread count. The count is put back afterwards, and
+    the answers do not depend on it.
 
     Returns
     -------
@@ -165,22 +183,66 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
     if attack not in ("fgsm", "pgd"):
         raise ValueError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
     batch_size = positive_int(batch_size, "batch_size")
+    threads = None if threads is None else positive_int(threads, "threads")
     loss = check_loss(attack_kw.pop("loss", "ce"))
     step_ratio = attack_kw.pop("step_ratio", None)
     attack_kw.setdefault("early_stop", True)
 
     start = time.perf_counter()
     correct = torch.zeros(len(eps_values), len(x), dtype=torch.bool, device="cpu")  # results, gathered on the CPU
-    with guarded(model, what="eps_sweep"):
-        for a, b in progress_bar(batches(len(x), batch_size), desc=f"{attack} sweep", progress=progress, leave=False):
-            xb, yb = x[a:b], y[a:b].to(x.device)
-            if attack == "fgsm":
-                correct[:, a:b] = _fgsm_correct(model, xb, yb, eps_values, loss)
-            else:
-                correct[:, a:b] = _pgd_correct(model, xb, yb, eps_values, loss, step_ratio, attack_kw)
+    spans = batches(len(x), batch_size)
+    with thread_count(threads if attack == "pgd" else None), guarded(model, what="eps_sweep"):
+        if attack == "fgsm":
+            rows = _fgsm_rows(model, x, y, eps_values, loss, spans, threads)
+        else:  # PGD's steps run in the attack engine, on the model itself
+            rows = ((a, b, _pgd_correct(model, x[a:b], y[a:b].to(x.device), eps_values, loss, step_ratio, attack_kw))
+                    for a, b in spans)
+        for a, b, rows_ab in progress_bar(rows, total=len(spans), desc=f"{attack} sweep", progress=progress, leave=False):
+            correct[:, a:b] = rows_ab
     acc = correct.float().mean(1).tolist()
     return Sweep(attack.upper(), eps_values, acc, len(x), name or getattr(model, "name", type(model).__name__),
                  time.perf_counter() - start, correct)
+
+
+def _cpu_twin(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.memory_format | None]:
+    """A channels-last copy of ``model`` to run ``x`` through on the CPU, or ``(model, None)``.
+
+    Called inside :func:`guarded`, so the copy is in eval mode with frozen parameters. The copy is
+    tried on one image first: a model whose forward needs NCHW memory (``.view`` on a
+    convolution's output raises on channels-last tensors) or that cannot be deep-copied is run as
+    it is, in its own layout.
+    """
+    if x.device.type != "cpu" or x.dim() != 4 or not any(p.dim() == 4 for p in model.parameters()):
+        return model, None
+    layout = torch.channels_last
+    try:
+        twin = copy.deepcopy(model).to(memory_format=layout)
+        with torch.no_grad():
+            twin(x[:1].contiguous(memory_format=layout))
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError, copy.Error, pickle.PicklingError):
+        return model, None
+    return twin, layout
+
+
+def _fgsm_rows(model, x, y, eps_values, loss, spans, threads) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(a, b, still correct (len(eps_values), b - a))`` for every batch ``(a, b)`` of ``spans``, in order.
+
+    On the CPU the batches run through :func:`_cpu_twin`; with ``threads`` > 1 they are shared among
+    that many worker threads (torch releases the GIL inside its kernels), each with one intra-op thread.
+    """
+    runner, layout = _cpu_twin(model, x)
+
+    def one(span):
+        a, b = span
+        xb = x[a:b] if layout is None else x[a:b].contiguous(memory_format=layout)
+        return a, b, _fgsm_correct(runner, xb, y[a:b].to(x.device), eps_values, loss)
+
+    if threads is None or threads == 1 or x.device.type != "cpu" or len(spans) == 1:
+        with thread_count(threads):
+            yield from map(one, spans)
+        return
+    with thread_count(threads), ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        yield from pool.map(one, spans)
 
 
 def _fgsm_correct(model, xb, yb, eps_values, loss) -> torch.Tensor:

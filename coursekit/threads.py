@@ -36,10 +36,11 @@ section 4.7, ``OMP_WAIT_POLICY``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 ENV_VAR = "COURSEKIT_THREADS"
 # variables torch reads itself at import; when one is set, the user has chosen the count
@@ -191,6 +192,37 @@ def apply(environ: Mapping[str, str] | None = None, cores: int | None = None) ->
     if n is not None and torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def thread_count(n: int | None) -> Iterator[int]:
+    """Run the block with torch's intra-op thread count at ``n``, and put the previous count back.
+
+    For a caller who asks a long computation to use more cores than the course's policy gives
+    (e.g. ``eps_sweep(..., threads=2)`` on an otherwise idle two-core machine).
+
+    Parameters
+    ----------
+    n : int or None
+        A positive thread count; None leaves the count alone.
+
+    Yields
+    ------
+    int
+        The thread count inside the block.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"threads must be a positive int or None, got {n!r}")
+    import torch
+
+    previous = torch.get_num_threads()
+    if n is not None and n != previous:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if n is not None:  # also resets the count new threads start with (worker threads may have set theirs)
+            torch.set_num_threads(previous)
 
 
 # At import, before coursekit's other modules import torch (coursekit/__init__.py imports this first).

@@ -489,6 +489,65 @@ def test_fgsm_sweep_gives_the_same_answers_as_before(fashion, fashion_test, loss
     assert 0 < before[1:].sum() < before[0].sum() * len(eps)  # the attack changes some answers, not all
 
 
+class _ViewNet(nn.Module):
+    """A student's network: ``.view`` on the convolutions' output, which needs NCHW memory."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 28 * 28, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+def test_fgsm_sweep_runs_a_channels_last_copy_and_leaves_the_model_alone(fashion, fashion_test):
+    """Issue 20: on the CPU the sweep runs a channels-last copy; the user's model keeps its layout,
+    parameters, mode and requires_grad, and the answers are the plain (NCHW) loop's."""
+    x, y = fashion_test[0][:120], fashion_test[1][:120]
+    eps = [0.0, 0.05, 0.1, 0.3]
+    strides = [p.stride() for p in fashion.parameters()]
+    flags = [p.requires_grad for p in fashion.parameters()]
+    twins = []
+    original = R._fgsm_correct
+
+    def spy(model, xb, *args):
+        twins.append((model, xb.is_contiguous(memory_format=torch.channels_last)))
+        return original(model, xb, *args)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(R, "_fgsm_correct", spy)
+    try:
+        sweep = _unchanged(fashion, lambda: R.eps_sweep(fashion, x, y, eps, batch_size=40, progress=False))
+    finally:
+        mp.undo()
+    assert all(m is not fashion and cl for m, cl in twins) and len(twins) == 3
+    assert [p.stride() for p in fashion.parameters()] == strides and [p.requires_grad for p in fashion.parameters()] == flags
+    assert torch.equal(sweep.per_image, _sweep_before_issue_17(fashion, x, y, eps, 40, "ce"))
+    # a model that needs NCHW memory (.view) runs as it is, and still outside the sweep
+    net = _ViewNet().eval()
+    before = [p.detach().clone() for p in net.parameters()]
+    sweep = R.eps_sweep(net, x, y, eps, batch_size=40, progress=False)
+    assert torch.equal(sweep.per_image, _sweep_before_issue_17(net, x, y, eps, 40, "ce"))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())) and net(x[:2]).shape == (2, 10)
+    assert all(p.requires_grad for p in net.parameters()) and not net.training
+
+
+def test_sweep_threads_give_the_same_answers_and_are_put_back(fashion, fashion_test):
+    """threads=2: FGSM's batches shared by two worker threads (PGD: two intra-op threads)."""
+    x, y = fashion_test[0][:90], fashion_test[1][:90]
+    n = torch.get_num_threads()
+    one = R.eps_sweep(fashion, x, y, [0.0, 0.05, 0.1], batch_size=20, progress=False)
+    two = R.eps_sweep(fashion, x, y, [0.0, 0.05, 0.1], batch_size=20, progress=False, threads=2)
+    assert torch.get_num_threads() == n and torch.equal(one.per_image, two.per_image)
+    pgd = R.eps_sweep(fashion, x[:10], y[:10], [0.05], "pgd", steps=2, seed=0, progress=False, threads=2)
+    assert torch.get_num_threads() == n and pgd.per_image.shape == (1, 10)
+    with pytest.raises(ValueError, match="threads"):
+        R.eps_sweep(fashion, x, y, [0.1], threads=0)
+
+
 def test_pgd_sweep_matches_pgd_per_eps(fashion, fashion_test):
     x, y = fashion_test[0][:30], fashion_test[1][:30]
     sweep = R.eps_sweep(fashion, x, y, [0.0, 0.05], "pgd", steps=3, step_ratio=0.5, seed=3, progress=False)

@@ -146,6 +146,18 @@ def test_tv_loss_matches_a_loop(power):
     torch.testing.assert_close(tv_loss(x, power), torch.stack(expected))
 
 
+def test_tv_loss_power_2_is_bit_for_bit_the_general_formula():
+    """Issue 20: power 2 squares the differences instead of abs().pow(2); value and gradient unchanged."""
+    x = torch.randn(2, 3, 17, 19).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(2)
+    dx, dy = x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+    general = dx.abs().pow(2.0).flatten(1).mean(1) + dy.abs().pow(2.0).flatten(1).mean(1)
+    (want,) = torch.autograd.grad((general * w).sum(), x)
+    got = tv_loss(x, 2.0)
+    (grad,) = torch.autograd.grad((got * w).sum(), x)
+    assert torch.equal(got, general) and torch.equal(grad, want)
+
+
 def test_tv_loss_is_zero_for_a_constant_picture_and_rejects_bad_power():
     assert torch.all(tv_loss(torch.full((2, 3, 8, 8), 0.3)) == 0)
     with pytest.raises(ValueError, match="power"):

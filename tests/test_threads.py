@@ -137,3 +137,18 @@ def test_a_cpu_quota_lowers_the_cores_of_a_big_node(monkeypatch, tmp_path):
     assert threads.choose_threads({}) == 2
     monkeypatch.setattr(threads, "cpu_quota", lambda: 0.5)  # half a CPU is still one core
     assert threads.available_cores() == 1
+
+
+def test_thread_count_sets_and_puts_back():
+    n = torch.get_num_threads()
+    with threads.thread_count(None) as inside:
+        assert inside == n
+    with threads.thread_count(n + 1) as inside:
+        assert inside == torch.get_num_threads() == n + 1
+    assert torch.get_num_threads() == n
+    with pytest.raises(RuntimeError), threads.thread_count(n + 1):
+        raise RuntimeError("put back on error too")
+    assert torch.get_num_threads() == n
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads"), threads.thread_count(bad):
+            pass
