@@ -535,6 +535,30 @@ def test_fgsm_sweep_runs_a_channels_last_copy_and_leaves_the_model_alone(fashion
     assert all(p.requires_grad for p in net.parameters()) and not net.training
 
 
+def test_pgd_sweep_runs_the_same_channels_last_copy(fashion, fashion_test):
+    """PGD's steps run on the channels-last copy too; the answers are the plain model's, image by image."""
+    x, y = fashion_test[0][:60], fashion_test[1][:60]
+    eps, kw = [0.0, 0.05, 0.1], dict(steps=5, step_ratio=0.25, seed=0, progress=False)
+    seen = []
+    original = R._pgd_correct
+
+    def spy(model, xb, *args):
+        seen.append((model, xb.is_contiguous(memory_format=torch.channels_last)))
+        return original(model, xb, *args)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(R, "_pgd_correct", spy)
+    try:
+        sweep = _unchanged(fashion, lambda: R.eps_sweep(fashion, x, y, eps, "pgd", batch_size=30, **kw))
+    finally:
+        mp.undo()
+    assert len(seen) == 2 and all(m is not fashion and cl for m, cl in seen)
+    for k, e in enumerate(eps[1:], start=1):  # per batch, as the sweep attacks them
+        for a in (0, 30):
+            adv = A.pgd(fashion, x[a:a + 30], y[a:a + 30], e, steps=5, step_size=0.25 * e, seed=0, early_stop=True)
+            assert torch.equal(sweep.per_image[k, a:a + 30], fashion(adv).argmax(1) == y[a:a + 30]), (e, a)
+
+
 def test_sweep_threads_give_the_same_answers_and_are_put_back(fashion, fashion_test):
     """threads=2: FGSM's batches shared by two worker threads (PGD: two intra-op threads)."""
     x, y = fashion_test[0][:90], fashion_test[1][:90]
