@@ -1,5 +1,6 @@
 """Unit tests of coursekit.adversarial (lecture 5): attacks, bad input, sweeps, the seeds' experiments."""
 
+import contextlib
 import math
 
 import pytest
@@ -503,6 +504,23 @@ class _ViewNet(nn.Module):
         return self.fc(h.view(h.shape[0], -1))
 
 
+@contextlib.contextmanager
+def _batches_seen(name: str):
+    """Spy on robustness's per-batch function ``name``: yields a list of (model, batch is channels-last) per call."""
+    seen, original = [], getattr(R, name)
+
+    def spy(model, xb, *args):
+        seen.append((model, xb.is_contiguous(memory_format=torch.channels_last)))
+        return original(model, xb, *args)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(R, name, spy)
+    try:
+        yield seen
+    finally:
+        mp.undo()
+
+
 def test_fgsm_sweep_runs_a_channels_last_copy_and_leaves_the_model_alone(fashion, fashion_test):
     """Issue 20: on the CPU the sweep runs a channels-last copy; the user's model keeps its layout,
     parameters, mode and requires_grad, and the answers are the plain (NCHW) loop's."""
@@ -510,19 +528,8 @@ def test_fgsm_sweep_runs_a_channels_last_copy_and_leaves_the_model_alone(fashion
     eps = [0.0, 0.05, 0.1, 0.3]
     strides = [p.stride() for p in fashion.parameters()]
     flags = [p.requires_grad for p in fashion.parameters()]
-    twins = []
-    original = R._fgsm_correct
-
-    def spy(model, xb, *args):
-        twins.append((model, xb.is_contiguous(memory_format=torch.channels_last)))
-        return original(model, xb, *args)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(R, "_fgsm_correct", spy)
-    try:
+    with _batches_seen("_fgsm_correct") as twins:
         sweep = _unchanged(fashion, lambda: R.eps_sweep(fashion, x, y, eps, batch_size=40, progress=False))
-    finally:
-        mp.undo()
     assert all(m is not fashion and cl for m, cl in twins) and len(twins) == 3
     assert [p.stride() for p in fashion.parameters()] == strides and [p.requires_grad for p in fashion.parameters()] == flags
     assert torch.equal(sweep.per_image, _sweep_before_issue_17(fashion, x, y, eps, 40, "ce"))
@@ -539,19 +546,8 @@ def test_pgd_sweep_runs_the_same_channels_last_copy(fashion, fashion_test):
     """PGD's steps run on the channels-last copy too; the answers are the plain model's, image by image."""
     x, y = fashion_test[0][:60], fashion_test[1][:60]
     eps, kw = [0.0, 0.05, 0.1], dict(steps=5, step_ratio=0.25, seed=0, progress=False)
-    seen = []
-    original = R._pgd_correct
-
-    def spy(model, xb, *args):
-        seen.append((model, xb.is_contiguous(memory_format=torch.channels_last)))
-        return original(model, xb, *args)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(R, "_pgd_correct", spy)
-    try:
+    with _batches_seen("_pgd_correct") as seen:
         sweep = _unchanged(fashion, lambda: R.eps_sweep(fashion, x, y, eps, "pgd", batch_size=30, **kw))
-    finally:
-        mp.undo()
     assert len(seen) == 2 and all(m is not fashion and cl for m, cl in seen)
     for k, e in enumerate(eps[1:], start=1):  # per batch, as the sweep attacks them
         for a in (0, 30):
