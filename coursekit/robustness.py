@@ -197,8 +197,8 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
             rows = _fgsm_rows(model, x, y, eps_values, loss, spans, threads)
         else:  # PGD's steps run in the attack engine, on the same channels-last copy as FGSM's
             runner, layout = _cpu_twin(model, x)
-            rows = ((a, b, _pgd_correct(runner, x[a:b] if layout is None else x[a:b].contiguous(memory_format=layout),
-                                        y[a:b].to(x.device), eps_values, loss, step_ratio, attack_kw))
+            rows = ((a, b, _pgd_correct(runner, _in_layout(x[a:b], layout), y[a:b].to(x.device), eps_values, loss,
+                                        step_ratio, attack_kw))
                     for a, b in spans)
         for a, b, rows_ab in progress_bar(rows, total=len(spans), desc=f"{attack} sweep", progress=progress, leave=False):
             correct[:, a:b] = rows_ab
@@ -227,6 +227,11 @@ def _cpu_twin(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.memor
     return twin, layout
 
 
+def _in_layout(xb: torch.Tensor, layout: torch.memory_format | None) -> torch.Tensor:
+    """A batch in the layout :func:`_cpu_twin` chose (None: as it is)."""
+    return xb if layout is None else xb.contiguous(memory_format=layout)
+
+
 def _fgsm_rows(model, x, y, eps_values, loss, spans, threads) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``(a, b, still correct (len(eps_values), b - a))`` for every batch ``(a, b)`` of ``spans``, in order.
 
@@ -237,8 +242,7 @@ def _fgsm_rows(model, x, y, eps_values, loss, spans, threads) -> Iterator[tuple[
 
     def one(span):
         a, b = span
-        xb = x[a:b] if layout is None else x[a:b].contiguous(memory_format=layout)
-        return a, b, _fgsm_correct(runner, xb, y[a:b].to(x.device), eps_values, loss)
+        return a, b, _fgsm_correct(runner, _in_layout(x[a:b], layout), y[a:b].to(x.device), eps_values, loss)
 
     if threads is None or threads == 1 or x.device.type != "cpu" or len(spans) == 1:
         with thread_count(threads):
