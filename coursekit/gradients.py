@@ -103,7 +103,8 @@ def gradient(
     if batch_size is not None:
         batch_size = positive_int(batch_size, "batch_size")
     structural = bool(canonizers)
-    with guarded(model, inplace_off=composite is not None, structure=structural, what=what):
+    values = any(getattr(c, "writes_tensors", True) for c in canonizers)  # swapping modules only: no value copies
+    with guarded(model, inplace_off=composite is not None, structure=structural, values=values, what=what):
         undo = []
         try:
             for c in canonizers:

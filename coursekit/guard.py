@@ -68,6 +68,7 @@ def guarded(
     freeze: bool = True,
     inplace_off: bool = False,
     structure: bool = False,
+    values: bool = True,
     what: str = "this method",
 ) -> Iterator[nn.Module]:
     """Run the block on ``model`` and put back everything the block changed, even when it raises.
@@ -83,6 +84,11 @@ def guarded(
         Switch ``inplace`` off on every module that has the flag.
     structure : bool
         Also restore submodules, parameters and buffers (objects and values): for canonizers.
+    values : bool
+        With ``structure``: also copy every parameter and buffer and write back changed values (a canonizer
+        that writes into the model's tensors). False: only the module / parameter / buffer entries are put
+        back, for canonizers that only swap modules (coursekit's own: ``Canonizer.writes_tensors``); that
+        skips a copy and a comparison of every tensor (~9 ms per call on EfficientNet-Lite0).
     what : str
         The method's name, for the warning.
     """
@@ -94,7 +100,7 @@ def guarded(
     inplace = [(m, f) for m in modules if isinstance(f := m.__dict__.get("inplace"), bool)]
     hooks = [(d, dict(d) if d else None) for m in modules
              for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
-    saved_structure = _save_structure(modules) if structure else None
+    saved_structure = _save_structure(modules, values) if structure else None
     try:
         if eval_mode and any(modes):
             warnings.warn(
@@ -136,7 +142,7 @@ def guarded(
                 d.update(before)
 
 
-def _save_structure(modules):
+def _save_structure(modules, values: bool = True):
     saved = []
     for m in modules:
         entry = {
@@ -145,7 +151,7 @@ def _save_structure(modules):
             "_buffers": dict(m._buffers),
             # values too: a canonizer may write into the same tensor objects
             "values": {k: v.detach().clone() for k, v in list(m._parameters.items()) + list(m._buffers.items())
-                       if v is not None},
+                       if v is not None} if values else {},
         }
         saved.append((m, entry))
     return saved

@@ -322,7 +322,13 @@ class Canonizer:
     exactly that change. Use through :meth:`applied` (undone in ``finally``); the gradient path also
     runs canonizers inside :func:`coursekit.guard.guarded` with ``structure=True``, which restores
     every module, parameter and buffer even if an undo function is wrong.
+
+    ``writes_tensors`` (class attribute, True unless a subclass says otherwise): whether :meth:`apply`
+    may write into the model's existing parameter or buffer tensors. A canonizer that only swaps
+    modules (all of coursekit's) sets it False, and the guard then skips copying every tensor's value.
     """
+
+    writes_tensors: bool = True
 
     def apply(self, model: nn.Module) -> Callable[[], None]:
         raise NotImplementedError

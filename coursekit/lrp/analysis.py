@@ -75,6 +75,8 @@ def default_canonizers(model: nn.Module) -> list[Canonizer]:
 class _Explainable(Canonizer):
     """Runs after the other canonizers: refuses (``refuse=True``) or warns about what LRP would explain wrongly."""
 
+    writes_tensors = False
+
     def __init__(self, refuse: bool):
         self.refuse = refuse
 

@@ -108,11 +108,26 @@ def merge_batchnorm(layer: nn.Module, bn: nn.Module) -> nn.Module:
         scale = scale * bn.weight
     shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0)
     old_bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    merged = copy.deepcopy(layer)
+    merged = _new_layer(layer)
     merged.weight = nn.Parameter(weight * scale.view(-1, *([1] * (weight.dim() - 1))), requires_grad=False)
     merged.bias = nn.Parameter(old_bias * scale + shift, requires_grad=False)
     merged._forward_hooks.clear()
     merged._forward_pre_hooks.clear()
+    return merged
+
+
+def _new_layer(layer: nn.Module) -> nn.Module:
+    """A new module of ``layer``'s class with the same settings, for new parameters (``layer`` is not modified).
+
+    A layer without submodules and buffers (a plain Conv / Linear) is copied shallowly: its attribute
+    dictionaries are copied, its tensors not (both parameters are replaced next; a deep copy would clone them
+    first, most of a canonizer's time). Anything else is deep-copied.
+    """
+    if layer._modules or layer._buffers:
+        return copy.deepcopy(layer)
+    merged = type(layer).__new__(type(layer))
+    merged.__dict__.update({k: v.copy() if isinstance(v, (dict, set, list)) else v
+                            for k, v in layer.__dict__.items()})
     return merged
 
 
@@ -143,6 +158,8 @@ class MergeBatchNorm(Canonizer):
 
     The case of torchvision's VGG-BN and similar (zennit's ``SequentialMergeBatchNorm``).
     """
+
+    writes_tensors = False  # swaps modules only (merged copies); the model's tensors are never written
 
     def apply(self, model):
         undo: list = []
@@ -184,6 +201,8 @@ class EfficientNetCanonizer(Canonizer):
     Blocks with squeeze-excitation (multiplicative gating; EfficientNet-B*, not the Lite models) or
     space-to-depth stems are refused with a ValueError rather than explained wrongly.
     """
+
+    writes_tensors = False  # swaps modules only (merged copies); the model's tensors are never written
 
     def apply(self, model):
         undo: list = []
@@ -287,6 +306,8 @@ class ResNetCanonizer(Canonizer):
     Blocks of other classes (a subclass with its own ``forward``) are refused with a ValueError.
     """
 
+    writes_tensors = False  # swaps modules only (merged copies); the model's tensors are never written
+
     def apply(self, model):
         from torchvision.models.resnet import ResNet
 
@@ -340,6 +361,8 @@ class MobileNetV2Canonizer(Canonizer):
     and an ``nn.AdaptiveAvgPool2d(1)`` at the end: MobileNetV2 pools with a function call, which no
     rule could see; after this layer the function pools a 1x1 map, which changes nothing.
     """
+
+    writes_tensors = False  # swaps modules only (merged copies); the model's tensors are never written
 
     def apply(self, model):
         from torchvision.models.mobilenetv2 import InvertedResidual, MobileNetV2
