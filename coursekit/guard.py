@@ -15,7 +15,9 @@ Every coursekit method that runs a user's model does so inside :func:`guarded`. 
   the user had are kept.
 * **structure** (with ``structure=True``): canonizers rewrite modules, parameters and buffers
   (batch-norm merged into a convolution); every ``_modules`` / ``_parameters`` / ``_buffers`` entry
-  and every parameter / buffer value is put back.
+  and every parameter / buffer value is put back (the values only where a canonizer may write into
+  the model's tensors, ``values=True``; coursekit's canonizers swap modules and declare it with
+  ``Canonizer.writes_tensors = False``).
 
 Only what changed is written back: on a 275-module network the guard costs well under a
 millisecond (``benchmarks/bench_saliency.py`` measures it inside every method).
