@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/bench_lrp.py                         # wall clock, 2 threads, batch 1 and 8
     python benchmarks/bench_lrp.py --clock cpu --repeats 5  # process CPU time (busy machine)
+    python benchmarks/bench_lrp.py --floor --clock cpu --threads 1 --repeats 3  # the floor (issue 20)
 
 Prints a markdown table: model, composite, batch, coursekit ms, zennit ms, coursekit / zennit, and
 coursekit / (one forward + backward w.r.t. the input of the frozen model). Pairs run alternately
