@@ -6,9 +6,12 @@ Run from the repository root::
     python benchmarks/bench_style.py                  # wall clock, coursekit's thread count (coursekit/threads.py)
     python benchmarks/bench_style.py --threads 2      # another intra-op thread count
     python benchmarks/bench_style.py --clock cpu      # process CPU time (use on a busy machine)
+    python benchmarks/bench_style.py --clock cpu --step-only --repeats 41   # the step ratio alone
 
-1. **step / (fwd+bwd)**: one evaluation of the style-transfer loss (content + style + TV terms,
-   Gram matrices of the four style layers) and its gradient w.r.t. the picture, against one forward
+1. **step / (fwd+bwd)**: one evaluation of the style-transfer loss as ``style.stylize`` runs it by
+   default and as lecture 6 runs it in all but one comparison (content + style terms, Gram matrices of
+   the four style layers, ``tv_weight=0``), and the same step with the total-variation term added
+   (``tv_weight > 0``, lecture 6's smoothing comparison), each with its gradient w.r.t. the picture, against one forward
    pass through the same layers of efficientnet_lite0 (stopped after the deepest) plus a backward pass
    of a dense gradient (fixed random tensors, one per layer output: what any real loss sends back).
    Also printed: the backward of the *sum* of the outputs (a stride-0 gradient of ones, the
@@ -40,7 +43,8 @@ from coursekit.maximize import Context
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def step_ratio(model, clock, repeats: int) -> tuple[float, float, float]:
+def step_ratio(model, clock, repeats: int) -> tuple[float, float, float, float]:
+    """Median ms of: forward + backward (dense gradient), the default step, the step with TV, fwd + bwd of the sum."""
     content_image = ck.load_image("astronaut", size=256)
     style_image = ck.load_image("hubble_deep_field", size=256)
     layers = style.default_layers(model)
@@ -50,7 +54,8 @@ def step_ratio(model, clock, repeats: int) -> tuple[float, float, float]:
         with torch.no_grad():
             grams = {layer: style.gram_matrix(f)[0] for layer, f in extract(style_image).items() if layer in style_layers}
             target = extract(content_image)[content_layer]
-        objective = -(style.content(content_layer, target) + 100.0 * style.style(style_layers, grams) + 1.0 * style.smoothness())
+        objective = -(style.content(content_layer, target) + 100.0 * style.style(style_layers, grams))  # stylize's default
+        objective_tv = objective - 100.0 * style.smoothness()  # + tv_weight * tv_loss (lecture 6: tv_weight=100)
         x = content_image.clone().requires_grad_(True)
         with torch.no_grad():
             shapes = extract(x.contiguous(memory_format=torch.channels_last))
@@ -66,20 +71,23 @@ def step_ratio(model, clock, repeats: int) -> tuple[float, float, float]:
             feats = extract(x.contiguous(memory_format=torch.channels_last))
             (g,) = torch.autograd.grad(sum(f.sum() for f in feats.values()), x)
 
-        def style_step():  # what L-BFGS evaluates: the full loss and its gradient
-            acts = extract(x.contiguous(memory_format=torch.channels_last))
-            value = objective(Context(image=x, input=x, logits=None, activations=acts))
-            (g,) = torch.autograd.grad(value.sum(), x)
+        def step_of(loss):  # what the optimiser evaluates: the loss and its gradient
+            def step():
+                acts = extract(x.contiguous(memory_format=torch.channels_last))
+                value = loss(Context(image=x, input=x, logits=None, activations=acts))
+                (g,) = torch.autograd.grad(value.sum(), x)
+            return step
 
-        plain(), summed(), style_step()
-        a, b, c = [], [], []
-        runs = [(plain, a), (style_step, b), (summed, c)]
+        style_step, style_step_tv = step_of(objective), step_of(objective_tv)
+        plain(), summed(), style_step(), style_step_tv()
+        a, b, c, d = [], [], [], []
+        runs = [(plain, a), (style_step, b), (style_step_tv, d), (summed, c)]
         for i in range(repeats):
             for fn, out in runs if i % 2 == 0 else runs[::-1]:
                 t0 = clock()
                 fn()
                 out.append((clock() - t0) * 1000)
-    return statistics.median(a), statistics.median(b), statistics.median(c)
+    return statistics.median(a), statistics.median(b), statistics.median(d), statistics.median(c)
 
 
 def converged_transfer(model, evals: int) -> tuple[float, int, float, float]:
@@ -104,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--evals", type=int, default=500)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    p.add_argument("--step-only", action="store_true", help="measure the step ratio only (no transfer, no DeepDream)")
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -112,13 +121,18 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# {platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"clock={args.clock}, load average at start {load:.2f}")
-    plain, step, summed = step_ratio(model, clock, args.repeats)
+    plain, step, step_tv, summed = step_ratio(model, clock, args.repeats)
     print("| measurement | value | target |\n|---|---:|---:|")
     print(f"| one forward + backward (dense gradient) of the style layers (256 px) | {plain:.1f} ms | |")
     print(f"| ... the same, backward of the sum of the outputs (stride-0 ones) | {summed:.1f} ms | |")
-    print(f"| one style-transfer step (loss + gradient, 256 px) | {step:.1f} ms | |")
-    print(f"| step / (fwd+bwd, dense gradient) | {step / plain:.2f} | <= 1.2 |")
-    print(f"| step / (fwd+bwd of the sum) | {step / summed:.2f} | |")
+    print(f"| one style-transfer step (loss + gradient, 256 px; content + style, stylize's default) | {step:.1f} ms | |")
+    print(f"| ... with the TV term (tv_weight > 0) | {step_tv:.1f} ms | |")
+    print(f"| step / (fwd+bwd, dense gradient) | {step / plain:.3f} | <= 1.2 |")
+    print(f"| step with TV / (fwd+bwd, dense gradient) | {step_tv / plain:.3f} | |")
+    print(f"| step / (fwd+bwd of the sum) | {step / summed:.3f} | |")
+    if args.step_only:
+        print(f"# load average at the end {os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'):.2f}")
+        return 0
     total, k, t_conv, drop = converged_transfer(model, args.evals)
     print(f"| style transfer 256 px, L-BFGS, {args.evals} evaluations (wall) | {total:.1f} s | |")
     print(f"| ... within 1 % of the final loss after (evaluations / wall s) | {k} / {t_conv:.1f} s | <= 30 s |")

@@ -335,7 +335,7 @@ def show_effective_receptive_fields(fields: Sequence[EffectiveReceptiveField], f
         for k, frac in enumerate(fractions):
             s = f.square(frac)
             ax.add_patch(plt.Rectangle((cx - s / 2, cy - s / 2), s, s, fill=False, ec="white", lw=1.4,
-                                       ls=dashes[k % len(dashes)], label=f"{frac:.0%} of it: {s}x{s}"))
+                                       ls=dashes[k % len(dashes)], label=f"{frac:.0%} of the gradient: {s}x{s}"))
         ax.set_xlim(view[0], view[1])
         ax.set_ylim(view[2], view[3])
         ax.tick_params(labelsize=7)

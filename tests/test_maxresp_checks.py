@@ -219,6 +219,25 @@ def test_class_visualization_mistakes_are_diagnosed(kwargs, words, earned, model
     assert model_state(model) == before  # the check restores the shared model
 
 
+def test_class_visualization_never_asks_for_a_hard_class(effnet):
+    """The check draws among the classes the solution's loop reaches with a wide margin (a correct submission lost 2
+    points on "macaque", p = 0.856 after 30 steps; see maxresp.HARD_CLASSES and tests/reachable_classes.py)."""
+    from coursekit.checks import maxresp
+
+    assert set(maxresp.HARD_CLASSES) | set(maxresp._DRAWN_CLASSES) == set(range(1000))
+    assert not set(maxresp.HARD_CLASSES) & set(maxresp._DRAWN_CLASSES)
+    asked = []
+
+    def grey(model, target, size=128, steps=30):
+        asked.append(int(target))
+        return torch.full((1, 3, size, size), 0.5)
+
+    for seed in range(40):
+        run_check("maxresp.class_visualization", grey, seed=seed)
+    assert len(asked) == 40 and len(set(asked)) > 30  # the draw still varies
+    assert not set(asked) & set(maxresp.HARD_CLASSES), sorted(set(asked) & set(maxresp.HARD_CLASSES))
+
+
 def test_class_visualization_reference_blocked_and_stub():
     def uses_engine(model, target, size=128, steps=30):
         return mx.maximize(model, mx.class_logit(target), size=size, steps=steps, progress=False).image

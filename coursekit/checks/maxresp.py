@@ -11,8 +11,9 @@ The step and the penalty are checked on fresh random small CNNs and random pictu
 neighbours on random features with very different norms (so that Euclidean distance, dot
 product and cosine disagree). The class visualisation runs the student's loop on the course's
 ImageNet model, efficientnet_lite0, at 128 x 128 pixels for 30 steps (a few seconds on a laptop)
-for a random class. Expected values come from coursekit's references, which are blocked while
-the student's function runs.
+for a random class, drawn among the 964 classes the solution's loop makes at least 0.999 likely in those
+30 steps (:data:`HARD_CLASSES` lists the other 36). Expected values come from coursekit's references, which
+are blocked while the student's function runs.
 """
 
 from __future__ import annotations
@@ -264,6 +265,16 @@ def check_edge_energy(student, report: Report) -> None:
 # maxresp.class_visualization
 
 
+# Classes the class-visualisation check never asks for: after 30 steps of the solution's loop (Adam on the class
+# logit, lr 0.05, from grey plus noise, 128 px) p(class) stayed below 0.999 (tests/reachable_classes.py, 2026-12-07).
+# The loop's trajectory is chaotic near the threshold: "macaque" (373) reached 0.981 in the sweep's batch but 0.856
+# alone, and a correct submission graded on it lost 2 points; "dingo" (273) reached 0.000. On 30 of the other classes
+# run alone, from grey plus noise and from plain grey, the smallest p was 0.99999.
+HARD_CLASSES = (74, 146, 152, 162, 174, 175, 180, 188, 205, 217, 224, 236, 237, 248, 249, 266, 268, 270, 273, 274,
+                278, 279, 335, 345, 352, 366, 373, 384, 416, 638, 657, 802, 810, 846, 876, 899)
+_DRAWN_CLASSES = tuple(sorted(set(range(1000)) - set(HARD_CLASSES)))
+
+
 @functools.lru_cache(maxsize=1)
 def _imagenet_model():
     from ..models import load_model
@@ -274,7 +285,7 @@ def _imagenet_model():
 @exercise("maxresp.class_visualization", forbid=[_mx.maximize, _mx.ascent_step])
 def check_class_visualization(student, report: Report) -> None:
     model = _imagenet_model()
-    target = int(report.rng.integers(0, 1000))
+    target = int(report.rng.choice(_DRAWN_CLASSES))  # a class the loop reaches with a wide margin: see HARD_CLASSES
     name = model.classes[target]
     image, error = _call_on_frozen_model(student, report, model, target, size=128)
 
