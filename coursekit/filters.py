@@ -498,7 +498,9 @@ def explore_activations(model: nn.Module, x: torch.Tensor, layers=None, static: 
         im = right.imshow(m.numpy(), **style)
         right.set_title(f"its {a.shape[1]}x{a.shape[2]} map", fontsize=9)
         right.axis("off")
-        ax.figure.colorbar(im, cax=cax).ax.tick_params(labelsize=8)
+        cb = ax.figure.colorbar(im, cax=cax)
+        cb.set_label("activation", fontsize=8)
+        cb.ax.tick_params(labelsize=8)
         ax.set_title(f"{layer}: channel {ch} of {a.shape[0]} (#{channel_rank} most active)", fontsize=10)
 
     names = list(maps)
@@ -685,7 +687,9 @@ def _draw_maps(axes, maps: torch.Tensor, signed: bool, label: str):  # maps (K, 
             ax.axis("off")
     axes[0].set_ylabel(label, fontsize=9)
     if im is not None:
-        axes[0].figure.colorbar(im, ax=list(axes), shrink=0.9, pad=0.01, aspect=8).ax.tick_params(labelsize=8)
+        cb = axes[0].figure.colorbar(im, ax=list(axes), shrink=0.9, pad=0.01, aspect=8)
+        cb.set_label(label, fontsize=8)
+        cb.ax.tick_params(labelsize=8)
     return im
 
 
@@ -698,7 +702,9 @@ def _draw_wide(ax, t: torch.Tensor, signed: bool, label: str, class_names=None) 
     ax.tick_params(labelsize=8)
     if class_names is not None and t.shape[0] == 1 and t.shape[1] == len(class_names):
         ax.set_xticks(range(len(class_names)), [str(c) for c in class_names], rotation=30, ha="right", fontsize=8)
-    ax.figure.colorbar(im, ax=ax, pad=0.01, aspect=8).ax.tick_params(labelsize=8)
+    cb = ax.figure.colorbar(im, ax=ax, pad=0.01, aspect=8)
+    cb.set_label(label, fontsize=8)
+    cb.ax.tick_params(labelsize=8)
 
 
 def _filter_slices(w: torch.Tensor, n: int) -> torch.Tensor:  # (K, C, kh, kw) -> (n, kh, kw), input channel 0
