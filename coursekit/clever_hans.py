@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .threads import library_threads
 from .watermark import (
     WATERMARK,
     WATERMARK_BOX,
@@ -153,11 +154,12 @@ def spectral_relevance_analysis(heatmaps: torch.Tensor, n_clusters: int = 2, n_n
         h = torch.nn.functional.avg_pool2d(h[:, None], pool)[:, 0]
     feats = h.flatten(1)
     feats = feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-12)  # (N, D)
-    graph = kneighbors_graph(feats.numpy(), n_neighbors=n_neighbors, include_self=False)
-    affinity = 0.5 * (graph + graph.T)  # symmetric
-    lap = laplacian(affinity, normed=True).toarray()  # (N, N)
-    values, vectors = np.linalg.eigh(lap)
-    embedding = vectors[:, :n_clusters]
-    embedding = embedding / np.linalg.norm(embedding, axis=1, keepdims=True).clip(min=1e-12)
-    labels = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(embedding)
+    with library_threads():  # scikit-learn's OpenMP and BLAS at torch's thread count
+        graph = kneighbors_graph(feats.numpy(), n_neighbors=n_neighbors, include_self=False)
+        affinity = 0.5 * (graph + graph.T)  # symmetric
+        lap = laplacian(affinity, normed=True).toarray()  # (N, N)
+        values, vectors = np.linalg.eigh(lap)
+        embedding = vectors[:, :n_clusters]
+        embedding = embedding / np.linalg.norm(embedding, axis=1, keepdims=True).clip(min=1e-12)
+        labels = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(embedding)
     return SpectralAnalysis(labels=labels, eigenvalues=values[:n_eigenvalues], embedding=embedding)

@@ -68,6 +68,7 @@ from .receptive_fields import (  # re-exported: lecture 1 reaches them as course
     receptive_fields,
     show_effective_receptive_fields,
 )
+from .threads import library_threads
 
 __all__ = [
     "EffectiveReceptiveField",
@@ -332,7 +333,8 @@ def natural_image_filters(images, patch_size: int = 12, n_components: int = 64, 
     patches = _random_patches(images, size, n, channels, rng)  # (n, C * p * p)
     ica = FastICA(n_components=k, whiten="unit-variance", random_state=seed,
                   max_iter=positive_int(max_iter, "max_iter"), tol=1e-4)
-    ica.fit(patches)
+    with library_threads():  # BLAS at torch's thread count: spinning threads cost 4x on a busy machine
+        ica.fit(patches)
     basis = ica.mixing_.T  # (K, D): patch ~ sum of sources * basis (sources have unit variance)
     order = np.argsort(-np.linalg.norm(basis, axis=1), kind="stable")
 

@@ -36,6 +36,7 @@ from .image_params import fourier_image, pixel_image
 from .inputs import check_images, check_model, positive_int
 from .maximize import MaximizationResult, maximize
 from .objectives import feature_match, per_image, relative_l2, total_variation
+from .threads import library_threads
 
 __all__ = [
     "DatasetExamples",
@@ -340,14 +341,17 @@ def embed(features: torch.Tensor, method: str = "pca", seed: int = 0, perplexity
     if features.ndim != 2 or features.shape[0] < 3:
         raise ValueError(f"features must be (N, D) with N >= 3, got shape {features.shape}")
     if method == "pca":
-        return PCA(n_components=2, random_state=seed).fit_transform(features)
+        with library_threads():
+            return PCA(n_components=2, random_state=seed).fit_transform(features)
     if method == "tsne":
         from sklearn.manifold import TSNE
 
-        if features.shape[1] > pca_dims:
-            features = PCA(n_components=pca_dims, random_state=seed).fit_transform(features)
-        perplexity = min(float(perplexity), (features.shape[0] - 1) / 3)
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=max_iter).fit_transform(features)
+        with library_threads():  # scikit-learn's OpenMP and BLAS at torch's thread count
+            if features.shape[1] > pca_dims:
+                features = PCA(n_components=pca_dims, random_state=seed).fit_transform(features)
+            perplexity = min(float(perplexity), (features.shape[0] - 1) / 3)
+            return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+                        max_iter=max_iter).fit_transform(features)
     raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
 
 

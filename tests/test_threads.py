@@ -72,6 +72,39 @@ def test_apply_sets_torch_and_leaves_it_when_omp_is_set():
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("env, applied", [
+    ({}, True),
+    ({"COURSEKIT_THREADS": "1"}, True),
+    ({"OPENBLAS_NUM_THREADS": "4"}, False),                       # the user chose BLAS's count
+    ({"OMP_NUM_THREADS": "4"}, False),                            # OpenBLAS follows OMP_NUM_THREADS itself
+    ({"MKL_NUM_THREADS": "4"}, False),
+    ({"OMP_NUM_THREADS": "4", "COURSEKIT_THREADS": "1"}, True),   # COURSEKIT_THREADS wins, as for torch
+])
+def test_blas_gets_the_policys_count_unless_the_user_chose_one(env, applied):
+    before = dict(env)
+    assert threads.limit_blas(1, env) is applied
+    assert env == ({**before, "OPENBLAS_NUM_THREADS": "1"} if applied else before)
+
+
+def test_library_threads_limits_every_pool_to_torchs_count_and_restores_it():
+    from sklearn.cluster import KMeans  # noqa: F401  (loads scikit-learn's own OpenMP runtime)
+    from threadpoolctl import threadpool_info
+
+    def counts():
+        return {(i["filepath"], i["num_threads"]) for i in threadpool_info()}
+
+    before = counts()
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threads.library_threads() as n:
+            inside = {c for _, c in counts()}
+        assert n == 2 and inside == {2}, inside
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert counts() == before
+
+
 def test_passive_waiting_only_before_torch_and_only_if_unset(monkeypatch):
     env = {}
     monkeypatch.delitem(sys.modules, "torch")
@@ -85,7 +118,8 @@ def test_passive_waiting_only_before_torch_and_only_if_unset(monkeypatch):
 
 def _fresh(code, **env):
     environ = {k: v for k, v in os.environ.items()
-               if k not in ("COURSEKIT_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+               if k not in ("COURSEKIT_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
+                            "OPENBLAS_NUM_THREADS")}
     environ.update(env)
     out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
                          timeout=120)
@@ -98,6 +132,15 @@ def test_import_coursekit_applies_the_policy_in_a_fresh_process():
             "os.environ.get('OMP_WAIT_POLICY'))")
     got, expected, policy = _fresh(code).stdout.split()
     assert got == expected and policy == "PASSIVE"  # coursekit came first: passive waiting set
+    # numpy's BLAS (loaded with torch, before coursekit) and scipy's (loaded after it) get torch's count
+    blas = ("import torch, coursekit, scipy.linalg; from threadpoolctl import threadpool_info; "
+            "print(torch.get_num_threads(), *sorted({i['num_threads'] for i in threadpool_info() "
+            "if i['user_api'] == 'blas'}), sum(i['user_api'] == 'blas' for i in threadpool_info()))")
+    # (1 thread: OpenBLAS caps a count read from the environment at the cores, threadpoolctl does not)
+    out = _fresh(blas, COURSEKIT_THREADS="1").stdout.split()
+    assert out[:2] == ["1", "1"] and len(out) == 3, out  # every BLAS loaded (here numpy's and scipy's) at 1
+    out = _fresh(blas, COURSEKIT_THREADS="1", OPENBLAS_NUM_THREADS="2").stdout.split()
+    assert out[:2] == ["1", "2"], out  # the user's choice stays
     out = _fresh("import torch, coursekit, os; print(torch.get_num_threads(), os.environ.get('OMP_WAIT_POLICY'))",
                  COURSEKIT_THREADS="2")
     assert out.stdout.split() == ["2", "None"]  # torch came first: too late for OMP_WAIT_POLICY
