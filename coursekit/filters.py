@@ -697,6 +697,7 @@ def _draw_maps(axes, maps: torch.Tensor, signed: bool, label: str):  # maps (K, 
 
 def _draw_wide(ax, t: torch.Tensor, signed: bool, label: str, class_names=None) -> None:  # t (K,) or (out, in)
     t = t.detach().cpu().float()
+    matrix = t.dim() == 2  # a linear layer's weights (out, in); else one value per unit
     t = t[None] if t.dim() == 1 else t.flatten(1)
     im = ax.imshow(t.numpy(), aspect="auto", interpolation="nearest", **_inspector_style(t, signed))  # e.g. the logits
     ax.set_yticks([])
@@ -704,6 +705,14 @@ def _draw_wide(ax, t: torch.Tensor, signed: bool, label: str, class_names=None) 
     ax.tick_params(labelsize=8)
     if class_names is not None and t.shape[0] == 1 and t.shape[1] == len(class_names):
         ax.set_xticks(range(len(class_names)), [str(c) for c in class_names], rotation=30, ha="right", fontsize=8)
+    elif matrix:
+        ax.set_xlabel(f"input unit (0-{t.shape[1] - 1})", fontsize=8)
+        if class_names is not None and t.shape[0] == len(class_names):  # the last layer: one row per class
+            ax.set_yticks(range(t.shape[0]), [str(c) for c in class_names], fontsize=6)
+        else:
+            ax.set_ylabel(f"{label}\n(row: output unit, {t.shape[0]})", fontsize=9)
+    else:
+        ax.set_xlabel(f"unit (0-{t.shape[1] - 1})", fontsize=8)
     cb = ax.figure.colorbar(im, ax=ax, pad=0.01, aspect=8)
     cb.set_label(label, fontsize=8)
     cb.ax.tick_params(labelsize=8)
@@ -759,8 +768,8 @@ def show_layer_inspector(records: Sequence[LayerRecord], image_index: int = 0, m
                     _draw_maps(_row_axes(fig, gs, 2, max_channels), _filter_slices(r.weight.float(), max_channels), True, "weights")
                     _draw_maps(_row_axes(fig, gs, 3, max_channels), _filter_slices(r.weight_grad.float(), max_channels), True, "weight grads")
                 else:
-                    _draw_wide(fig.add_subplot(gs[2, :]), r.weight, True, "weights")
-                    _draw_wide(fig.add_subplot(gs[3, :]), r.weight_grad, True, "weight grads")
+                    _draw_wide(fig.add_subplot(gs[2, :]), r.weight, True, "weights", class_names)
+                    _draw_wide(fig.add_subplot(gs[3, :]), r.weight_grad, True, "weight grads", class_names)
         rg = r.ranges()
         text = (f"{r.name} ({r.kind}), output {r.shape}, {r.params:,} parameters\n"
                 f"activation [{rg['activation'][0]:.3g}, {rg['activation'][1]:.3g}], "

@@ -180,7 +180,13 @@ def draw_receptive_fields(model: nn.Module, image: torch.Tensor, layers, ax=None
         # the unit whose centre (start + i * jump) is nearest the image centre
         units = [max(0, round((((h, w)[d] - 1) / 2 - s[d]) / j[d])) for d in range(2)]
         cy, cx = (s[d] + units[d] * j[d] for d in range(2))
-        ax.add_patch(plt.Rectangle((cx - r[1] / 2, cy - r[0] / 2), r[1], r[0], fill=False, ec=colour, lw=1.5, label=f"{n}: {f.size}"))
+        top, left = cy - r[0] / 2, cx - r[1] / 2
+        if top <= -0.5 and left <= -0.5 and top + r[0] >= h - 0.5 and left + r[1] >= w - 0.5:
+            # a field larger than the image has no edge inside it: a dashed frame along the border stands for it
+            ax.add_patch(plt.Rectangle((0.5, 0.5), w - 2, h - 2, fill=False, ec=colour, lw=2, ls="--",
+                                       label=f"{n}: {f.size} (all of the image, and beyond)"))
+            continue
+        ax.add_patch(plt.Rectangle((left, top), r[1], r[0], fill=False, ec=colour, lw=1.5, label=f"{n}: {f.size}"))
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.legend(fontsize=6, loc="lower left", framealpha=0.7)

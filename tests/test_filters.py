@@ -215,6 +215,14 @@ def test_inspector_table_and_figures(fashion_arch, capsys):
     assert "act max" in capsys.readouterr().out
     conv = figs[[r.name for r in records].index("features.0")]
     assert sum(1 for ax in conv.axes if ax.images) == 4 * 4  # activations, grads, weights, weight grads
+    # a linear layer's panels say what their axes are: units, and for the weight matrix inputs and outputs
+    names = [r.name for r in records]
+    linear = [n for n, r in zip(names, records) if r.weight is not None and r.weight.dim() == 2]
+    last = fl.show_layer_inspector([records[names.index(linear[-1])]], table=False, class_names=[str(i) for i in range(10)])[0]
+    xlabels = [ax.get_xlabel() for ax in last.axes if ax.images]
+    assert xlabels[2].startswith("input unit") and xlabels[3].startswith("input unit"), xlabels
+    weights = [ax for ax in last.axes if ax.images][2]
+    assert [t.get_text() for t in weights.get_yticklabels()] == [str(i) for i in range(10)]  # one row per class
     with pytest.raises(TypeError):
         fl.inspector_table([1, 2])
     with pytest.raises(ValueError, match="image_index"):

@@ -199,6 +199,11 @@ def test_table_and_plots(fashion_arch, effnet):
     ax = rf.draw_receptive_fields(effnet, torch.rand(1, 3, 224, 224), layers)
     sizes = [p.get_width() for p in ax.patches]
     assert sizes == [{f.layer: f.size for f in rf.receptive_fields(effnet)}[n] for n in layers]
+    # a field larger than the image (blocks.5: 787 px) is drawn as a dashed frame inside it, and the legend says so
+    ax = rf.draw_receptive_fields(effnet, torch.rand(1, 3, 224, 224), ["net.blocks.5"])
+    (frame,) = ax.patches
+    assert frame.get_linestyle() == "--" and 0 <= frame.get_x() and frame.get_x() + frame.get_width() <= 223
+    assert "all of the image" in frame.get_label() and "787" in frame.get_label()
     with pytest.raises(ValueError, match="pools globally"):
         rf.receptive_field_table(effnet, layers=["net.classifier"])
 
