@@ -75,7 +75,7 @@ release: $(VENV)/.installed-dev
 	$(PY) -m coursekit.grading.release
 
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check coursekit tests benchmarks
+	$(VENV)/bin/ruff check .  # the library, tests, benchmarks and the notebooks' code cells
 
 clean:
 	rm -rf build

@@ -406,13 +406,13 @@ def unexplained(model: nn.Module) -> list[str]:
     not listed again.
     """
     found: list[str] = []
-    inside: list[str] = []
+    inside = None  # the prefix of the last listed module: named_modules lists its descendants right after it
     for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
+        if inside is not None and name.startswith(inside):
             continue
         skip = type(m).__name__ in RESIDUAL_BLOCKS and getattr(m, "use_res_connect", True) is not False \
             and getattr(m, "has_skip", True) is not False
         if skip or isinstance(m, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm and lazy ones too
             found.append(f"{name or '(model)'} ({type(m).__name__})")
-            inside.append(name)
+            inside = name + "."
     return found
