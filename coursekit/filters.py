@@ -708,7 +708,7 @@ def _draw_wide(ax, t: torch.Tensor, signed: bool, label: str, class_names=None) 
     elif matrix:
         ax.set_xlabel(f"input unit (0-{t.shape[1] - 1})", fontsize=8)
         if class_names is not None and t.shape[0] == len(class_names):  # the last layer: one row per class
-            ax.set_yticks(range(t.shape[0]), [str(c) for c in class_names], fontsize=6)
+            ax.set_yticks(range(t.shape[0]), [str(c) for c in class_names], fontsize=7)
         else:
             ax.set_ylabel(f"{label}\n(row: output unit, {t.shape[0]})", fontsize=9)
     else:

@@ -141,11 +141,15 @@ def plot_receptive_fields(model: nn.Module, input_size: tuple[int, ...] | None =
         _, ax = plt.subplots(figsize=(6, 3.5))
     name = label or getattr(model, "name", type(model).__name__)
     ax.plot(range(1, len(rows) + 1), sizes, marker="o", ms=3, label=name)
-    last = None
+    last, last_at, below = None, None, False
     for i, (f, _) in enumerate(rows, start=1):
         if f.jump != last:
-            ax.annotate(f"j={f.jump}", (i, sizes[i - 1]), textcoords="offset points", xytext=(2, 5), fontsize=6)
-            last = f.jump
+            # a label close to the previous one goes to the other side of the curve; near the right edge it ends at its point
+            below = last_at is not None and i - last_at < 0.08 * len(rows) and not below
+            right = i > 0.85 * len(rows)
+            ax.annotate(f"j={f.jump}", (i, sizes[i - 1]), textcoords="offset points", fontsize=6,
+                        xytext=(-3 if right else 3, -10 if below else 5), ha="right" if right else "left")
+            last, last_at = f.jump, i
     hw = input_hw(model, input_size)
     if hw is not None:
         ax.axhline(max(hw), ls="--", color="gray", lw=1)
