@@ -11,6 +11,9 @@
    ``os.cpu_count()``; lowered to the container's CPU quota, e.g. a JupyterHub pod limited to 2 CPUs
    on a 64-core node): **1 thread on one or two cores, one fewer than the cores above that.**
 
+numpy's and scipy's BLAS get the same count (:func:`limit_blas`), and coursekit's calls into
+scikit-learn run with all its thread pools at it (:func:`library_threads`).
+
 Why. PyTorch's CPU kernels run on OpenMP threads that *spin* (busy-wait) between parallel
 regions. When every core has a thread of ours and another process takes one core, the threads
 that wait for the descheduled one burn the remaining cores, and a forward+backward pass becomes
@@ -174,7 +177,7 @@ def prefer_passive_waiting(environ: dict | None = None) -> bool:
 
 
 def apply(environ: Mapping[str, str] | None = None, cores: int | None = None) -> int:
-    """Apply the policy to torch (called by ``import coursekit``).
+    """Apply the policy to torch, and to numpy's and scipy's BLAS (:func:`limit_blas`); called by ``import coursekit``.
 
     Parameters
     ----------
@@ -199,7 +202,7 @@ def apply(environ: Mapping[str, str] | None = None, cores: int | None = None) ->
 def limit_blas(n: int, environ: dict | None = None) -> bool:
     """Give numpy's and scipy's BLAS (OpenBLAS, MKL) the same ``n`` threads as torch, unless the user chose a count.
 
-    scikit-learn (lecture 1's ICA, the PCA and logistic regressions of later lectures) computes
+    scikit-learn (lecture 1's ICA, lecture 2's PCA and t-SNE, lecture 4's spectral clustering) computes
     with numpy's and scipy's BLAS, whose thread pools default to one thread per core and spin while
     they wait, as torch's OpenMP threads do. On 2 cores with two other busy processes, lecture 1's
     ICA (30 000 patches of 12x12, 64 components) took 36.9 s of wall clock and 35.9 s of CPU with
