@@ -144,11 +144,12 @@ def plot_receptive_fields(model: nn.Module, input_size: tuple[int, ...] | None =
     last, last_at, below = None, None, False
     for i, (f, _) in enumerate(rows, start=1):
         if f.jump != last:
-            # a label close to the previous one goes to the other side of the curve; near the right edge it ends at its point
-            below = last_at is not None and i - last_at < 0.08 * len(rows) and not below
-            right = i > 0.85 * len(rows)
+            # the curve rises to the right: a label above-left of its point, or below-right, stays off the line;
+            # below-right at the left edge and where the previous label is close (the two then alternate)
+            close = last_at is not None and i - last_at < 0.08 * len(rows)
+            below = i == 1 or (close and not below)
             ax.annotate(f"j={f.jump}", (i, sizes[i - 1]), textcoords="offset points", fontsize=6,
-                        xytext=(-3 if right else 3, -10 if below else 5), ha="right" if right else "left")
+                        xytext=(4, -9) if below else (-4, 3), ha="left" if below else "right")
             last, last_at = f.jump, i
     hw = input_hw(model, input_size)
     if hw is not None:

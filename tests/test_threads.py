@@ -95,11 +95,12 @@ def test_library_threads_limits_every_pool_to_torchs_count_and_restores_it():
 
     before = counts()
     torch_threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(3)  # unlike the pools outside the block (checked next)
     try:
+        assert {c for _, c in counts()} != {3}  # scikit-learn's OpenMP and the BLAS differ from torch outside the block
         with threads.library_threads() as n:
             inside = {c for _, c in counts()}
-        assert n == 2 and inside == {2}, inside
+        assert n == 3 and inside == {3}, inside
     finally:
         torch.set_num_threads(torch_threads)
     assert counts() == before
